@@ -1,0 +1,82 @@
+"""Backward scoring kernel: probabilities recomputed from the saved log-sum-exp, never stored.
+
+With ``z = logits / temperature``, ``p = softmax(z)`` and ``H = -sum p log p``:
+
+    d logp_token / dz_j = onehot_j - p_j          dH / dz_j = -p_j (log p_j + H)
+
+so ``dlogits_j = (g_logp (onehot_j - p_j) - g_H p_j (log p_j + H)) / temperature``, written in
+the logits' dtype into ``grad_logits`` (which may be the logits' own storage: each element is
+read before it is overwritten, by the same program).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.heuristics(
+    {
+        "HAS_GRAD_LOGPROBS": lambda args: args["grad_logprobs_ptr"] is not None,
+        "HAS_GRAD_ENTROPY": lambda args: args["grad_entropy_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["n_inner", "ignore_index"])
+def scoring_bwd_kernel(
+    # pointers
+    grad_logits_ptr,
+    logits_ptr,
+    tokens_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    # shapes
+    n_inner,
+    vocab_size,
+    # strides (in elements)
+    logits_stride_outer,
+    logits_stride_inner,
+    grad_stride_outer,
+    grad_stride_inner,
+    tokens_stride_outer,
+    tokens_stride_inner,
+    # constants
+    inv_temperature,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    HAS_GRAD_LOGPROBS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
+    grad_row_ptr = grad_logits_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+    token = tl.load(tokens_ptr + outer * tokens_stride_outer + inner * tokens_stride_inner)
+    token = token.to(tl.int64)
+    is_ignored = token == ignore_index
+
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
+    grad_logprob = 0.0
+    if HAS_GRAD_LOGPROBS:
+        grad_logprob = tl.load(grad_logprobs_ptr + row)
+    grad_entropy = 0.0
+    if HAS_GRAD_ENTROPY:
+        grad_entropy = tl.load(grad_entropy_ptr + row)
+    # Ignored rows have constant outputs: their gradient is exactly 0 and their logits are not read.
+    grad_logprob = tl.where(is_ignored, 0.0, grad_logprob) * inv_temperature
+    grad_entropy = tl.where(is_ignored, 0.0, grad_entropy) * inv_temperature
+
+    n_cols_read = tl.where(is_ignored, 0, vocab_size)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab_size, BLOCK_V):
+        offs = start + cols
+        in_row = offs < vocab_size
+        x = tl.load(row_ptr + offs, mask=offs < n_cols_read, other=float("-inf"))
+        logp = x.to(tl.float32) * inv_temperature - lse
+        p = tl.exp(logp)
+        entropy_term = tl.where(p == 0.0, 0.0, p * (logp + entropy))
+        grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p
+        grad -= grad_entropy * entropy_term
+        grad = tl.where(is_ignored, 0.0, grad)
+        tl.store(grad_row_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)

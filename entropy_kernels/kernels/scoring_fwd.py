@@ -1,0 +1,84 @@
+"""Forward scoring kernel: one read of each vocabulary row gives log-prob, entropy and log-sum-exp.
+
+Row ``r`` of the ``[D0 * D1, V]`` problem lives at ``(r // D1) * stride_outer + (r % D1) *
+stride_inner``: two leading strides cover contiguous logits as well as views such as
+``logits[:, :-1]`` without a copy.
+
+The online pass keeps, per lane of the block, the sum of exponentials ``s`` and the sum
+``w = sum exp(x - m) * (x - m)``, both relative to one running maximum ``m`` (a scalar, so a
+block costs one ``max`` reduction and one ``exp`` per logit). Then
+
+    lse = m + log(sum s)                  H = log(sum s) - (sum w) / (sum s)
+
+Centring ``w`` on ``m`` avoids the cancellation of ``lse - E[x]`` when logits are large.
+``-inf`` logits have ``exp = 0`` and contribute nothing; their ``(x - m)`` is never multiplied.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["n_inner", "ignore_index"])
+def scoring_fwd_kernel(
+    # pointers
+    logits_ptr,
+    tokens_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    lse_ptr,
+    # shapes
+    n_inner,
+    vocab_size,
+    # strides (in elements)
+    logits_stride_outer,
+    logits_stride_inner,
+    tokens_stride_outer,
+    tokens_stride_inner,
+    # constants
+    inv_temperature,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
+    token = tl.load(tokens_ptr + outer * tokens_stride_outer + inner * tokens_stride_inner)
+    token = token.to(tl.int64)
+    is_ignored = token == ignore_index
+    # An ignored row reads nothing: its loop runs zero times and its outputs are 0.
+    n_cols = tl.where(is_ignored, 0, vocab_size)
+
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    w = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
+        x = x.to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # While every logit seen is -inf, centre on 0 instead of m so that no inf - inf appears.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - shift)
+        recentre = tl.where(m == float("-inf"), 0.0, m - shift)
+        w = rescale * (w + recentre * s)
+        s = rescale * s
+        p = tl.exp(x - shift)
+        s += p
+        w += tl.where(p == 0.0, 0.0, p * (x - shift))
+        m = m_new
+
+    sum_exp = tl.sum(s, axis=0)
+    log_sum_exp = tl.log(sum_exp)
+    lse = tl.where(m == float("-inf"), 0.0, m) + log_sum_exp
+    entropy = log_sum_exp - tl.sum(w, axis=0) / sum_exp
+
+    # An out-of-range token (possible only with validate=False) is not read: it yields NaN.
+    token_readable = (token >= 0) & (token < vocab_size) & (token != ignore_index)
+    token_logit = tl.load(row_ptr + token, mask=token_readable, other=float("nan"))
+    logprob = token_logit.to(tl.float32) * inv_temperature - lse
+
+    tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, logprob))
+    tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
+    tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
