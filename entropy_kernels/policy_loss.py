@@ -1,0 +1,292 @@
+"""The clipped-surrogate policy loss from logits: one scoring pass, then ``[B, T]`` arithmetic.
+
+The vocabulary-sized work (log-softmax, entropy and their gradient) is the scoring op's; what
+remains here is per token and per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._validation import (
+    check_companion,
+    check_logits_and_tokens,
+    check_positive_float,
+    check_token_range,
+    resolve_backend,
+)
+from .scoring import ScoringOptions, score
+
+AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+# The log-ratio is clamped like verl and OpenRLHF do, so the ratio stays finite.
+LOG_RATIO_LIMIT = 20.0
+
+
+@dataclass
+class PolicyLossOutput:
+    """``loss``: scalar, differentiable. ``logprobs`` / ``entropy``: ``[B, T]`` float32, detached.
+
+    ``metrics``: 0-dim tensors (no host sync), means over active tokens.
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Options of the per-token surrogate and its aggregation (see :func:`policy_loss`)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    aggregation: str = "token-mean"
+    normalizer: float | torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must lie in [0, 1), got {self.clip_low!r}")
+        if not self.clip_high >= 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high!r}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be None or a number > 1, got {self.dual_clip!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.normalizer is not None:
+            if self.aggregation not in ("token-mean", "seq-mean-token-sum-norm"):
+                raise ValueError(
+                    "normalizer applies to aggregation 'token-mean' or 'seq-mean-token-sum-norm', "
+                    f"not {self.aggregation!r}"
+                )
+            if not isinstance(self.normalizer, torch.Tensor):
+                check_positive_float("normalizer", self.normalizer)
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / total
+
+
+def _aggregate(per_token: torch.Tensor, weights: torch.Tensor, options: LossOptions):
+    """verl's ``agg_loss`` (one data-parallel rank) with the spec's normalisers."""
+    tiny = torch.finfo(torch.float32).tiny
+    weighted = per_token * weights
+    if options.aggregation == "token-mean":
+        denominator = weights.sum() if options.normalizer is None else options.normalizer
+        return weighted.sum() / torch.as_tensor(denominator, device=weights.device).clamp_min(tiny)
+    tokens_per_seq = weights.sum(-1)
+    seq_active = (tokens_per_seq > 0).float()
+    n_seqs = seq_active.sum().clamp_min(1.0)
+    seq_sum = weighted.sum(-1)
+    if options.aggregation == "seq-mean-token-mean":
+        return (seq_sum / tokens_per_seq.clamp_min(tiny) * seq_active).sum() / n_seqs
+    loss = (seq_sum * seq_active).sum() / n_seqs
+    if options.aggregation == "seq-mean-token-sum-norm":
+        normalizer = per_token.shape[-1] if options.normalizer is None else options.normalizer
+        loss = loss / normalizer
+    return loss
+
+
+def loss_from_logprobs(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    options: LossOptions,
+) -> PolicyLossOutput:
+    """The surrogate loss from differentiable ``[B, T]`` log-probs and entropy (validated inputs).
+
+    ``advantages`` is ``[B]`` or ``[B, T]``; ``mask`` is ``[B, T]`` bool/float or None.
+    """
+    if options.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    weights = torch.ones_like(logprobs) if mask is None else mask.to(torch.float32)
+    advantages = advantages.to(torch.float32)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(torch.float32)
+
+    log_ratio = torch.clamp(logprobs - old, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - options.clip_low, 1.0 + options.clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    negative = advantages < 0
+    if options.dual_clip is not None:
+        dual_bound = -advantages * options.dual_clip
+        dual_clipped = negative & (per_token > dual_bound)
+        per_token = torch.where(negative, torch.minimum(per_token, dual_bound), per_token)
+    kl = None
+    if ref_logprobs is not None:
+        ref_minus_logp = ref_logprobs.to(torch.float32) - logprobs
+        kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1.0
+        if options.kl_coef != 0.0:
+            per_token = per_token + options.kl_coef * kl
+    if options.entropy_coef != 0.0:
+        per_token = per_token - options.entropy_coef * entropy
+
+    loss = _aggregate(per_token, weights, options)
+
+    with torch.no_grad():
+        total = weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        ratio = ratio.detach()
+        metrics = {
+            "clip_fraction": _masked_mean((clipped > unclipped).float(), weights, total),
+            "clip_low_fraction": _masked_mean(
+                ((ratio < 1.0 - options.clip_low) & negative).float(), weights, total
+            ),
+            "clip_high_fraction": _masked_mean(
+                ((ratio > 1.0 + options.clip_high) & (advantages > 0)).float(),
+                weights,
+                total,
+            ),
+            "dual_clip_fraction": (
+                _masked_mean(dual_clipped.float(), weights, total)
+                if options.dual_clip is not None
+                else torch.zeros((), device=weights.device)
+            ),
+            "approx_kl": _masked_mean(old - logprobs.detach(), weights, total),
+            "entropy": _masked_mean(entropy.detach(), weights, total),
+        }
+        if kl is not None:
+            metrics["kl"] = _masked_mean(kl.detach(), weights, total)
+    return PolicyLossOutput(loss, logprobs.detach(), entropy.detach(), metrics)
+
+
+def check_loss_inputs(
+    tokens: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+) -> None:
+    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``."""
+    shape, device = tuple(tokens.shape), tokens.device
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError(f"advantages must be a tensor of shape {shape} or {shape[:1]}")
+    if tuple(advantages.shape) not in (shape, shape[:1]):
+        raise ValueError(
+            f"advantages must have shape {shape} (per token) or {shape[:1]} (per sequence), "
+            f"got {tuple(advantages.shape)}"
+        )
+    if not advantages.dtype.is_floating_point:
+        raise ValueError(f"advantages must be a floating tensor, got dtype {advantages.dtype}")
+    check_companion("advantages", advantages, advantages.shape, device)
+    check_companion("mask", mask, shape, device)
+    check_companion("old_logprobs", old_logprobs, shape, device)
+    check_companion("ref_logprobs", ref_logprobs, shape, device)
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    aggregation: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+) -> PolicyLossOutput:
+    """Clipped-surrogate policy-gradient loss straight from logits.
+
+    Args:
+        logits: ``[B, T, V]`` float16 / bfloat16 / float32 (or ``[N, V]`` with
+            ``aggregation="token-mean"``); vocabulary dimension with unit stride, leading
+            dimensions with any strides (``logits[:, :-1]`` is read in place).
+        tokens: ``[B, T]`` integer tokens whose log-probs are scored.
+        advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
+        mask: ``[B, T]`` bool or float (weights), None for all active.
+        old_logprobs: ``[B, T]`` log-probs of the behaviour policy; None is on-policy
+            (``ratio = exp(logp - logp.detach())``).
+        ref_logprobs: ``[B, T]`` reference-policy log-probs, required when ``kl_coef != 0``.
+        clip_low, clip_high: ``ratio`` is clipped to ``[1 - clip_low, 1 + clip_high]``
+            (``clip_low`` in ``[0, 1)``; default 0.2 / 0.2).
+        dual_clip: ``c > 1`` bounds the loss of negative-advantage tokens by ``-A * c``.
+        kl_coef: weight of the k3 estimator ``exp(ref - logp) - (ref - logp) - 1``.
+        entropy_coef: weight of the (differentiable) entropy bonus, subtracted from the loss.
+        temperature: the logits are divided by it inside the kernel (``> 0``).
+        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"`` or
+            ``"seq-mean-token-sum-norm"`` (verl's names and definitions).
+        normalizer: replaces the active-token count (``"token-mean"``) or ``T``
+            (``"seq-mean-token-sum-norm"``).
+        inplace_backward: the gradient overwrites the logits' storage (saves one ``[B, T, V]``
+            buffer, destroys the caller's logits).
+        validate: check token range (one host sync).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
+    ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
+    ``A < 0`` under ``dual_clip = c``, ``+ kl_coef * k3 - entropy_coef * H``.
+
+    Returns:
+        :class:`PolicyLossOutput`. A batch without active tokens has loss 0 and zero gradient.
+    """
+    check_logits_and_tokens(logits, tokens)
+    check_positive_float("temperature", temperature)
+    options = LossOptions(
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+    )
+    flat_tokens = logits.dim() == 2
+    if flat_tokens and aggregation != "token-mean":
+        raise ValueError(
+            f"logits [N, V] needs aggregation='token-mean' (no sequences), got {aggregation!r}; "
+            "pass logits [B, T, V] instead"
+        )
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] or [N, V], got {tuple(logits.shape)}")
+    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs)
+    backend = resolve_backend(backend, logits.device)
+    if validate:
+        check_token_range(tokens, logits.shape[-1], -100)
+    logprobs, entropy = score(
+        logits,
+        tokens,
+        ScoringOptions(float(temperature), -100, backend, inplace_backward),
+    )
+    if flat_tokens:
+
+        def as_row(t):
+            return None if t is None else t.unsqueeze(0)
+
+        out = loss_from_logprobs(
+            logprobs.unsqueeze(0),
+            entropy.unsqueeze(0),
+            advantages.unsqueeze(0),
+            as_row(mask),
+            old_logprobs=as_row(old_logprobs),
+            ref_logprobs=as_row(ref_logprobs),
+            options=options,
+        )
+        return PolicyLossOutput(out.loss, out.logprobs[0], out.entropy[0], out.metrics)
+    return loss_from_logprobs(
+        logprobs,
+        entropy,
+        advantages,
+        mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        options=options,
+    )

@@ -1,0 +1,129 @@
+"""Plain PyTorch references for scoring and the policy loss, written to be read.
+
+They materialise ``[..., V]`` tensors and compute in the input's precision promoted to at least
+float32 (pass float64 logits for a float64 truth). Tests and benchmarks compare against them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..policy_loss import PolicyLossOutput
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def logprobs_and_entropy(
+    logits, tokens, *, temperature=1.0, ignore_index=-100, validate=True, backend="auto"
+):
+    """Reference of :func:`entropy_kernels.logprobs_and_entropy`; validate/backend are unused."""
+    z = logits.to(_compute_dtype(logits.dtype)) / temperature
+    log_probs = torch.log_softmax(z, dim=-1)
+    # entr(p) = -p log p with entr(0) = 0: masked (-inf) vocabulary entries contribute nothing.
+    entropy = torch.special.entr(log_probs.exp()).sum(-1)
+    vocab_size = logits.shape[-1]
+    in_range = (tokens >= 0) & (tokens < vocab_size)
+    token_logp = log_probs.gather(-1, tokens.clamp(0, vocab_size - 1).unsqueeze(-1)).squeeze(-1)
+    token_logp = torch.where(in_range, token_logp, torch.nan)
+    ignored = tokens == ignore_index
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return torch.where(ignored, zero, token_logp), torch.where(ignored, zero, entropy)
+
+
+def aggregate(per_token, weights, aggregation, normalizer=None):
+    """verl's ``agg_loss`` definitions, one sequence at a time."""
+    if aggregation == "token-mean":
+        total = (per_token * weights).sum()
+        count = weights.sum() if normalizer is None else normalizer
+        return total / count if count != 0 else total * 0
+    seq_values = []
+    for row_loss, row_weights in zip(per_token, weights, strict=True):
+        if row_weights.sum() == 0:
+            continue
+        row_sum = (row_loss * row_weights).sum()
+        if aggregation == "seq-mean-token-mean":
+            seq_values.append(row_sum / row_weights.sum())
+        else:
+            seq_values.append(row_sum)
+    if not seq_values:
+        return (per_token * weights).sum() * 0
+    loss = torch.stack(seq_values).mean()
+    if aggregation == "seq-mean-token-sum-norm":
+        loss = loss / (per_token.shape[-1] if normalizer is None else normalizer)
+    return loss
+
+
+def policy_loss(
+    logits,
+    tokens,
+    advantages,
+    mask=None,
+    *,
+    old_logprobs=None,
+    ref_logprobs=None,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=None,
+    kl_coef=0.0,
+    entropy_coef=0.0,
+    temperature=1.0,
+    aggregation="token-mean",
+    normalizer=None,
+    inplace_backward=False,
+    validate=True,
+    backend="auto",
+):
+    """Reference of :func:`entropy_kernels.policy_loss`; metrics as Python-free 0-dim tensors."""
+    logp, entropy = logprobs_and_entropy(logits, tokens, temperature=temperature)
+    if logits.dim() == 2:
+        logp, entropy, tokens = logp[None], entropy[None], tokens[None]
+        advantages = advantages[None]
+        mask = None if mask is None else mask[None]
+        old_logprobs = None if old_logprobs is None else old_logprobs[None]
+        ref_logprobs = None if ref_logprobs is None else ref_logprobs[None]
+    weights = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
+
+    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    loss_per_token = pg
+    kl = None
+    if ref_logprobs is not None:
+        delta = ref_logprobs.to(logp.dtype) - logp
+        kl = torch.exp(delta) - delta - 1
+        loss_per_token = loss_per_token + kl_coef * kl
+    loss_per_token = loss_per_token - entropy_coef * entropy
+    loss = aggregate(loss_per_token, weights, aggregation, normalizer)
+
+    def mean(x):
+        return (x.to(logp.dtype) * weights).sum() / weights.sum().clamp_min(1e-30)
+
+    metrics = {
+        "clip_fraction": mean(pg_clipped > pg_unclipped),
+        "clip_low_fraction": mean((ratio < 1 - clip_low) & (adv < 0)),
+        "clip_high_fraction": mean((ratio > 1 + clip_high) & (adv > 0)),
+        "approx_kl": mean(old - logp),
+        "entropy": mean(entropy),
+    }
+    if dual_clip is not None:
+        metrics["dual_clip_fraction"] = mean(
+            (adv < 0) & (torch.maximum(pg_unclipped, pg_clipped) > -adv * dual_clip)
+        )
+    if kl is not None:
+        metrics["kl"] = mean(kl)
+    squeeze = logits.dim() == 2
+    return PolicyLossOutput(
+        loss,
+        (logp[0] if squeeze else logp).detach(),
+        (entropy[0] if squeeze else entropy).detach(),
+        {k: v.detach() for k, v in metrics.items()},
+    )
