@@ -119,8 +119,9 @@ def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: Scori
     from .kernels.scoring_fwd import scoring_fwd_kernel
 
     n_rows, vocab_size = logits_layout.n_rows, logits.shape[-1]
-    out = torch.empty((3, n_rows), dtype=torch.float32, device=logits.device)
-    logprobs, entropy, lse = out[0], out[1], out[2]
+    logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logprobs)
+    normaliser = torch.empty((2, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows > 0:
         block_v, num_warps = _triton_block_v(vocab_size, logits.device)
         scoring_fwd_kernel[(n_rows,)](
@@ -128,7 +129,8 @@ def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: Scori
             tokens,
             logprobs,
             entropy,
-            lse,
+            normaliser[0],
+            normaliser[1],
             logits_layout.n_inner,
             vocab_size,
             logits_layout.stride_outer,
@@ -140,11 +142,11 @@ def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: Scori
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
-    return logprobs, entropy, lse
+    return logprobs, entropy, normaliser
 
 
 def _triton_backward(
-    grad_logits, logits, tokens, layouts, lse, entropy, grad_logprobs, grad_entropy, options
+    grad_logits, logits, tokens, layouts, normaliser, entropy, grad_logprobs, grad_entropy, options
 ):
     from .kernels.scoring_bwd import scoring_bwd_kernel
 
@@ -157,7 +159,8 @@ def _triton_backward(
         grad_logits,
         logits,
         tokens,
-        lse,
+        normaliser[0],
+        normaliser[1],
         entropy,
         grad_logprobs,
         grad_entropy,
@@ -196,28 +199,33 @@ def _row_chunks(layout: RowLayout, vocab_size: int):
 def _torch_chunk_forward(logits_chunk, tokens_chunk, options: ScoringOptions):
     vocab_size = logits_chunk.shape[-1]
     z = logits_chunk.float() * (1.0 / options.temperature)
-    lse = torch.logsumexp(z, dim=-1)
-    logp_all = z - lse.unsqueeze(-1)
+    # Centred on the row max like the kernel: (z - max) is exact where it matters.
+    row_max = z.amax(-1)
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    shifted = z - row_max.unsqueeze(-1)
+    log_norm = shifted.exp().sum(-1).log()
+    logp_all = shifted - log_norm.unsqueeze(-1)
     p = logp_all.exp()
     entropy = -(p * logp_all).masked_fill_(p == 0, 0.0).sum(-1)
     in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
-    token_logit = z.gather(-1, tokens_chunk.clamp(0, vocab_size - 1).unsqueeze(-1)).squeeze(-1)
-    logprobs = torch.where(in_range, token_logit - lse, float("nan"))
+    index = tokens_chunk.clamp(0, vocab_size - 1).unsqueeze(-1)
+    logprobs = torch.where(in_range, logp_all.gather(-1, index).squeeze(-1), float("nan"))
     ignored = tokens_chunk == options.ignore_index
     return (
         logprobs.masked_fill_(ignored, 0.0),
         entropy.masked_fill_(ignored, 0.0),
-        lse.masked_fill_(ignored, 0.0),
+        torch.stack([row_max, log_norm]).masked_fill_(ignored, 0.0),
     )
 
 
 def _torch_chunk_backward(
-    logits_chunk, tokens_chunk, lse, entropy, grad_logprobs, grad_entropy, options
+    logits_chunk, tokens_chunk, normaliser, entropy, grad_logprobs, grad_entropy, options
 ):
     vocab_size = logits_chunk.shape[-1]
     inv_temperature = 1.0 / options.temperature
     ignored = tokens_chunk == options.ignore_index
-    logp_all = logits_chunk.float() * inv_temperature - lse.unsqueeze(-1)
+    row_max, log_norm = normaliser.unsqueeze(-1)
+    logp_all = (logits_chunk.float() * inv_temperature - row_max) - log_norm
     p = logp_all.exp()
     grad = torch.zeros_like(p)
     if grad_logprobs is not None:
@@ -237,22 +245,23 @@ def _torch_forward(logits, tokens, logits_layout, tokens_layout, options: Scorin
     vocab_size = logits.shape[-1]
     logits_rows = as_rows(logits, logits_layout, vocab_size)
     tokens_rows = as_rows(tokens, tokens_layout, None)
-    outputs = [
-        torch.empty((logits_layout.n_outer, logits_layout.n_inner), device=logits.device)
-        for _ in range(3)
-    ]
+    shape = (logits_layout.n_outer, logits_layout.n_inner)
+    logprobs = torch.empty(shape, device=logits.device)
+    entropy = torch.empty(shape, device=logits.device)
+    normaliser = torch.empty((2, *shape), device=logits.device)
     for outer, inner in _row_chunks(logits_layout, vocab_size):
         chunk = logits_rows[outer, inner]
-        results = _torch_chunk_forward(
+        chunk_logprobs, chunk_entropy, chunk_normaliser = _torch_chunk_forward(
             chunk.reshape(-1, vocab_size), tokens_rows[outer, inner].reshape(-1), options
         )
-        for output, result in zip(outputs, results, strict=True):
-            output[outer, inner] = result.view(chunk.shape[:-1])
-    return tuple(output.view(-1) for output in outputs)
+        logprobs[outer, inner] = chunk_logprobs.view(chunk.shape[:-1])
+        entropy[outer, inner] = chunk_entropy.view(chunk.shape[:-1])
+        normaliser[:, outer, inner] = chunk_normaliser.view(2, *chunk.shape[:-1])
+    return logprobs.view(-1), entropy.view(-1), normaliser.view(2, -1)
 
 
 def _torch_backward(
-    grad_logits, logits, tokens, layouts, lse, entropy, grad_logprobs, grad_entropy, options
+    grad_logits, logits, tokens, layouts, normaliser, entropy, grad_logprobs, grad_entropy, options
 ):
     logits_layout, grad_layout, tokens_layout = layouts
     vocab_size = logits.shape[-1]
@@ -269,7 +278,7 @@ def _torch_backward(
         grad = _torch_chunk_backward(
             chunk.reshape(-1, vocab_size),
             tokens_rows[outer, inner].reshape(-1),
-            rows_of(lse, outer, inner),
+            normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),
             rows_of(entropy, outer, inner),
             rows_of(grad_logprobs, outer, inner),
             rows_of(grad_entropy, outer, inner),
@@ -289,8 +298,10 @@ class ScoringFunction(torch.autograd.Function):
     def forward(ctx, logits, tokens, options: ScoringOptions):
         logits, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
         forward = _triton_forward if options.backend == "triton" else _torch_forward
-        logprobs, entropy, lse = forward(logits, tokens, logits_layout, tokens_layout, options)
-        ctx.save_for_backward(logits, tokens, lse, entropy)
+        logprobs, entropy, normaliser = forward(
+            logits, tokens, logits_layout, tokens_layout, options
+        )
+        ctx.save_for_backward(logits, tokens, normaliser, entropy)
         ctx.layouts = (logits_layout, tokens_layout)
         ctx.options = options
         ctx.set_materialize_grads(False)
@@ -301,7 +312,7 @@ class ScoringFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
             return None, None, None
-        logits, tokens, lse, entropy = ctx.saved_tensors
+        logits, tokens, normaliser, entropy = ctx.saved_tensors
         logits_layout, tokens_layout = ctx.layouts
         options: ScoringOptions = ctx.options
         if options.inplace_backward:
@@ -325,7 +336,7 @@ class ScoringFunction(torch.autograd.Function):
             logits,
             tokens,
             (logits_layout, grad_layout, tokens_layout),
-            lse,
+            normaliser,
             entropy,
             flat(grad_logprobs),
             flat(grad_entropy),

@@ -1,4 +1,4 @@
-"""Backward scoring kernel: probabilities recomputed from the saved log-sum-exp, never stored.
+"""Backward scoring kernel: probabilities recomputed from the saved row max and log-normaliser.
 
 With ``z = logits / temperature``, ``p = softmax(z)`` and ``H = -sum p log p``:
 
@@ -25,7 +25,8 @@ def scoring_bwd_kernel(
     grad_logits_ptr,
     logits_ptr,
     tokens_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_norm_ptr,
     entropy_ptr,
     grad_logprobs_ptr,
     grad_entropy_ptr,
@@ -55,7 +56,8 @@ def scoring_bwd_kernel(
     token = token.to(tl.int64)
     is_ignored = token == ignore_index
 
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(row_max_ptr + row)
+    log_norm = tl.load(log_norm_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     grad_logprob = 0.0
     if HAS_GRAD_LOGPROBS:
@@ -73,7 +75,7 @@ def scoring_bwd_kernel(
         offs = start + cols
         in_row = offs < vocab_size
         x = tl.load(row_ptr + offs, mask=offs < n_cols_read, other=float("-inf"))
-        logp = x.to(tl.float32) * inv_temperature - lse
+        logp = (x.to(tl.float32) * inv_temperature - row_max) - log_norm
         p = tl.exp(logp)
         entropy_term = tl.where(p == 0.0, 0.0, p * (logp + entropy))
         grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p

@@ -8,9 +8,11 @@ The online pass keeps, per lane of the block, the sum of exponentials ``s`` and 
 ``w = sum exp(x - m) * (x - m)``, both relative to one running maximum ``m`` (a scalar, so a
 block costs one ``max`` reduction and one ``exp`` per logit). Then
 
-    lse = m + log(sum s)                  H = log(sum s) - (sum w) / (sum s)
+    log p_token = (x_token - m) - log(sum s)          H = log(sum s) - (sum w) / (sum s)
 
-Centring ``w`` on ``m`` avoids the cancellation of ``lse - E[x]`` when logits are large.
+Centring on ``m`` keeps both exact where it matters: ``x - m`` has no rounding error for logits
+near the maximum, whereas ``x - lse`` (or ``lse - E[x]``) would cancel large logits. ``m`` and
+``log(sum s)`` are stored for the backward.
 ``-inf`` logits have ``exp = 0`` and contribute nothing; their ``(x - m)`` is never multiplied.
 """
 
@@ -25,7 +27,8 @@ def scoring_fwd_kernel(
     tokens_ptr,
     logprobs_ptr,
     entropy_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_norm_ptr,
     # shapes
     n_inner,
     vocab_size,
@@ -70,15 +73,16 @@ def scoring_fwd_kernel(
         m = m_new
 
     sum_exp = tl.sum(s, axis=0)
-    log_sum_exp = tl.log(sum_exp)
-    lse = tl.where(m == float("-inf"), 0.0, m) + log_sum_exp
-    entropy = log_sum_exp - tl.sum(w, axis=0) / sum_exp
+    log_norm = tl.log(sum_exp)
+    row_max = tl.where(m == float("-inf"), 0.0, m)
+    entropy = log_norm - tl.sum(w, axis=0) / sum_exp
 
     # An out-of-range token (possible only with validate=False) is not read: it yields NaN.
     token_readable = (token >= 0) & (token < vocab_size) & (token != ignore_index)
     token_logit = tl.load(row_ptr + token, mask=token_readable, other=float("nan"))
-    logprob = token_logit.to(tl.float32) * inv_temperature - lse
+    logprob = (token_logit.to(tl.float32) * inv_temperature - row_max) - log_norm
 
     tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, logprob))
     tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
-    tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
+    tl.store(row_max_ptr + row, tl.where(is_ignored, 0.0, row_max))
+    tl.store(log_norm_ptr + row, tl.where(is_ignored, 0.0, log_norm))

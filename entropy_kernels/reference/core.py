@@ -21,8 +21,9 @@ def logprobs_and_entropy(
     """Reference of :func:`entropy_kernels.logprobs_and_entropy`; validate/backend are unused."""
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
     log_probs = torch.log_softmax(z, dim=-1)
-    # entr(p) = -p log p with entr(0) = 0: masked (-inf) vocabulary entries contribute nothing.
-    entropy = torch.special.entr(log_probs.exp()).sum(-1)
+    probs = log_probs.exp()
+    # Masked (-inf) vocabulary entries contribute 0 * 0, not 0 * -inf (also in the gradient).
+    entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
     vocab_size = logits.shape[-1]
     in_range = (tokens >= 0) & (tokens < vocab_size)
     token_logp = log_probs.gather(-1, tokens.clamp(0, vocab_size - 1).unsqueeze(-1)).squeeze(-1)

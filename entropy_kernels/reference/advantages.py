@@ -1,0 +1,247 @@
+"""Loop-style reference for GRPO, GTPO and GRPO-S (arXiv 2508.04349, Eq. 3, 5, 6, 8, 9).
+
+Written to read like the equations: explicit loops over groups, positions and rows in
+Python floats (float64). Slow; for tests and for reading. Results are float64 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..advantages import GRPO_SCALES, NORMALIZE_MODES, SCOPES, WHITENING_EPS
+
+__all__ = [
+    "grpo_advantages",
+    "gtpo_advantages",
+    "grpo_s_advantages",
+    "gtpo_loss",
+    "grpo_s_loss",
+    "advantage_metrics",
+]
+
+
+def group_rows(groups: int | torch.Tensor, batch: int) -> list[list[int]]:
+    """The rows of each group, in row order."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.Tensor)):
+        raise ValueError("groups must be an int G or an integer tensor [B] of group ids")
+    if isinstance(groups, int):
+        if groups < 1 or batch % groups != 0:
+            raise ValueError(f"groups={groups} must be a positive divisor of B={batch}")
+        return [list(range(start, start + groups)) for start in range(0, batch, groups)]
+    if groups.dtype == torch.bool or groups.dtype.is_floating_point or groups.shape != (batch,):
+        raise ValueError(f"groups must be an integer tensor of shape [{batch}]")
+    members: dict[int, list[int]] = {}
+    for row, group_id in enumerate(groups.tolist()):
+        members.setdefault(group_id, []).append(row)
+    return list(members.values())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _unbiased_var(values: list[float]) -> float:
+    mean = _mean(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def _rewards(rewards) -> list[float]:
+    if rewards.dim() != 1:
+        raise ValueError("rewards must be a tensor [B]")
+    return rewards.detach().double().tolist()
+
+
+def _inputs(rewards, entropy, mask):
+    rewards = _rewards(rewards)
+    entropy = entropy.detach().double()
+    if entropy.dim() != 2 or entropy.shape[0] != len(rewards):
+        raise ValueError(f"entropy must have shape [B={len(rewards)}, T]")
+    if mask is None:
+        active = [[True] * entropy.shape[1] for _ in rewards]
+    else:
+        if mask.shape != entropy.shape:
+            raise ValueError(f"mask must have shape {tuple(entropy.shape)}")
+        active = (mask != 0).tolist()
+    return rewards, entropy.tolist(), active
+
+
+def gtpo_token_rewards(rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1,
+                       success_threshold=0.0, eps=1e-6) -> torch.Tensor:
+    """Eq. 3 (success rows) and Eq. 5 (failure rows): shaped rewards [B, T] float64."""
+    rewards, entropy, active = _inputs(rewards, entropy, mask)
+    batch, seq_len = len(rewards), len(entropy[0]) if entropy else 0
+    r = [[0.0] * seq_len for _ in range(batch)]
+    for rows in group_rows(groups, batch):
+        for t in range(seq_len):
+            successes = [i for i in rows if active[i][t] and rewards[i] > success_threshold]
+            failures = [j for j in rows if active[j][t] and not rewards[j] > success_threshold]
+            d_t, h_t = len(successes), len(failures)
+            sum_h = sum(entropy[k][t] for k in successes)
+            sum_inv_h = sum(1.0 / (entropy[k][t] + eps) for k in failures)
+            for i in successes:
+                r[i][t] = alpha1 + alpha2 * d_t * entropy[i][t] / (sum_h + eps)
+            for j in failures:
+                r[j][t] = -alpha1 - alpha2 * h_t * (1.0 / (entropy[j][t] + eps)) / (sum_inv_h + eps)
+                if math.isnan(rewards[j]):
+                    r[j][t] = math.nan
+    return torch.tensor(r, dtype=torch.float64).reshape(batch, seq_len)
+
+
+def gtpo_advantages(rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1,
+                    success_threshold=0.0, normalize="separate", scope="batch",
+                    eps=1e-6) -> torch.Tensor:
+    """Eq. 6: whiten the shaped rewards over each set's active tokens; [B, T] float64."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    r = gtpo_token_rewards(rewards, entropy, mask, groups, alpha1=alpha1, alpha2=alpha2,
+                           success_threshold=success_threshold, eps=eps)
+    if normalize == "none":
+        return r
+    reward_list, _, active = _inputs(rewards, entropy, mask)
+    batch, seq_len = r.shape
+    scopes = group_rows(groups, batch) if scope == "group" else [list(range(batch))]
+    advantages = torch.zeros_like(r)
+    for rows in scopes:
+        if normalize == "separate":
+            sets = [[i for i in rows if reward_list[i] > success_threshold],
+                    [i for i in rows if not reward_list[i] > success_threshold]]
+        else:
+            sets = [rows]
+        for set_rows in sets:
+            tokens = [(i, t) for i in set_rows for t in range(seq_len) if active[i][t]]
+            if len(tokens) < 2:
+                continue  # no variance: these tokens keep advantage 0
+            values = [r[i, t].item() for i, t in tokens]
+            mean, var = _mean(values), _unbiased_var(values)
+            for (i, t), value in zip(tokens, values, strict=True):
+                advantages[i, t] = (value - mean) / math.sqrt(var + WHITENING_EPS)
+    return advantages
+
+
+def _group_zscore(values: list[float], groups, eps: float, scale_by_std: bool) -> torch.Tensor:
+    advantages = [0.0] * len(values)
+    for rows in group_rows(groups, len(values)):
+        group_values = [values[i] for i in rows]
+        if len(rows) < 2:
+            for i in rows:
+                advantages[i] = 0.0 * values[i]
+            continue
+        mean = _mean(group_values)
+        std = math.sqrt(_unbiased_var(group_values))
+        for i in rows:
+            advantages[i] = (values[i] - mean) / (std + eps) if scale_by_std else values[i] - mean
+    return torch.tensor(advantages, dtype=torch.float64)
+
+
+def grpo_advantages(rewards, groups, *, scale="std", eps=1e-6) -> torch.Tensor:
+    """`(r - mean_g r) / (std_g r + eps)` (unbiased std; only centred if `scale="none"`)."""
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"scale must be one of {GRPO_SCALES}, got {scale!r}")
+    return _group_zscore(_rewards(rewards), groups, eps, scale == "std")
+
+
+def grpo_s_sequence_rewards(rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1,
+                            success_threshold=0.0, eps=1e-6) -> list[float]:
+    """Eq. 8 (sequence-mean entropy) and Eq. 9 (sequence rewards)."""
+    rewards, entropy, active = _inputs(rewards, entropy, mask)
+    mean_entropy = []
+    for row, row_active in zip(entropy, active, strict=True):
+        values = [h for h, a in zip(row, row_active, strict=True) if a]
+        mean_entropy.append(_mean(values) if values else 0.0)
+    r = [0.0] * len(rewards)
+    for rows in group_rows(groups, len(rewards)):
+        successes = [i for i in rows if rewards[i] > success_threshold]
+        failures = [j for j in rows if not rewards[j] > success_threshold]
+        n, m = len(successes), len(failures)
+        sum_h = sum(mean_entropy[k] for k in successes)
+        sum_inv_h = sum(1.0 / (mean_entropy[k] + eps) for k in failures)
+        for i in successes:
+            r[i] = beta1 + beta2 * n * mean_entropy[i] / (sum_h + eps)
+        for j in failures:
+            r[j] = -beta1 - beta2 * m * (1.0 / (mean_entropy[j] + eps)) / (sum_inv_h + eps)
+            if math.isnan(rewards[j]):
+                r[j] = math.nan
+    return r
+
+
+def grpo_s_advantages(rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1,
+                      success_threshold=0.0, eps=1e-6) -> torch.Tensor:
+    """GRPO-S: the group z-score of the Eq. 9 sequence rewards; [B] float64."""
+    r = grpo_s_sequence_rewards(rewards, entropy, mask, groups, beta1=beta1, beta2=beta2,
+                                success_threshold=success_threshold, eps=eps)
+    return _group_zscore(r, groups, eps, scale_by_std=True)
+
+
+def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0) -> dict:
+    """Token-level statistics of the success and failure sets (see `gtpo.advantage_metrics`)."""
+    rewards, entropy, active = _inputs(rewards, entropy, mask)
+    adv = advantages.detach().double()
+    if adv.dim() == 1:
+        adv = adv[:, None].expand(len(rewards), len(entropy[0]))
+    metrics = {"success_fraction": _mean([float(r > success_threshold) for r in rewards])}
+    for name, is_member in (("success", lambda r: r > success_threshold),
+                            ("failure", lambda r: not r > success_threshold)):
+        tokens = [(i, t) for i, reward in enumerate(rewards) if is_member(reward)
+                  for t in range(len(entropy[i])) if active[i][t]]
+        values = [adv[i, t].item() for i, t in tokens]
+        metrics[f"{name}_advantage_mean"] = _mean(values) if values else 0.0
+        metrics[f"{name}_advantage_std"] = (math.sqrt(_unbiased_var(values))
+                                            if len(values) > 1 else 0.0)
+        metrics[f"{name}_entropy"] = _mean([entropy[i][t] for i, t in tokens]) if tokens else 0.0
+    return metrics
+
+
+def _policy_loss_with(advantages, logits, tokens, mask, shaping_entropy, rewards,
+                      success_threshold, loss_options):
+    from .core import policy_loss
+
+    out = policy_loss(logits, tokens, advantages, mask, **loss_options)
+    out.metrics.update(advantage_metrics(advantages, rewards, shaping_entropy, mask,
+                                         success_threshold))
+    return out
+
+
+def _shaping_entropy(logits, tokens, old_entropy, temperature):
+    if old_entropy is not None:
+        return old_entropy.detach()
+    from .core import logprobs_and_entropy
+
+    return logprobs_and_entropy(logits.detach(), tokens, temperature=temperature)[1]
+
+
+def gtpo_loss(logits, tokens, rewards, mask, groups, *, old_logprobs=None, old_entropy=None,
+              ref_logprobs=None, alpha1=1.0, alpha2=0.1, success_threshold=0.0,
+              normalize="separate", scope="batch", eps=1e-6, clip_low=0.2, clip_high=0.28,
+              dual_clip=None, kl_coef=0.0, entropy_coef=0.0, temperature=1.0,
+              aggregation="token-mean", normalizer=None):
+    """Reference GTPO loss: reference `policy_loss` with `gtpo_advantages` (Eq. 6, 7)."""
+    shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
+    advantages = gtpo_advantages(rewards, shaping_entropy, mask, groups, alpha1=alpha1,
+                                 alpha2=alpha2, success_threshold=success_threshold,
+                                 normalize=normalize, scope=scope, eps=eps)
+    return _policy_loss_with(
+        advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold,
+        dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, clip_low=clip_low,
+             clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+             entropy_coef=entropy_coef, temperature=temperature, aggregation=aggregation,
+             normalizer=normalizer))
+
+
+def grpo_s_loss(logits, tokens, rewards, mask, groups, *, old_logprobs=None, old_entropy=None,
+                ref_logprobs=None, beta1=1.0, beta2=0.1, success_threshold=0.0, eps=1e-6,
+                clip_low=0.2, clip_high=0.28, dual_clip=None, kl_coef=0.0, entropy_coef=0.0,
+                temperature=1.0, aggregation="token-mean", normalizer=None):
+    """Reference GRPO-S loss: reference `policy_loss` with `grpo_s_advantages` on every token."""
+    shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
+    advantages = grpo_s_advantages(rewards, shaping_entropy, mask, groups, beta1=beta1,
+                                   beta2=beta2, success_threshold=success_threshold, eps=eps)
+    return _policy_loss_with(
+        advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold,
+        dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, clip_low=clip_low,
+             clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+             entropy_coef=entropy_coef, temperature=temperature, aggregation=aggregation,
+             normalizer=normalizer))
