@@ -1,0 +1,288 @@
+"""policy_loss: both backends against the float64 reference, clip branches, invariants, errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import entropy_kernels as ek
+from entropy_kernels import reference
+from entropy_kernels.policy_loss import AGGREGATIONS
+
+BACKENDS = ["torch", "triton"]
+VALUE_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+ROUNDED_GRAD_TOL = {
+    torch.float32: GRAD_TOL,
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
+    torch.float16: dict(rtol=2**-10, atol=1e-5),
+}
+
+
+def make_batch(batch, seq, vocab, *, dtype=torch.float32, seed=0, per_token=True, mask_p=0.3):
+    """Random logits and tokens; old log-probs set so both clip branches and the dual clip fire.
+
+    ``old = logp_true - shift`` with shifts drawn from {-1.0, -0.4, 0, 0.4, 1.0}: ratios of
+    e^{+-1} (outside both clip bounds and beyond a dual clip of 2), e^{+-0.4} and 1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, seq, vocab, generator=generator) * 2).to(dtype)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
+    adv_shape = (batch, seq) if per_token else (batch,)
+    advantages = torch.randn(adv_shape, generator=generator)
+    mask = torch.rand(batch, seq, generator=generator) > mask_p
+    true_logp, _ = reference.logprobs_and_entropy(logits.double(), tokens)
+    shifts = torch.tensor([-1.0, -0.4, 0.0, 0.4, 1.0], dtype=torch.float64)
+    # Every row cycles through every shift, so each sign of advantage meets each ratio.
+    pick = (torch.arange(seq) + torch.arange(batch).unsqueeze(-1)) % len(shifts)
+    old_logprobs = (true_logp - shifts[pick]).float()
+    ref_logprobs = (true_logp + 0.3 * torch.randn(batch, seq, generator=generator)).float()
+    return logits, tokens, advantages, mask, old_logprobs, ref_logprobs
+
+
+def run_both(logits, tokens, advantages, mask=None, *, backend, **options):
+    """(ours, float64 reference) outputs and logits gradients."""
+    ours_logits = logits.clone().requires_grad_()
+    ours = ek.policy_loss(ours_logits, tokens, advantages, mask, backend=backend, **options)
+    ours.loss.backward()
+    options.pop("inplace_backward", None)
+    ref_logits = logits.double().requires_grad_()
+    ref = reference.policy_loss(ref_logits, tokens, advantages, mask, **options)
+    ref.loss.backward()
+    return ours, ours_logits.grad, ref, ref_logits.grad
+
+
+def assert_matches(ours, ours_grad, ref, ref_grad, dtype=torch.float32):
+    torch.testing.assert_close(ours.loss.double(), ref.loss, **VALUE_TOL)
+    torch.testing.assert_close(ours.logprobs.double(), ref.logprobs, **VALUE_TOL)
+    torch.testing.assert_close(ours.entropy.double(), ref.entropy, **VALUE_TOL)
+    assert ours_grad.dtype == dtype
+    torch.testing.assert_close(
+        ours_grad.float(), ref_grad.to(dtype).float(), **ROUNDED_GRAD_TOL[dtype]
+    )
+    for name, value in ref.metrics.items():
+        torch.testing.assert_close(
+            torch.as_tensor(ours.metrics[name]).double(), value, **VALUE_TOL, msg=name
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("per_token", [True, False], ids=["adv[B,T]", "adv[B]"])
+def test_every_aggregation_off_policy(backend, aggregation, per_token):
+    # 4 x 6 tokens over 300 words: enough tokens for every clip branch, two vocab blocks.
+    logits, tokens, adv, mask, old, ref = make_batch(4, 6, 300, per_token=per_token)
+    # Both signs in every row (per token) or alternating rows (per sequence).
+    sign = torch.tensor([1.0, -1.0]).repeat(12)[: adv.numel()].view(adv.shape)
+    adv = adv.abs() * sign + 0.1 * sign
+    mask[:] = True
+    mask[1] = False  # a sequence without active tokens is left out of the sequence means
+    outputs = run_both(
+        logits,
+        tokens,
+        adv,
+        mask,
+        backend=backend,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=2.0,
+        kl_coef=0.05,
+        entropy_coef=0.01,
+        aggregation=aggregation,
+    )
+    assert_matches(*outputs)
+    metrics = outputs[0].metrics
+    # The inputs are built so that every branch really fires.
+    for name in ("clip_low_fraction", "clip_high_fraction", "dual_clip_fraction"):
+        assert float(metrics[name]) > 0, name
+    assert float(metrics["clip_fraction"]) >= float(metrics["clip_low_fraction"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 4),
+    vocab=st.sampled_from([3, 257, 520]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    aggregation=st.sampled_from(AGGREGATIONS),
+    on_policy=st.booleans(),
+    per_token=st.booleans(),
+    dual_clip=st.sampled_from([None, 1.5, 3.0]),
+    temperature=st.sampled_from([1.0, 0.6]),
+    float_mask=st.booleans(),
+    normalizer=st.sampled_from([None, 7.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(
+    backend,
+    batch,
+    seq,
+    vocab,
+    dtype,
+    aggregation,
+    on_policy,
+    per_token,
+    dual_clip,
+    temperature,
+    float_mask,
+    normalizer,
+    seed,
+):
+    logits, tokens, adv, mask, old, _ = make_batch(
+        batch, seq, vocab, dtype=dtype, seed=seed, per_token=per_token
+    )
+    if float_mask:
+        mask = mask.float() * 0.5
+    if aggregation in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        normalizer = None
+    outputs = run_both(
+        logits,
+        tokens,
+        adv,
+        mask,
+        backend=backend,
+        old_logprobs=None if on_policy else old,
+        dual_clip=dual_clip,
+        temperature=temperature,
+        aggregation=aggregation,
+        normalizer=normalizer,
+        clip_high=0.28,
+    )
+    assert_matches(*outputs, dtype=dtype)
+    ours, grad = outputs[:2]
+    assert torch.isfinite(ours.loss) and torch.isfinite(grad).all()
+    assert torch.all(grad[~mask.bool()] == 0), "a masked token received gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_token_layout(backend):
+    """[N, V] logits with per-token advantages are the token-mean loss of one long sequence."""
+    logits, tokens, adv, mask, old, _ = make_batch(1, 9, 260)
+    flat = run_both(
+        logits[0], tokens[0], adv[0], mask[0], backend=backend, old_logprobs=old[0], clip_high=0.3
+    )
+    assert_matches(*flat)
+    batched = ek.policy_loss(logits, tokens, adv, mask, old_logprobs=old, clip_high=0.3)
+    torch.testing.assert_close(flat[0].loss, batched.loss)
+    with pytest.raises(ValueError, match="aggregation"):
+        ek.policy_loss(logits[0], tokens[0], adv[0], aggregation="seq-mean-token-mean")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_logits_view(backend):
+    """logits[:, :-1] scored against tokens[:, 1:], as every trainer slices them."""
+    generator = torch.Generator().manual_seed(5)
+    full = torch.randn(3, 5, 280, generator=generator)
+    input_ids = torch.randint(0, 280, (3, 5), generator=generator)
+    adv = torch.randn(3, generator=generator)
+    base = full.clone().requires_grad_()
+    out = ek.policy_loss(base[:, :-1], input_ids[:, 1:], adv, backend=backend)
+    out.loss.backward()
+    ref_base = full.double().requires_grad_()
+    ref = reference.policy_loss(ref_base[:, :-1], input_ids[:, 1:], adv)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss.double(), ref.loss, **VALUE_TOL)
+    torch.testing.assert_close(base.grad.double(), ref_base.grad, **GRAD_TOL)
+    assert torch.all(base.grad[:, -1] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_sign_follows_advantage(backend):
+    """On-policy, d loss / d logit[token] = -A (1 - p) / n: descent raises good tokens."""
+    logits, tokens, _, _, _, _ = make_batch(2, 4, 40)
+    adv = torch.tensor([[1.0, -2.0, 0.5, -0.1], [-1.0, 3.0, -0.5, 0.2]])
+    x = logits.clone().requires_grad_()
+    ek.policy_loss(x, tokens, adv, backend=backend).loss.backward()
+    token_grad = x.grad.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(torch.sign(token_grad), -torch.sign(adv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_no_active_tokens_gives_zero_loss_and_gradient(backend, aggregation):
+    logits, tokens, adv, _, old, _ = make_batch(2, 3, 50)
+    x = logits.clone().requires_grad_()
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    out = ek.policy_loss(
+        x, tokens, adv, mask, old_logprobs=old, aggregation=aggregation, backend=backend
+    )
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert torch.all(x.grad == 0)
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 20, requires_grad=True)
+    out = ek.policy_loss(x, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0), backend=backend)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_gives_the_same_gradient(backend):
+    logits, tokens, adv, mask, old, _ = make_batch(2, 3, 300, dtype=torch.bfloat16)
+    options = dict(old_logprobs=old, entropy_coef=0.1, backend=backend)
+    x = logits.clone().requires_grad_()
+    ek.policy_loss(x, tokens, adv, mask, **options).loss.backward()
+    leaf = logits.clone().requires_grad_()
+    hidden = leaf * 1
+    ek.policy_loss(hidden, tokens, adv, mask, inplace_backward=True, **options).loss.backward()
+    assert torch.equal(leaf.grad, x.grad)
+    assert torch.equal(hidden.detach(), x.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_propagate_to_loss(backend):
+    logits, tokens, adv, _, _, _ = make_batch(2, 3, 30)
+    logits[1, 2, 7] = float("nan")
+    assert torch.isnan(ek.policy_loss(logits, tokens, adv, backend=backend).loss)
+
+
+def test_module_holds_options():
+    logits, tokens, adv, mask, old, _ = make_batch(2, 3, 30)
+    module = ek.PolicyLoss(clip_high=0.28, aggregation="seq-mean-token-mean")
+    out = module(logits, tokens, adv, mask, old_logprobs=old)
+    want = ek.policy_loss(
+        logits,
+        tokens,
+        adv,
+        mask,
+        old_logprobs=old,
+        clip_high=0.28,
+        aggregation="seq-mean-token-mean",
+    )
+    assert torch.equal(out.loss, want.loss)
+    assert "clip_high=0.28" in repr(module)
+
+
+def test_bad_inputs_raise_value_error():
+    logits, tokens, adv, mask, old, ref = make_batch(2, 3, 10)
+    cases = [
+        ("advantages", dict(advantages=torch.randn(3))),
+        ("advantages", dict(advantages=torch.ones(2, 3, dtype=torch.long))),
+        ("mask", dict(mask=torch.ones(2, 4, dtype=torch.bool))),
+        ("old_logprobs", dict(old_logprobs=torch.zeros(3, 2))),
+        ("ref_logprobs", dict(ref_logprobs=torch.zeros(2), kl_coef=0.1)),
+        ("ref_logprobs", dict(kl_coef=0.1)),
+        ("aggregation", dict(aggregation="mean")),
+        ("backend", dict(backend="cuda")),
+        ("clip_low", dict(clip_low=1.0)),
+        ("clip_low", dict(clip_low=-0.1)),
+        ("dual_clip", dict(dual_clip=0.5)),
+        ("temperature", dict(temperature=0.0)),
+        ("normalizer", dict(normalizer=0.0)),
+        ("normalizer", dict(normalizer=3.0, aggregation="seq-mean-token-mean")),
+        ("tokens", dict(tokens=tokens + 10)),
+        ("tokens", dict(tokens=tokens.float())),
+        ("logits", dict(logits=logits[..., :1].expand(2, 3, 10))),
+        ("logits", dict(logits=logits.double())),
+    ]
+    for name, override in cases:
+        args = dict(logits=logits, tokens=tokens, advantages=adv, mask=mask)
+        args.update(override)
+        with pytest.raises(ValueError, match=name):
+            ek.policy_loss(**args)
