@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Idempotent set-up of ./.venv: torch (never upgraded), triton, the package and every extra the
+# tests and benchmarks use. Safe to rerun; the README's quick-start commands start with it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine.
+python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+# Pin whatever torch is installed (the CPU build here, a CUDA build on a GPU box) for every install.
+constraints=$(mktemp)
+python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+pip install -q -c "$constraints" -e ".[test,bench,dev]"
+rm -f "$constraints"
