@@ -166,6 +166,109 @@ def loss_from_logprobs(
     return PolicyLossOutput(loss, logprobs.detach(), entropy.detach(), metrics)
 
 
+class _LossWithGradient(torch.autograd.Function):
+    """Attach a gradient computed in the forward pass to a loss value."""
+
+    @staticmethod
+    def forward(ctx, loss, logits, grad_logits):
+        ctx.save_for_backward(grad_logits)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_logits,) = ctx.saved_tensors
+        # loss.backward() passes exactly 1: then the stored gradient is final, no second pass.
+        if bool(grad_loss == 1):
+            return None, grad_logits, None
+        return None, grad_logits * grad_loss.to(grad_logits.dtype), None
+
+
+def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """``d loss / d per_token_loss`` of the aggregation, ``[B, T]`` (autograd of ``_aggregate``)."""
+    per_token = torch.zeros_like(weights, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(_aggregate(per_token, weights, options), per_token)
+    return grad
+
+
+def _fused_policy_loss(
+    logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
+):
+    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together."""
+    from .kernels.policy_loss_fused import policy_loss_fused_kernel
+    from .scoring import RowLayout, row_layouts, triton_block_v
+
+    weights = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
+    loss_weight = aggregation_weights(weights, options).contiguous()
+    token_advantages = advantages.float()
+    if token_advantages.dim() == 1:
+        token_advantages = token_advantages.unsqueeze(-1)
+    token_advantages = token_advantages.expand(tokens.shape).contiguous()
+    use_kl = ref_logprobs is not None and options.kl_coef != 0.0
+
+    def as_float(tensor):
+        return None if tensor is None else tensor.float().contiguous()
+
+    source, token_view, logits_layout, tokens_layout = row_layouts(logits.detach(), tokens)
+    vocab_size = source.shape[-1]
+    if scoring.inplace_backward:
+        grad_logits, grad_layout = source, logits_layout
+    else:
+        grad_logits = torch.empty(source.shape, dtype=source.dtype, device=source.device)
+        grad_layout = RowLayout(
+            logits_layout.n_outer,
+            logits_layout.n_inner,
+            logits_layout.n_inner * vocab_size,
+            vocab_size,
+        )
+    logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+    entropy = torch.empty_like(logprobs)
+    if logits_layout.n_rows > 0:
+        block_v, num_warps = triton_block_v(vocab_size, source.device)
+        policy_loss_fused_kernel[(logits_layout.n_rows,)](
+            grad_logits,
+            source,
+            token_view,
+            token_advantages,
+            loss_weight,
+            as_float(old_logprobs),
+            as_float(ref_logprobs) if use_kl else None,
+            logprobs,
+            entropy,
+            logits_layout.n_inner,
+            vocab_size,
+            logits_layout.stride_outer,
+            logits_layout.stride_inner,
+            grad_layout.stride_outer,
+            grad_layout.stride_inner,
+            tokens_layout.stride_outer,
+            tokens_layout.stride_inner,
+            1.0 / scoring.temperature,
+            scoring.ignore_index,
+            options.clip_low,
+            options.clip_high,
+            float(options.dual_clip or 0.0),
+            float(options.kl_coef),
+            float(options.entropy_coef),
+            LOG_RATIO_LIMIT,
+            BLOCK_V=block_v,
+            HAS_DUAL_CLIP=options.dual_clip is not None,
+            num_warps=num_warps,
+        )
+    with torch.no_grad():
+        out = loss_from_logprobs(
+            logprobs,
+            entropy,
+            advantages,
+            mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            options=options,
+        )
+    loss = _LossWithGradient.apply(out.loss, logits, grad_logits.view(logits.shape))
+    return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
+
+
 def check_loss_inputs(
     tokens: torch.Tensor,
     advantages: torch.Tensor,
@@ -261,32 +364,28 @@ def policy_loss(
     backend = resolve_backend(backend, logits.device)
     if validate:
         check_token_range(tokens, logits.shape[-1], -100)
-    logprobs, entropy = score(
-        logits,
-        tokens,
-        ScoringOptions(float(temperature), -100, backend, inplace_backward),
-    )
+    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     if flat_tokens:
-
-        def as_row(t):
-            return None if t is None else t.unsqueeze(0)
-
+        # [N, V] is the token-mean loss of one sequence of N tokens.
+        logits, tokens, advantages = logits.unsqueeze(0), tokens.unsqueeze(0), advantages[None]
+        mask, old_logprobs, ref_logprobs = (
+            None if t is None else t.unsqueeze(0) for t in (mask, old_logprobs, ref_logprobs)
+        )
+    if backend == "triton" and logits.requires_grad and torch.is_grad_enabled():
+        out = _fused_policy_loss(
+            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
+        )
+    else:
+        logprobs, entropy = score(logits, tokens, scoring)
         out = loss_from_logprobs(
-            logprobs.unsqueeze(0),
-            entropy.unsqueeze(0),
-            advantages.unsqueeze(0),
-            as_row(mask),
-            old_logprobs=as_row(old_logprobs),
-            ref_logprobs=as_row(ref_logprobs),
+            logprobs,
+            entropy,
+            advantages,
+            mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
             options=options,
         )
+    if flat_tokens:
         return PolicyLossOutput(out.loss, out.logprobs[0], out.entropy[0], out.metrics)
-    return loss_from_logprobs(
-        logprobs,
-        entropy,
-        advantages,
-        mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        options=options,
-    )
+    return out

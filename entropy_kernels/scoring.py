@@ -101,7 +101,7 @@ def as_rows(tensor: torch.Tensor, layout: RowLayout, vocab_size: int | None) -> 
 # Triton backend
 
 
-def _triton_block_v(vocab_size: int, device: torch.device) -> tuple[int, int]:
+def triton_block_v(vocab_size: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps). Fixed, no autotuning: 4096 columns, 8 warps is good on H100/H200.
 
     The interpreter (CPU tensors) uses 256-wide blocks so that small test vocabularies still
@@ -123,7 +123,7 @@ def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: Scori
     entropy = torch.empty_like(logprobs)
     normaliser = torch.empty((2, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows > 0:
-        block_v, num_warps = _triton_block_v(vocab_size, logits.device)
+        block_v, num_warps = triton_block_v(vocab_size, logits.device)
         scoring_fwd_kernel[(n_rows,)](
             logits,
             tokens,
@@ -154,7 +154,7 @@ def _triton_backward(
     vocab_size = logits.shape[-1]
     if logits_layout.n_rows == 0:
         return
-    block_v, num_warps = _triton_block_v(vocab_size, logits.device)
+    block_v, num_warps = triton_block_v(vocab_size, logits.device)
     scoring_bwd_kernel[(logits_layout.n_rows,)](
         grad_logits,
         logits,

@@ -13,6 +13,42 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def write_row_gradient(
+    grad_row_ptr,
+    row_ptr,
+    n_cols_read,
+    vocab_size,
+    token,
+    row_max,
+    log_norm,
+    entropy,
+    grad_logprob,
+    grad_entropy,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+):
+    """Write ``dlogits`` of one row; columns past ``n_cols_read`` are not read (gradient 0).
+
+    ``grad_logprob`` / ``grad_entropy`` are already divided by the temperature.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab_size, BLOCK_V):
+        offs = start + cols
+        x = tl.load(row_ptr + offs, mask=offs < n_cols_read, other=float("-inf"))
+        logp = (x.to(tl.float32) * inv_temperature - row_max) - log_norm
+        p = tl.exp(logp)
+        entropy_term = tl.where(p == 0.0, 0.0, p * (logp + entropy))
+        grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p
+        grad -= grad_entropy * entropy_term
+        grad = tl.where(offs < n_cols_read, grad, 0.0)
+        tl.store(
+            grad_row_ptr + offs,
+            grad.to(grad_row_ptr.dtype.element_ty),
+            mask=offs < vocab_size,
+        )
+
+
 @triton.heuristics(
     {
         "HAS_GRAD_LOGPROBS": lambda args: args["grad_logprobs_ptr"] is not None,
@@ -56,9 +92,6 @@ def scoring_bwd_kernel(
     token = token.to(tl.int64)
     is_ignored = token == ignore_index
 
-    row_max = tl.load(row_max_ptr + row)
-    log_norm = tl.load(log_norm_ptr + row)
-    entropy = tl.load(entropy_ptr + row)
     grad_logprob = 0.0
     if HAS_GRAD_LOGPROBS:
         grad_logprob = tl.load(grad_logprobs_ptr + row)
@@ -66,19 +99,17 @@ def scoring_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         grad_entropy = tl.load(grad_entropy_ptr + row)
     # Ignored rows have constant outputs: their gradient is exactly 0 and their logits are not read.
-    grad_logprob = tl.where(is_ignored, 0.0, grad_logprob) * inv_temperature
-    grad_entropy = tl.where(is_ignored, 0.0, grad_entropy) * inv_temperature
-
-    n_cols_read = tl.where(is_ignored, 0, vocab_size)
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab_size, BLOCK_V):
-        offs = start + cols
-        in_row = offs < vocab_size
-        x = tl.load(row_ptr + offs, mask=offs < n_cols_read, other=float("-inf"))
-        logp = (x.to(tl.float32) * inv_temperature - row_max) - log_norm
-        p = tl.exp(logp)
-        entropy_term = tl.where(p == 0.0, 0.0, p * (logp + entropy))
-        grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p
-        grad -= grad_entropy * entropy_term
-        grad = tl.where(is_ignored, 0.0, grad)
-        tl.store(grad_row_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+    write_row_gradient(
+        grad_row_ptr,
+        row_ptr,
+        tl.where(is_ignored, 0, vocab_size),
+        vocab_size,
+        token,
+        tl.load(row_max_ptr + row),
+        tl.load(log_norm_ptr + row),
+        tl.load(entropy_ptr + row),
+        grad_logprob * inv_temperature,
+        grad_entropy * inv_temperature,
+        inv_temperature,
+        BLOCK_V,
+    )

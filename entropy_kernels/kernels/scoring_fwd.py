@@ -20,6 +20,47 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def row_statistics(row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V: tl.constexpr):
+    """Online pass over ``n_cols`` logits of one row: ``(row_max, log_norm, entropy)``.
+
+    ``log softmax(x)_j = (x_j - row_max) - log_norm``. ``n_cols = 0`` reads nothing.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    w = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
+        x = x.to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # While every logit seen is -inf, centre on 0 instead of m so that no inf - inf appears.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - shift)
+        recentre = tl.where(m == float("-inf"), 0.0, m - shift)
+        w = rescale * (w + recentre * s)
+        s = rescale * s
+        p = tl.exp(x - shift)
+        s += p
+        w += tl.where(p == 0.0, 0.0, p * (x - shift))
+        m = m_new
+
+    sum_exp = tl.sum(s, axis=0)
+    log_norm = tl.log(sum_exp)
+    row_max = tl.where(m == float("-inf"), 0.0, m)
+    entropy = log_norm - tl.sum(w, axis=0) / sum_exp
+    return row_max, log_norm, entropy
+
+
+@triton.jit
+def token_logprob(row_ptr, token, vocab_size, ignore_index, inv_temperature, row_max, log_norm):
+    """Log-prob of ``token``; an out-of-range token (only with validate=False) is not read: NaN."""
+    readable = (token >= 0) & (token < vocab_size) & (token != ignore_index)
+    logit = tl.load(row_ptr + token, mask=readable, other=float("nan"))
+    return (logit.to(tl.float32) * inv_temperature - row_max) - log_norm
+
+
 @triton.jit(do_not_specialize=["n_inner", "ignore_index"])
 def scoring_fwd_kernel(
     # pointers
@@ -51,37 +92,12 @@ def scoring_fwd_kernel(
     is_ignored = token == ignore_index
     # An ignored row reads nothing: its loop runs zero times and its outputs are 0.
     n_cols = tl.where(is_ignored, 0, vocab_size)
-
-    cols = tl.arange(0, BLOCK_V)
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    w = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
-        x = x.to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every logit seen is -inf, centre on 0 instead of m so that no inf - inf appears.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m - shift)
-        recentre = tl.where(m == float("-inf"), 0.0, m - shift)
-        w = rescale * (w + recentre * s)
-        s = rescale * s
-        p = tl.exp(x - shift)
-        s += p
-        w += tl.where(p == 0.0, 0.0, p * (x - shift))
-        m = m_new
-
-    sum_exp = tl.sum(s, axis=0)
-    log_norm = tl.log(sum_exp)
-    row_max = tl.where(m == float("-inf"), 0.0, m)
-    entropy = log_norm - tl.sum(w, axis=0) / sum_exp
-
-    # An out-of-range token (possible only with validate=False) is not read: it yields NaN.
-    token_readable = (token >= 0) & (token < vocab_size) & (token != ignore_index)
-    token_logit = tl.load(row_ptr + token, mask=token_readable, other=float("nan"))
-    logprob = (token_logit.to(tl.float32) * inv_temperature - row_max) - log_norm
-
+    row_max, log_norm, entropy = row_statistics(
+        row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V
+    )
+    logprob = token_logprob(
+        row_ptr, token, vocab_size, ignore_index, inv_temperature, row_max, log_norm
+    )
     tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, logprob))
     tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
     tl.store(row_max_ptr + row, tl.where(is_ignored, 0.0, row_max))

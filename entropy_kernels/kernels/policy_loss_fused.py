@@ -1,0 +1,134 @@
+"""Policy loss with the gradient produced in the forward pass.
+
+When advantages and old log-probs are inputs, ``d loss / d logits`` depends on nothing but the
+row itself: one pass gives log-prob and entropy, the per-token surrogate derivative follows in
+registers, and a second pass over the same row (served from cache) writes ``dlogits``. DRAM
+traffic is one read of the logits and one write of the gradient; with ``inplace_backward`` the
+gradient overwrites the logits in place.
+
+``loss_weight`` is ``d loss / d per_token_loss`` (the aggregation's weight of each token, mask
+included), computed on ``[B, T]`` by the launcher. The derivative of the surrogate follows
+PyTorch's autograd conventions exactly, so the fused and unfused paths agree: ``clamp`` passes
+the gradient on its closed interval, ``maximum`` / ``minimum`` split it evenly on ties.
+"""
+
+import triton
+import triton.language as tl
+
+from .scoring_bwd import write_row_gradient
+from .scoring_fwd import row_statistics, token_logprob
+
+
+@triton.jit
+def _max_gradient(a, b, grad_a, grad_b):
+    """Gradient of ``maximum(a, b)`` as PyTorch defines it (half to each on a tie)."""
+    return tl.where(a > b, grad_a, tl.where(a < b, grad_b, 0.5 * (grad_a + grad_b)))
+
+
+@triton.heuristics(
+    {
+        "HAS_OLD_LOGPROBS": lambda args: args["old_logprobs_ptr"] is not None,
+        "HAS_REF_LOGPROBS": lambda args: args["ref_logprobs_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["n_inner", "ignore_index"])
+def policy_loss_fused_kernel(
+    # pointers
+    grad_logits_ptr,
+    logits_ptr,
+    tokens_ptr,
+    advantages_ptr,
+    loss_weight_ptr,
+    old_logprobs_ptr,
+    ref_logprobs_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    # shapes
+    n_inner,
+    vocab_size,
+    # strides (in elements)
+    logits_stride_outer,
+    logits_stride_inner,
+    grad_stride_outer,
+    grad_stride_inner,
+    tokens_stride_outer,
+    tokens_stride_inner,
+    # constants
+    inv_temperature,
+    ignore_index,
+    clip_low,
+    clip_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    log_ratio_limit,
+    BLOCK_V: tl.constexpr,
+    HAS_DUAL_CLIP: tl.constexpr,
+    HAS_OLD_LOGPROBS: tl.constexpr,
+    HAS_REF_LOGPROBS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
+    grad_row_ptr = grad_logits_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+    token = tl.load(tokens_ptr + outer * tokens_stride_outer + inner * tokens_stride_inner)
+    token = token.to(tl.int64)
+    is_ignored = token == ignore_index
+    n_cols = tl.where(is_ignored, 0, vocab_size)
+
+    row_max, log_norm, entropy = row_statistics(
+        row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V
+    )
+    logprob = token_logprob(
+        row_ptr, token, vocab_size, ignore_index, inv_temperature, row_max, log_norm
+    )
+    logprob = tl.where(is_ignored, 0.0, logprob)
+    entropy = tl.where(is_ignored, 0.0, entropy)
+    tl.store(logprobs_ptr + row, logprob)
+    tl.store(entropy_ptr + row, entropy)
+
+    advantage = tl.load(advantages_ptr + row)
+    weight = tl.load(loss_weight_ptr + row)
+    old_logprob = logprob
+    if HAS_OLD_LOGPROBS:
+        old_logprob = tl.load(old_logprobs_ptr + row)
+    # ratio = exp(clamp(logp - old)); d ratio / d logp = ratio inside the clamp, else 0.
+    log_ratio = logprob - old_logprob
+    in_clamp = (log_ratio >= -log_ratio_limit) & (log_ratio <= log_ratio_limit)
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -log_ratio_limit), log_ratio_limit))
+    grad_ratio = tl.where(in_clamp, ratio, 0.0)
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    in_clip = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
+    unclipped = -advantage * ratio
+    clipped = -advantage * clipped_ratio
+    grad_unclipped = -advantage * grad_ratio
+    grad_clipped = tl.where(in_clip, grad_unclipped, 0.0)
+    grad_pg = _max_gradient(unclipped, clipped, grad_unclipped, grad_clipped)
+    if HAS_DUAL_CLIP:
+        pg = tl.maximum(unclipped, clipped)
+        bound = -advantage * dual_clip
+        grad_bounded = _max_gradient(-pg, -bound, grad_pg, 0.0)
+        grad_pg = tl.where(advantage < 0, grad_bounded, grad_pg)
+    grad_logprob = grad_pg
+    if HAS_REF_LOGPROBS:
+        # d/dlogp of the k3 term exp(ref - logp) - (ref - logp) - 1.
+        ref_minus_logp = tl.load(ref_logprobs_ptr + row) - logprob
+        grad_logprob += kl_coef * (1.0 - tl.exp(ref_minus_logp))
+    grad_logprob = weight * grad_logprob
+    grad_entropy = -entropy_coef * weight
+
+    write_row_gradient(
+        grad_row_ptr,
+        row_ptr,
+        n_cols,
+        vocab_size,
+        token,
+        row_max,
+        log_norm,
+        entropy,
+        grad_logprob * inv_temperature,
+        grad_entropy * inv_temperature,
+        inv_temperature,
+        BLOCK_V,
+    )
