@@ -17,6 +17,7 @@ from ._validation import (
     check_token_range,
     resolve_backend,
 )
+from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
 from .scoring import ScoringOptions, score
 
 AGGREGATIONS = (
@@ -25,8 +26,6 @@ AGGREGATIONS = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
-# The log-ratio is clamped like verl and OpenRLHF do, so the ratio stays finite.
-LOG_RATIO_LIMIT = 20.0
 
 
 @dataclass
@@ -178,83 +177,59 @@ class _LossWithGradient(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad_logits,) = ctx.saved_tensors
         # loss.backward() passes exactly 1: then the stored gradient is final, no second pass.
-        if bool(grad_loss == 1):
+        # (Under torch.compile that check would be data-dependent: always scale there.)
+        if not torch.compiler.is_compiling() and bool(grad_loss == 1):
             return None, grad_logits, None
         return None, grad_logits * grad_loss.to(grad_logits.dtype), None
 
 
 def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Tensor:
-    """``d loss / d per_token_loss`` of the aggregation, ``[B, T]`` (autograd of ``_aggregate``)."""
-    per_token = torch.zeros_like(weights, requires_grad=True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(_aggregate(per_token, weights, options), per_token)
-    return grad
+    """``d loss / d per_token_loss`` of :func:`_aggregate`, ``[B, T]``, in closed form."""
+    tiny = torch.finfo(torch.float32).tiny
+    if options.aggregation == "token-mean":
+        denominator = weights.sum() if options.normalizer is None else options.normalizer
+        return weights / torch.as_tensor(denominator, device=weights.device).clamp_min(tiny)
+    tokens_per_seq = weights.sum(-1, keepdim=True)
+    seq_active = (tokens_per_seq > 0).float()
+    scale = seq_active / seq_active.sum().clamp_min(1.0)
+    if options.aggregation == "seq-mean-token-mean":
+        scale = scale / tokens_per_seq.clamp_min(tiny)
+    elif options.aggregation == "seq-mean-token-sum-norm":
+        scale = scale / (weights.shape[-1] if options.normalizer is None else options.normalizer)
+    return weights * scale
 
 
 def _fused_policy_loss(
     logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
 ):
     """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together."""
-    from .kernels.policy_loss_fused import policy_loss_fused_kernel
-    from .scoring import RowLayout, row_layouts, triton_block_v
-
     weights = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
-    loss_weight = aggregation_weights(weights, options).contiguous()
     token_advantages = advantages.float()
     if token_advantages.dim() == 1:
         token_advantages = token_advantages.unsqueeze(-1)
-    token_advantages = token_advantages.expand(tokens.shape).contiguous()
-    use_kl = ref_logprobs is not None and options.kl_coef != 0.0
 
     def as_float(tensor):
         return None if tensor is None else tensor.float().contiguous()
 
-    source, token_view, logits_layout, tokens_layout = row_layouts(logits.detach(), tokens)
-    vocab_size = source.shape[-1]
-    if scoring.inplace_backward:
-        grad_logits, grad_layout = source, logits_layout
+    args = (
+        tokens,
+        token_advantages.expand(tokens.shape).contiguous(),
+        aggregation_weights(weights, options).contiguous(),
+        as_float(old_logprobs),
+        as_float(ref_logprobs) if options.kl_coef != 0.0 else None,
+        scoring.temperature,
+        scoring.ignore_index,
+        float(options.clip_low),
+        float(options.clip_high),
+        None if options.dual_clip is None else float(options.dual_clip),
+        float(options.kl_coef),
+        float(options.entropy_coef),
+    )
+    if scoring.inplace_backward and not torch.compiler.is_compiling():
+        logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
+        grad_logits = logits.detach()
     else:
-        grad_logits = torch.empty(source.shape, dtype=source.dtype, device=source.device)
-        grad_layout = RowLayout(
-            logits_layout.n_outer,
-            logits_layout.n_inner,
-            logits_layout.n_inner * vocab_size,
-            vocab_size,
-        )
-    logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
-    entropy = torch.empty_like(logprobs)
-    if logits_layout.n_rows > 0:
-        block_v, num_warps = triton_block_v(vocab_size, source.device)
-        policy_loss_fused_kernel[(logits_layout.n_rows,)](
-            grad_logits,
-            source,
-            token_view,
-            token_advantages,
-            loss_weight,
-            as_float(old_logprobs),
-            as_float(ref_logprobs) if use_kl else None,
-            logprobs,
-            entropy,
-            logits_layout.n_inner,
-            vocab_size,
-            logits_layout.stride_outer,
-            logits_layout.stride_inner,
-            grad_layout.stride_outer,
-            grad_layout.stride_inner,
-            tokens_layout.stride_outer,
-            tokens_layout.stride_inner,
-            1.0 / scoring.temperature,
-            scoring.ignore_index,
-            options.clip_low,
-            options.clip_high,
-            float(options.dual_clip or 0.0),
-            float(options.kl_coef),
-            float(options.entropy_coef),
-            LOG_RATIO_LIMIT,
-            BLOCK_V=block_v,
-            HAS_DUAL_CLIP=options.dual_clip is not None,
-            num_warps=num_warps,
-        )
+        logprobs, entropy, grad_logits = policy_loss_fused(logits.detach(), *args)
     with torch.no_grad():
         out = loss_from_logprobs(
             logprobs,
@@ -265,7 +240,7 @@ def _fused_policy_loss(
             ref_logprobs=ref_logprobs,
             options=options,
         )
-    loss = _LossWithGradient.apply(out.loss, logits, grad_logits.view(logits.shape))
+    loss = _LossWithGradient.apply(out.loss, logits, grad_logits)
     return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
 
 

@@ -11,10 +11,9 @@ Both read the logits through two leading strides (:class:`RowLayout`), so views 
 ``logits[:, :-1]`` are used in place.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -291,63 +290,155 @@ def _torch_backward(
 # Autograd
 
 
-class ScoringFunction(torch.autograd.Function):
-    """``(logits, tokens, options) -> (logprobs, entropy)``, both differentiable."""
+# The ops are torch.library custom ops so that torch.compile treats them as opaque nodes with
+# known shapes (no graph break), and so that the autograd formula lives beside them.
 
-    @staticmethod
-    def forward(ctx, logits, tokens, options: ScoringOptions):
-        logits, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
-        forward = _triton_forward if options.backend == "triton" else _torch_forward
-        logprobs, entropy, normaliser = forward(
-            logits, tokens, logits_layout, tokens_layout, options
-        )
-        ctx.save_for_backward(logits, tokens, normaliser, entropy)
-        ctx.layouts = (logits_layout, tokens_layout)
-        ctx.options = options
-        ctx.set_materialize_grads(False)
-        shape = tokens.shape
-        return logprobs.view(shape), entropy.view(shape)
 
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
-            return None, None, None
-        logits, tokens, normaliser, entropy = ctx.saved_tensors
-        logits_layout, tokens_layout = ctx.layouts
-        options: ScoringOptions = ctx.options
-        if options.inplace_backward:
-            grad_logits, grad_layout = logits, logits_layout
-        else:
-            grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            vocab_size = logits.shape[-1]
-            grad_layout = RowLayout(
-                logits_layout.n_outer,
-                logits_layout.n_inner,
-                logits_layout.n_inner * vocab_size,
-                vocab_size,
-            )
+def contiguous_layout(layout: RowLayout, vocab_size: int) -> RowLayout:
+    """The layout of a freshly allocated contiguous ``[..., V]`` tensor over the same rows."""
+    return RowLayout(layout.n_outer, layout.n_inner, layout.n_inner * vocab_size, vocab_size)
 
-        def flat(grad):
-            return None if grad is None else grad.reshape(-1).float().contiguous()
 
-        backward = _triton_backward if options.backend == "triton" else _torch_backward
-        backward(
-            grad_logits,
-            logits,
-            tokens,
-            (logits_layout, grad_layout, tokens_layout),
-            normaliser,
-            entropy,
-            flat(grad_logprobs),
-            flat(grad_entropy),
-            options,
-        )
-        return grad_logits, None, None
+@torch.library.custom_op("entropy_kernels::scoring_forward", mutates_args=())
+def scoring_forward(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs, entropy, normaliser [2, rows])``; ``inplace_backward`` is for the backward."""
+    options = ScoringOptions(temperature, ignore_index, backend, inplace_backward)
+    logits, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    forward = _triton_forward if backend == "triton" else _torch_forward
+    logprobs, entropy, normaliser = forward(logits, tokens, logits_layout, tokens_layout, options)
+    return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser
+
+
+@scoring_forward.register_fake
+def _(logits, tokens, temperature, ignore_index, backend, inplace_backward):
+    vector = tokens.new_empty(tokens.shape, dtype=torch.float32)
+    return (
+        vector,
+        torch.empty_like(vector),
+        tokens.new_empty((2, tokens.numel()), dtype=torch.float32),
+    )
+
+
+def _run_backward(
+    target, logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, options
+):
+    """Write ``dlogits`` into ``target`` (None: a new contiguous tensor); returns it."""
+    source, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    vocab_size = source.shape[-1]
+    if target is None:
+        target = torch.empty(source.shape, dtype=source.dtype, device=source.device)
+        grad_layout = contiguous_layout(logits_layout, vocab_size)
+    else:
+        grad_layout = logits_layout
+
+    def flat(grad):
+        return None if grad is None else grad.reshape(-1).float().contiguous()
+
+    backward = _triton_backward if options.backend == "triton" else _torch_backward
+    backward(
+        target,
+        source,
+        tokens,
+        (logits_layout, grad_layout, tokens_layout),
+        normaliser,
+        entropy,
+        flat(grad_logprobs),
+        flat(grad_entropy),
+        options,
+    )
+    return target
+
+
+@torch.library.custom_op("entropy_kernels::scoring_backward", mutates_args=())
+def scoring_backward(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    normaliser: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """``dlogits`` in a new contiguous tensor of the logits' dtype."""
+    options = ScoringOptions(temperature, ignore_index, backend)
+    return _run_backward(
+        None, logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, options
+    )
+
+
+@scoring_backward.register_fake
+def _(logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, *options):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("entropy_kernels::scoring_backward_", mutates_args=("logits",))
+def scoring_backward_(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    normaliser: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    """``dlogits`` written over the logits themselves."""
+    options = ScoringOptions(temperature, ignore_index, backend)
+    source = row_layouts(logits, tokens)[0]
+    grad = _run_backward(
+        source, logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, options
+    )
+    if grad is not logits:  # the rare layout that needed a contiguous copy
+        logits.copy_(grad)
+
+
+def _setup_scoring_context(ctx, inputs, output):
+    logits, tokens, temperature, ignore_index, backend, inplace_backward = inputs
+    _, entropy, normaliser = output
+    ctx.save_for_backward(logits, tokens, normaliser, entropy)
+    ctx.options = ScoringOptions(temperature, ignore_index, backend, inplace_backward)
+
+
+def _scoring_autograd(ctx, grad_logprobs, grad_entropy, _grad_normaliser):
+    if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
+        return None, None, None, None, None, None
+    logits, tokens, normaliser, entropy = ctx.saved_tensors
+    options: ScoringOptions = ctx.options
+    args = (tokens, normaliser, entropy, grad_logprobs, grad_entropy)
+    consts = (options.temperature, options.ignore_index, options.backend)
+    # Under torch.compile the in-place variant would be functionalised into a copy anyway.
+    if options.inplace_backward and not torch.compiler.is_compiling():
+        scoring_backward_(logits, *args, *consts)
+        grad_logits = logits
+    else:
+        grad_logits = scoring_backward(logits, *args, *consts)
+    return grad_logits, None, None, None, None, None
+
+
+scoring_forward.register_autograd(_scoring_autograd, setup_context=_setup_scoring_context)
 
 
 def score(logits: torch.Tensor, tokens: torch.Tensor, options: ScoringOptions):
     """Differentiable ``(logprobs, entropy)`` for already-validated arguments."""
-    return ScoringFunction.apply(logits, tokens, options)
+    logprobs, entropy, _ = scoring_forward(
+        logits,
+        tokens,
+        options.temperature,
+        options.ignore_index,
+        options.backend,
+        options.inplace_backward,
+    )
+    return logprobs, entropy
 
 
 def logprobs_and_entropy(

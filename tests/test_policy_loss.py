@@ -331,3 +331,20 @@ def test_no_grad_triton_path_scores_without_gradient():
     want = reference.policy_loss(logits.double(), tokens, adv, mask, old_logprobs=old)
     torch.testing.assert_close(out.loss.double(), want.loss, **VALUE_TOL)
     assert not out.loss.requires_grad
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_closed_form_aggregation_weights_are_the_gradient(aggregation):
+    """The fused kernel's per-token weights equal autograd of the aggregation itself."""
+    from entropy_kernels.policy_loss import LossOptions, _aggregate, aggregation_weights
+
+    generator = torch.Generator().manual_seed(12)
+    weights = (torch.rand(5, 7, generator=generator) > 0.4).float()
+    weights[2] = 0  # an empty sequence
+    weights[3] *= 0.5  # float weights
+    normalizer = 9.0 if aggregation in ("token-mean", "seq-mean-token-sum-norm") else None
+    for norm in {None, normalizer}:
+        options = LossOptions(aggregation=aggregation, normalizer=norm)
+        per_token = torch.randn(5, 7, generator=generator, requires_grad=True)
+        (want,) = torch.autograd.grad(_aggregate(per_token, weights, options), per_token)
+        torch.testing.assert_close(aggregation_weights(weights, options), want)
