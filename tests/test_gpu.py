@@ -134,3 +134,27 @@ def test_inplace_backward_allocates_no_logits_sized_buffer():
             assert extra < 0.1 * logits_bytes, f"inplace peak {peak} has a logits-sized buffer"
         else:
             assert extra >= 0.9 * logits_bytes, "the non-inplace gradient must be a new buffer"
+
+
+def test_new_batch_shapes_do_not_recompile():
+    """B and T are runtime values: after the first call, other shapes reuse the same binary."""
+    from entropy_kernels.kernels.scoring_fwd import scoring_fwd_kernel
+
+    caches = getattr(scoring_fwd_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton version does not expose its kernel cache")
+
+    def compiled_variants():
+        return sum(len(entry[0]) for entry in caches.values())
+
+    vocab = 151_936
+    ek.logprobs_and_entropy(
+        torch.randn(2, 100, vocab, device="cuda", dtype=torch.bfloat16),
+        torch.randint(0, vocab, (2, 100), device="cuda"),
+    )
+    before = compiled_variants()
+    for batch, seq in [(3, 37), (1, 513), (8, 1), (5, 64)]:
+        logits = torch.randn(batch, seq + 1, vocab, device="cuda", dtype=torch.bfloat16)
+        tokens = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
+        ek.logprobs_and_entropy(logits[:, :-1], tokens[:, 1:])
+    assert compiled_variants() == before

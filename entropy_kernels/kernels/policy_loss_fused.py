@@ -31,7 +31,10 @@ def _max_gradient(a, b, grad_a, grad_b):
         "HAS_REF_LOGPROBS": lambda args: args["ref_logprobs_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["n_inner", "ignore_index"])
+# Shapes that follow B and T are not specialised, so new batch shapes never recompile.
+@triton.jit(
+    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"]
+)
 def policy_loss_fused_kernel(
     # pointers
     grad_logits_ptr,

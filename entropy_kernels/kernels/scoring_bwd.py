@@ -55,7 +55,10 @@ def write_row_gradient(
         "HAS_GRAD_ENTROPY": lambda args: args["grad_entropy_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["n_inner", "ignore_index"])
+# Shapes that follow B and T are not specialised, so new batch shapes never recompile.
+@triton.jit(
+    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"]
+)
 def scoring_bwd_kernel(
     # pointers
     grad_logits_ptr,

@@ -61,7 +61,10 @@ def token_logprob(row_ptr, token, vocab_size, ignore_index, inv_temperature, row
     return (logit.to(tl.float32) * inv_temperature - row_max) - log_norm
 
 
-@triton.jit(do_not_specialize=["n_inner", "ignore_index"])
+# Shapes that follow B and T are not specialised, so new batch shapes never recompile.
+@triton.jit(
+    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"]
+)
 def scoring_fwd_kernel(
     # pointers
     logits_ptr,
