@@ -62,6 +62,11 @@ def check_against_truth(logits, tokens, *, backend, strided=False, **kwargs):
 
     torch.testing.assert_close(logp.double(), want_logp, **VALUE_TOL)
     torch.testing.assert_close(entropy.double(), want_entropy, **VALUE_TOL)
+    # The same-dtype reference (float32 arithmetic, materialised softmax) meets the same bar.
+    same_logp, same_entropy = reference.logprobs_and_entropy(view.detach(), token_view, **kwargs)
+    assert same_logp.dtype == torch.float32
+    torch.testing.assert_close(logp, same_logp, **VALUE_TOL)
+    torch.testing.assert_close(entropy, same_entropy, **VALUE_TOL)
     assert grad.dtype == logits.dtype
     torch.testing.assert_close(
         grad.float(), want_grad.to(logits.dtype).float(), **ROUNDED_GRAD_TOL[logits.dtype]
