@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._validation import (
     check_companion,
@@ -68,7 +69,13 @@ class LossOptions:
                     "normalizer applies to aggregation 'token-mean' or 'seq-mean-token-sum-norm', "
                     f"not {self.aggregation!r}"
                 )
-            if not isinstance(self.normalizer, torch.Tensor):
+            if isinstance(self.normalizer, torch.Tensor):
+                if self.normalizer.numel() != 1:
+                    raise ValueError(
+                        "normalizer must be a number or a one-element tensor, got shape "
+                        f"{tuple(self.normalizer.shape)}"
+                    )
+            else:
                 check_positive_float("normalizer", self.normalizer)
 
 
@@ -81,8 +88,9 @@ def _aggregate(per_token: torch.Tensor, weights: torch.Tensor, options: LossOpti
     tiny = torch.finfo(torch.float32).tiny
     weighted = per_token * weights
     if options.aggregation == "token-mean":
-        denominator = weights.sum() if options.normalizer is None else options.normalizer
-        return weighted.sum() / torch.as_tensor(denominator, device=weights.device).clamp_min(tiny)
+        if options.normalizer is None:
+            return weighted.sum() / weights.sum().clamp_min(tiny)
+        return weighted.sum() / options.normalizer
     tokens_per_seq = weights.sum(-1)
     seq_active = (tokens_per_seq > 0).float()
     n_seqs = seq_active.sum().clamp_min(1.0)
@@ -91,9 +99,13 @@ def _aggregate(per_token: torch.Tensor, weights: torch.Tensor, options: LossOpti
         return (seq_sum / tokens_per_seq.clamp_min(tiny) * seq_active).sum() / n_seqs
     loss = (seq_sum * seq_active).sum() / n_seqs
     if options.aggregation == "seq-mean-token-sum-norm":
-        normalizer = per_token.shape[-1] if options.normalizer is None else options.normalizer
-        loss = loss / normalizer
+        loss = loss / _length_normalizer(per_token.shape[-1], options)
     return loss
+
+
+def _length_normalizer(seq_len: int, options: LossOptions):
+    """``T`` (at least 1, so an empty batch stays 0) or the user's normalizer."""
+    return max(seq_len, 1) if options.normalizer is None else options.normalizer
 
 
 def loss_from_logprobs(
@@ -166,36 +178,51 @@ def loss_from_logprobs(
 
 
 class _LossWithGradient(torch.autograd.Function):
-    """Attach a gradient computed in the forward pass to a loss value."""
+    """Attach a gradient computed in the forward pass to a loss value.
+
+    The stored gradient is handed over once (a second backward through the same graph raises):
+    it is scaled in place when the incoming gradient is not 1 (gradient accumulation), with
+    the scale in float32 and one rounding, so no second logits-sized buffer appears.
+    """
 
     @staticmethod
     def forward(ctx, loss, logits, grad_logits):
         ctx.save_for_backward(grad_logits)
+        ctx.consumed = False
         return loss.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         (grad_logits,) = ctx.saved_tensors
-        # loss.backward() passes exactly 1: then the stored gradient is final, no second pass.
-        # (Under torch.compile that check would be data-dependent: always scale there.)
-        if not torch.compiler.is_compiling() and bool(grad_loss == 1):
-            return None, grad_logits, None
-        return None, grad_logits * grad_loss.to(grad_logits.dtype), None
+        if torch.compiler.is_compiling():  # a host read would break the graph: scale there
+            return None, grad_logits * grad_loss, None
+        if ctx.consumed:
+            raise RuntimeError(
+                "policy_loss's fused Triton path computed its gradient in the forward pass and "
+                "it was already used: a second backward needs backend='torch'"
+            )
+        ctx.consumed = True
+        scale = float(grad_loss)
+        if scale != 1.0:
+            grad_logits.mul_(scale)
+        return None, grad_logits, None
 
 
 def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """``d loss / d per_token_loss`` of :func:`_aggregate`, ``[B, T]``, in closed form."""
     tiny = torch.finfo(torch.float32).tiny
     if options.aggregation == "token-mean":
-        denominator = weights.sum() if options.normalizer is None else options.normalizer
-        return weights / torch.as_tensor(denominator, device=weights.device).clamp_min(tiny)
+        if options.normalizer is None:
+            return weights / weights.sum().clamp_min(tiny)
+        return weights / options.normalizer
     tokens_per_seq = weights.sum(-1, keepdim=True)
     seq_active = (tokens_per_seq > 0).float()
     scale = seq_active / seq_active.sum().clamp_min(1.0)
     if options.aggregation == "seq-mean-token-mean":
         scale = scale / tokens_per_seq.clamp_min(tiny)
     elif options.aggregation == "seq-mean-token-sum-norm":
-        scale = scale / (weights.shape[-1] if options.normalizer is None else options.normalizer)
+        scale = scale / _length_normalizer(weights.shape[-1], options)
     return weights * scale
 
 
@@ -242,6 +269,13 @@ def _fused_policy_loss(
         )
     loss = _LossWithGradient.apply(out.loss, logits, grad_logits)
     return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
+
+
+def _without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    kept = tokens != -100
+    if mask is None:
+        return kept
+    return mask & kept if mask.dtype == torch.bool else mask * kept
 
 
 def check_loss_inputs(
@@ -294,7 +328,8 @@ def policy_loss(
         logits: ``[B, T, V]`` float16 / bfloat16 / float32 (or ``[N, V]`` with
             ``aggregation="token-mean"``); vocabulary dimension with unit stride, leading
             dimensions with any strides (``logits[:, :-1]`` is read in place).
-        tokens: ``[B, T]`` integer tokens whose log-probs are scored.
+        tokens: ``[B, T]`` integer tokens whose log-probs are scored; ``-100`` marks ignored
+            positions (never active, zero gradient).
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
         mask: ``[B, T]`` bool or float (weights), None for all active.
         old_logprobs: ``[B, T]`` log-probs of the behaviour policy; None is on-policy
@@ -311,7 +346,8 @@ def policy_loss(
         normalizer: replaces the active-token count (``"token-mean"``) or ``T``
             (``"seq-mean-token-sum-norm"``).
         inplace_backward: the gradient overwrites the logits' storage (saves one ``[B, T, V]``
-            buffer, destroys the caller's logits).
+            buffer, destroys the caller's logits: on the fused Triton path already during the
+            forward call). Logits must then be an op's output, not a leaf requiring grad.
         validate: check token range (one host sync).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
@@ -336,6 +372,13 @@ def policy_loss(
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [B, T, V] or [N, V], got {tuple(logits.shape)}")
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs)
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "inplace_backward=True overwrites logits with their gradient: pass logits produced "
+            "by an operation (e.g. the lm_head), not a leaf tensor that requires grad"
+        )
     backend = resolve_backend(backend, logits.device)
     if validate:
         check_token_range(tokens, logits.shape[-1], -100)
@@ -346,7 +389,12 @@ def policy_loss(
         mask, old_logprobs, ref_logprobs = (
             None if t is None else t.unsqueeze(0) for t in (mask, old_logprobs, ref_logprobs)
         )
-    if backend == "triton" and logits.requires_grad and torch.is_grad_enabled():
+    # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
+    mask = _without_ignored_tokens(mask, tokens)
+    fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
+    # The fused kernel's gradient reaches only the logits.
+    companions = (advantages, old_logprobs, ref_logprobs, normalizer)
+    if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
         out = _fused_policy_loss(
             logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
         )

@@ -197,17 +197,17 @@ def _row_chunks(layout: RowLayout, vocab_size: int):
 
 def _torch_chunk_forward(logits_chunk, tokens_chunk, options: ScoringOptions):
     vocab_size = logits_chunk.shape[-1]
-    z = logits_chunk.float() * (1.0 / options.temperature)
-    # Centred on the row max like the kernel: (z - max) is exact where it matters.
-    row_max = z.amax(-1)
+    x = logits_chunk.float()
+    # Centred on the row max like the kernel: (x - max) is exact where it matters.
+    row_max = x.amax(-1)
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    shifted = z - row_max.unsqueeze(-1)
+    shifted = (x - row_max.unsqueeze(-1)) * (1.0 / options.temperature)
     log_norm = shifted.exp().sum(-1).log()
     logp_all = shifted - log_norm.unsqueeze(-1)
     p = logp_all.exp()
     entropy = -(p * logp_all).masked_fill_(p == 0, 0.0).sum(-1)
     in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
-    index = tokens_chunk.clamp(0, vocab_size - 1).unsqueeze(-1)
+    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
     logprobs = torch.where(in_range, logp_all.gather(-1, index).squeeze(-1), float("nan"))
     ignored = tokens_chunk == options.ignore_index
     return (
@@ -224,14 +224,14 @@ def _torch_chunk_backward(
     inv_temperature = 1.0 / options.temperature
     ignored = tokens_chunk == options.ignore_index
     row_max, log_norm = normaliser.unsqueeze(-1)
-    logp_all = (logits_chunk.float() * inv_temperature - row_max) - log_norm
+    logp_all = (logits_chunk.float() - row_max) * inv_temperature - log_norm
     p = logp_all.exp()
     grad = torch.zeros_like(p)
     if grad_logprobs is not None:
         g = grad_logprobs.masked_fill(ignored, 0.0) * inv_temperature
         grad -= g.unsqueeze(-1) * p
         in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
-        index = tokens_chunk.clamp(0, vocab_size - 1).unsqueeze(-1)
+        index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
         grad.scatter_add_(-1, index, (g * in_range).unsqueeze(-1))
     if grad_entropy is not None:
         g = grad_entropy.masked_fill(ignored, 0.0) * inv_temperature

@@ -348,3 +348,118 @@ def test_closed_form_aggregation_weights_are_the_gradient(aggregation):
         per_token = torch.randn(5, 7, generator=generator, requires_grad=True)
         (want,) = torch.autograd.grad(_aggregate(per_token, weights, options), per_token)
         torch.testing.assert_close(aggregation_weights(weights, options), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_scaled_loss_in_bfloat16(backend, inplace):
+    """loss / 3 (gradient accumulation): the gradient is the reference's / 3, rounded once."""
+    logits, tokens, adv, mask, old, _ = make_batch(2, 4, 300, dtype=torch.bfloat16, seed=13)
+    leaf = logits.clone().requires_grad_()
+    hidden = leaf * 1
+    out = ek.policy_loss(
+        hidden, tokens, adv, mask, old_logprobs=old, inplace_backward=inplace, backend=backend
+    )
+    (out.loss / 3).backward()
+    ref_logits = logits.double().requires_grad_()
+    (reference.policy_loss(ref_logits, tokens, adv, mask, old_logprobs=old).loss / 3).backward()
+    want = ref_logits.grad.to(torch.bfloat16).float()
+    torch.testing.assert_close(leaf.grad.float(), want, **ROUNDED_GRAD_TOL[torch.bfloat16])
+    if inplace:
+        assert torch.equal(hidden.detach(), leaf.grad), "the scaled gradient left the storage"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_entries(backend):
+    """-inf logits (masked vocabulary) through the loss: finite loss, no gradient there."""
+    logits, tokens, adv, mask, old, _ = make_batch(3, 4, 300, seed=14)
+    hole = torch.rand(logits.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    hole.scatter_(-1, tokens.unsqueeze(-1), False)
+    logits = logits.masked_fill(hole, float("-inf"))
+    outputs = run_both(
+        logits,
+        tokens,
+        adv,
+        mask,
+        backend=backend,
+        old_logprobs=old,
+        entropy_coef=0.05,
+        temperature=0.8,
+        dual_clip=2.0,
+    )
+    assert_matches(*outputs)
+    assert torch.all(outputs[1][hole] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_tokens_are_not_active(backend):
+    """Tokens equal to -100 leave every mean, even with mask=None."""
+    logits, tokens, adv, _, old, _ = make_batch(2, 5, 60, seed=15)
+    ignored = torch.zeros(2, 5, dtype=torch.bool)
+    ignored[0, 3:] = True
+    tokens = tokens.masked_fill(ignored, -100)
+    outputs = run_both(logits, tokens, adv, None, backend=backend, old_logprobs=old)
+    assert_matches(*outputs)
+    ours = outputs[0]
+    want_entropy = ours.entropy[~ignored].mean()
+    torch.testing.assert_close(torch.as_tensor(ours.metrics["entropy"]), want_entropy)
+    assert torch.all(outputs[1][ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_length_sequences(backend):
+    x = torch.randn(3, 0, 20, requires_grad=True)
+    for aggregation in AGGREGATIONS:
+        out = ek.policy_loss(
+            x,
+            torch.zeros(3, 0, dtype=torch.long),
+            torch.randn(3),
+            aggregation=aggregation,
+            backend=backend,
+        )
+        assert out.loss.item() == 0.0, aggregation
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_with_gradient(backend):
+    logits, tokens, adv, _, _, _ = make_batch(2, 3, 30)
+    logits[1, 2, 7] = float("nan")
+    x = logits.clone().requires_grad_()
+    out = ek.policy_loss(x, tokens, adv, backend=backend)
+    out.loss.backward()
+    assert torch.isnan(out.loss)
+    assert torch.isnan(x.grad[1, 2]).all()
+
+
+def test_fused_gradient_is_used_once():
+    logits, tokens, adv, _, _, _ = make_batch(2, 3, 30)
+    x = logits.clone().requires_grad_()
+    out = ek.policy_loss(x, tokens, adv, backend="triton")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+
+
+def test_gradient_to_advantages_takes_the_autograd_path():
+    """A tensor option that needs a gradient routes the Triton backend through autograd."""
+    logits, tokens, adv, _, old, _ = make_batch(2, 3, 30)
+    adv = adv.clone().requires_grad_()
+    ek.policy_loss(
+        logits.requires_grad_(), tokens, adv, old_logprobs=old, backend="triton"
+    ).loss.backward()
+    assert adv.grad is not None and torch.isfinite(adv.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_leaves_logits_untouched(backend):
+    """Errors are raised before any kernel runs, even with inplace_backward."""
+    logits, tokens, adv, mask, old, _ = make_batch(2, 3, 10)
+    leaf = logits.clone().requires_grad_()
+    hidden = leaf * 1
+    before = hidden.detach().clone()
+    for bad in (dict(kl_coef=0.1), dict(normalizer=torch.ones(2)), dict(clip_low=2.0)):
+        with pytest.raises(ValueError):
+            ek.policy_loss(hidden, tokens, adv, mask, inplace_backward=True, backend=backend, **bad)
+    assert torch.equal(hidden.detach(), before)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        ek.policy_loss(leaf, tokens, adv, inplace_backward=True, backend=backend)

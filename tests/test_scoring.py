@@ -47,7 +47,7 @@ def truth(logits, tokens, grad_logprobs, grad_entropy, **kwargs):
     return logp, entropy, logits64.grad
 
 
-def check_against_truth(logits, tokens, *, backend, strided=False, **kwargs):
+def check_against_truth(logits, tokens, *, backend, strided=False, same_dtype=True, **kwargs):
     base = logits.clone().requires_grad_()
     view = base[:, :-1] if strided else base
     token_view = tokens[:, 1:] if strided else tokens
@@ -63,10 +63,13 @@ def check_against_truth(logits, tokens, *, backend, strided=False, **kwargs):
     torch.testing.assert_close(logp.double(), want_logp, **VALUE_TOL)
     torch.testing.assert_close(entropy.double(), want_entropy, **VALUE_TOL)
     # The same-dtype reference (float32 arithmetic, materialised softmax) meets the same bar.
-    same_logp, same_entropy = reference.logprobs_and_entropy(view.detach(), token_view, **kwargs)
-    assert same_logp.dtype == torch.float32
-    torch.testing.assert_close(logp, same_logp, **VALUE_TOL)
-    torch.testing.assert_close(entropy, same_entropy, **VALUE_TOL)
+    if same_dtype:
+        same_logp, same_entropy = reference.logprobs_and_entropy(
+            view.detach(), token_view, **kwargs
+        )
+        assert same_logp.dtype == torch.float32
+        torch.testing.assert_close(logp, same_logp, **VALUE_TOL)
+        torch.testing.assert_close(entropy, same_entropy, **VALUE_TOL)
     assert grad.dtype == logits.dtype
     torch.testing.assert_close(
         grad.float(), want_grad.to(logits.dtype).float(), **ROUNDED_GRAD_TOL[logits.dtype]
@@ -214,12 +217,25 @@ def test_uniform_logits_have_entropy_log_v(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_logits_do_not_lose_entropy(backend):
-    """Logits around 1e4 with O(1) spread: the entropy is centred on the max, not cancelled."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_large_logits_do_not_lose_precision(backend, temperature):
+    """Logits around 1e4 with O(1) spread: differences to the row max are taken before the
+    temperature scaling, so nothing cancels (scaling first would lose ~1e-4)."""
     generator = torch.Generator().manual_seed(3)
     logits = 1e4 + torch.randn(3, 300, generator=generator)
     tokens = torch.randint(0, 300, (3,), generator=generator)
-    check_against_truth(logits, tokens, backend=backend)
+    # The float32 reference scales before subtracting and misses by ~4e-4 here: only float64.
+    check_against_truth(logits, tokens, backend=backend, temperature=temperature, same_dtype=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_tokens(backend, dtype):
+    logits = torch.randn(2, 3, 200)
+    tokens = torch.randint(0, 200, (2, 3))
+    want = ek.logprobs_and_entropy(logits, tokens, backend=backend)
+    got = ek.logprobs_and_entropy(logits, tokens.to(dtype), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -33,7 +33,9 @@ def _max_gradient(a, b, grad_a, grad_b):
 )
 # Shapes that follow B and T are not specialised, so new batch shapes never recompile.
 @triton.jit(
-    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"]
+    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"],
+    # Token views such as input_ids[:, 1:] start mid-vector: do not key binaries on alignment.
+    do_not_specialize_on_alignment=["tokens_ptr"],
 )
 def policy_loss_fused_kernel(
     # pointers

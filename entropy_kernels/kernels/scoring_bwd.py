@@ -36,7 +36,7 @@ def write_row_gradient(
     for start in range(0, vocab_size, BLOCK_V):
         offs = start + cols
         x = tl.load(row_ptr + offs, mask=offs < n_cols_read, other=float("-inf"))
-        logp = (x.to(tl.float32) * inv_temperature - row_max) - log_norm
+        logp = (x.to(tl.float32) - row_max) * inv_temperature - log_norm
         p = tl.exp(logp)
         entropy_term = tl.where(p == 0.0, 0.0, p * (logp + entropy))
         grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p
@@ -57,7 +57,9 @@ def write_row_gradient(
 )
 # Shapes that follow B and T are not specialised, so new batch shapes never recompile.
 @triton.jit(
-    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"]
+    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"],
+    # Token views such as input_ids[:, 1:] start mid-vector: do not key binaries on alignment.
+    do_not_specialize_on_alignment=["tokens_ptr"],
 )
 def scoring_bwd_kernel(
     # pointers

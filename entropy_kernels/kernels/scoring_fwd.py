@@ -24,7 +24,9 @@ import triton.language as tl
 def row_statistics(row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V: tl.constexpr):
     """Online pass over ``n_cols`` logits of one row: ``(row_max, log_norm, entropy)``.
 
-    ``log softmax(x)_j = (x_j - row_max) - log_norm``. ``n_cols = 0`` reads nothing.
+    ``log softmax(x / T)_j = (x_j - row_max) / T - log_norm``, with ``row_max`` in logit units:
+    the difference is taken before the scaling, so it stays exact whatever the temperature.
+    ``n_cols = 0`` reads nothing.
     """
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), tl.float32)
@@ -33,17 +35,18 @@ def row_statistics(row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V: tl.con
     for start in range(0, n_cols, BLOCK_V):
         offs = start + cols
         x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
-        x = x.to(tl.float32) * inv_temperature
+        x = x.to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While every logit seen is -inf, centre on 0 instead of m so that no inf - inf appears.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m - shift)
-        recentre = tl.where(m == float("-inf"), 0.0, m - shift)
+        rescale = tl.exp((m - shift) * inv_temperature)
+        recentre = tl.where(m == float("-inf"), 0.0, (m - shift) * inv_temperature)
         w = rescale * (w + recentre * s)
         s = rescale * s
-        p = tl.exp(x - shift)
+        z = (x - shift) * inv_temperature
+        p = tl.exp(z)
         s += p
-        w += tl.where(p == 0.0, 0.0, p * (x - shift))
+        w += tl.where(p == 0.0, 0.0, p * z)
         m = m_new
 
     sum_exp = tl.sum(s, axis=0)
@@ -58,12 +61,14 @@ def token_logprob(row_ptr, token, vocab_size, ignore_index, inv_temperature, row
     """Log-prob of ``token``; an out-of-range token (only with validate=False) is not read: NaN."""
     readable = (token >= 0) & (token < vocab_size) & (token != ignore_index)
     logit = tl.load(row_ptr + token, mask=readable, other=float("nan"))
-    return (logit.to(tl.float32) * inv_temperature - row_max) - log_norm
+    return (logit.to(tl.float32) - row_max) * inv_temperature - log_norm
 
 
 # Shapes that follow B and T are not specialised, so new batch shapes never recompile.
 @triton.jit(
-    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"]
+    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"],
+    # Token views such as input_ids[:, 1:] start mid-vector: do not key binaries on alignment.
+    do_not_specialize_on_alignment=["tokens_ptr"],
 )
 def scoring_fwd_kernel(
     # pointers

@@ -67,8 +67,9 @@ def _inputs(rewards, entropy, mask):
     return rewards, entropy.tolist(), active
 
 
-def gtpo_token_rewards(rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1,
-                       success_threshold=0.0, eps=1e-6) -> torch.Tensor:
+def gtpo_token_rewards(
+    rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1, success_threshold=0.0, eps=1e-6
+) -> torch.Tensor:
     """Eq. 3 (success rows) and Eq. 5 (failure rows): shaped rewards [B, T] float64."""
     rewards, entropy, active = _inputs(rewards, entropy, mask)
     batch, seq_len = len(rewards), len(entropy[0]) if entropy else 0
@@ -89,16 +90,34 @@ def gtpo_token_rewards(rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1
     return torch.tensor(r, dtype=torch.float64).reshape(batch, seq_len)
 
 
-def gtpo_advantages(rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1,
-                    success_threshold=0.0, normalize="separate", scope="batch",
-                    eps=1e-6) -> torch.Tensor:
+def gtpo_advantages(
+    rewards,
+    entropy,
+    mask,
+    groups,
+    *,
+    alpha1=1.0,
+    alpha2=0.1,
+    success_threshold=0.0,
+    normalize="separate",
+    scope="batch",
+    eps=1e-6,
+) -> torch.Tensor:
     """Eq. 6: whiten the shaped rewards over each set's active tokens; [B, T] float64."""
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    r = gtpo_token_rewards(rewards, entropy, mask, groups, alpha1=alpha1, alpha2=alpha2,
-                           success_threshold=success_threshold, eps=eps)
+    r = gtpo_token_rewards(
+        rewards,
+        entropy,
+        mask,
+        groups,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        success_threshold=success_threshold,
+        eps=eps,
+    )
     if normalize == "none":
         return r
     reward_list, _, active = _inputs(rewards, entropy, mask)
@@ -107,8 +126,10 @@ def gtpo_advantages(rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1,
     advantages = torch.zeros_like(r)
     for rows in scopes:
         if normalize == "separate":
-            sets = [[i for i in rows if reward_list[i] > success_threshold],
-                    [i for i in rows if not reward_list[i] > success_threshold]]
+            sets = [
+                [i for i in rows if reward_list[i] > success_threshold],
+                [i for i in rows if not reward_list[i] > success_threshold],
+            ]
         else:
             sets = [rows]
         for set_rows in sets:
@@ -144,8 +165,9 @@ def grpo_advantages(rewards, groups, *, scale="std", eps=1e-6) -> torch.Tensor:
     return _group_zscore(_rewards(rewards), groups, eps, scale == "std")
 
 
-def grpo_s_sequence_rewards(rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1,
-                            success_threshold=0.0, eps=1e-6) -> list[float]:
+def grpo_s_sequence_rewards(
+    rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1, success_threshold=0.0, eps=1e-6
+) -> list[float]:
     """Eq. 8 (sequence-mean entropy) and Eq. 9 (sequence rewards)."""
     rewards, entropy, active = _inputs(rewards, entropy, mask)
     mean_entropy = []
@@ -168,11 +190,20 @@ def grpo_s_sequence_rewards(rewards, entropy, mask, groups, *, beta1=1.0, beta2=
     return r
 
 
-def grpo_s_advantages(rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1,
-                      success_threshold=0.0, eps=1e-6) -> torch.Tensor:
+def grpo_s_advantages(
+    rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1, success_threshold=0.0, eps=1e-6
+) -> torch.Tensor:
     """GRPO-S: the group z-score of the Eq. 9 sequence rewards; [B] float64."""
-    r = grpo_s_sequence_rewards(rewards, entropy, mask, groups, beta1=beta1, beta2=beta2,
-                                success_threshold=success_threshold, eps=eps)
+    r = grpo_s_sequence_rewards(
+        rewards,
+        entropy,
+        mask,
+        groups,
+        beta1=beta1,
+        beta2=beta2,
+        success_threshold=success_threshold,
+        eps=eps,
+    )
     return _group_zscore(r, groups, eps, scale_by_std=True)
 
 
@@ -183,25 +214,35 @@ def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0)
     if adv.dim() == 1:
         adv = adv[:, None].expand(len(rewards), len(entropy[0]))
     metrics = {"success_fraction": _mean([float(r > success_threshold) for r in rewards])}
-    for name, is_member in (("success", lambda r: r > success_threshold),
-                            ("failure", lambda r: not r > success_threshold)):
-        tokens = [(i, t) for i, reward in enumerate(rewards) if is_member(reward)
-                  for t in range(len(entropy[i])) if active[i][t]]
+    for name, is_member in (
+        ("success", lambda r: r > success_threshold),
+        ("failure", lambda r: not r > success_threshold),
+    ):
+        tokens = [
+            (i, t)
+            for i, reward in enumerate(rewards)
+            if is_member(reward)
+            for t in range(len(entropy[i]))
+            if active[i][t]
+        ]
         values = [adv[i, t].item() for i, t in tokens]
         metrics[f"{name}_advantage_mean"] = _mean(values) if values else 0.0
-        metrics[f"{name}_advantage_std"] = (math.sqrt(_unbiased_var(values))
-                                            if len(values) > 1 else 0.0)
+        metrics[f"{name}_advantage_std"] = (
+            math.sqrt(_unbiased_var(values)) if len(values) > 1 else 0.0
+        )
         metrics[f"{name}_entropy"] = _mean([entropy[i][t] for i, t in tokens]) if tokens else 0.0
     return metrics
 
 
-def _policy_loss_with(advantages, logits, tokens, mask, shaping_entropy, rewards,
-                      success_threshold, loss_options):
+def _policy_loss_with(
+    advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold, loss_options
+):
     from .core import policy_loss
 
     out = policy_loss(logits, tokens, advantages, mask, **loss_options)
-    out.metrics.update(advantage_metrics(advantages, rewards, shaping_entropy, mask,
-                                         success_threshold))
+    out.metrics.update(
+        advantage_metrics(advantages, rewards, shaping_entropy, mask, success_threshold)
+    )
     return out
 
 
@@ -213,35 +254,121 @@ def _shaping_entropy(logits, tokens, old_entropy, temperature):
     return logprobs_and_entropy(logits.detach(), tokens, temperature=temperature)[1]
 
 
-def gtpo_loss(logits, tokens, rewards, mask, groups, *, old_logprobs=None, old_entropy=None,
-              ref_logprobs=None, alpha1=1.0, alpha2=0.1, success_threshold=0.0,
-              normalize="separate", scope="batch", eps=1e-6, clip_low=0.2, clip_high=0.28,
-              dual_clip=None, kl_coef=0.0, entropy_coef=0.0, temperature=1.0,
-              aggregation="token-mean", normalizer=None):
+def gtpo_loss(
+    logits,
+    tokens,
+    rewards,
+    mask,
+    groups,
+    *,
+    old_logprobs=None,
+    old_entropy=None,
+    ref_logprobs=None,
+    alpha1=1.0,
+    alpha2=0.1,
+    success_threshold=0.0,
+    normalize="separate",
+    scope="batch",
+    eps=1e-6,
+    clip_low=0.2,
+    clip_high=0.28,
+    dual_clip=None,
+    kl_coef=0.0,
+    entropy_coef=0.0,
+    temperature=1.0,
+    aggregation="token-mean",
+    normalizer=None,
+):
     """Reference GTPO loss: reference `policy_loss` with `gtpo_advantages` (Eq. 6, 7)."""
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
-    advantages = gtpo_advantages(rewards, shaping_entropy, mask, groups, alpha1=alpha1,
-                                 alpha2=alpha2, success_threshold=success_threshold,
-                                 normalize=normalize, scope=scope, eps=eps)
+    advantages = gtpo_advantages(
+        rewards,
+        shaping_entropy,
+        mask,
+        groups,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        success_threshold=success_threshold,
+        normalize=normalize,
+        scope=scope,
+        eps=eps,
+    )
     return _policy_loss_with(
-        advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold,
-        dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, clip_low=clip_low,
-             clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-             entropy_coef=entropy_coef, temperature=temperature, aggregation=aggregation,
-             normalizer=normalizer))
+        advantages,
+        logits,
+        tokens,
+        mask,
+        shaping_entropy,
+        rewards,
+        success_threshold,
+        dict(
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            kl_coef=kl_coef,
+            entropy_coef=entropy_coef,
+            temperature=temperature,
+            aggregation=aggregation,
+            normalizer=normalizer,
+        ),
+    )
 
 
-def grpo_s_loss(logits, tokens, rewards, mask, groups, *, old_logprobs=None, old_entropy=None,
-                ref_logprobs=None, beta1=1.0, beta2=0.1, success_threshold=0.0, eps=1e-6,
-                clip_low=0.2, clip_high=0.28, dual_clip=None, kl_coef=0.0, entropy_coef=0.0,
-                temperature=1.0, aggregation="token-mean", normalizer=None):
+def grpo_s_loss(
+    logits,
+    tokens,
+    rewards,
+    mask,
+    groups,
+    *,
+    old_logprobs=None,
+    old_entropy=None,
+    ref_logprobs=None,
+    beta1=1.0,
+    beta2=0.1,
+    success_threshold=0.0,
+    eps=1e-6,
+    clip_low=0.2,
+    clip_high=0.28,
+    dual_clip=None,
+    kl_coef=0.0,
+    entropy_coef=0.0,
+    temperature=1.0,
+    aggregation="token-mean",
+    normalizer=None,
+):
     """Reference GRPO-S loss: reference `policy_loss` with `grpo_s_advantages` on every token."""
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
-    advantages = grpo_s_advantages(rewards, shaping_entropy, mask, groups, beta1=beta1,
-                                   beta2=beta2, success_threshold=success_threshold, eps=eps)
+    advantages = grpo_s_advantages(
+        rewards,
+        shaping_entropy,
+        mask,
+        groups,
+        beta1=beta1,
+        beta2=beta2,
+        success_threshold=success_threshold,
+        eps=eps,
+    )
     return _policy_loss_with(
-        advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold,
-        dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, clip_low=clip_low,
-             clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-             entropy_coef=entropy_coef, temperature=temperature, aggregation=aggregation,
-             normalizer=normalizer))
+        advantages,
+        logits,
+        tokens,
+        mask,
+        shaping_entropy,
+        rewards,
+        success_threshold,
+        dict(
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            kl_coef=kl_coef,
+            entropy_coef=entropy_coef,
+            temperature=temperature,
+            aggregation=aggregation,
+            normalizer=normalizer,
+        ),
+    )

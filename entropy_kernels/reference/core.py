@@ -52,7 +52,7 @@ def aggregate(per_token, weights, aggregation, normalizer=None):
         return (per_token * weights).sum() * 0
     loss = torch.stack(seq_values).mean()
     if aggregation == "seq-mean-token-sum-norm":
-        loss = loss / (per_token.shape[-1] if normalizer is None else normalizer)
+        loss = loss / (max(per_token.shape[-1], 1) if normalizer is None else normalizer)
     return loss
 
 
@@ -85,6 +85,7 @@ def policy_loss(
         old_logprobs = None if old_logprobs is None else old_logprobs[None]
         ref_logprobs = None if ref_logprobs is None else ref_logprobs[None]
     weights = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+    weights = weights * (tokens != -100)  # ignored tokens are never active
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
@@ -101,7 +102,8 @@ def policy_loss(
     if ref_logprobs is not None:
         delta = ref_logprobs.to(logp.dtype) - logp
         kl = torch.exp(delta) - delta - 1
-        loss_per_token = loss_per_token + kl_coef * kl
+        if kl_coef != 0:
+            loss_per_token = loss_per_token + kl_coef * kl
     loss_per_token = loss_per_token - entropy_coef * entropy
     loss = aggregate(loss_per_token, weights, aggregation, normalizer)
 
