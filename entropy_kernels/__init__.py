@@ -1,6 +1,8 @@
 """Fused Triton kernels for RL-for-LLM policy losses: log-probs, entropy, clipped surrogate,
 and the entropy-weighted advantages of GTPO and GRPO-S (arXiv 2508.04349)."""
 
+from .advantages import grpo_advantages, grpo_s_advantages, gtpo_advantages
+from .gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
 from .modules import PolicyLoss
 from .policy_loss import PolicyLossOutput, policy_loss
 from .scoring import logprobs_and_entropy
@@ -8,8 +10,15 @@ from .scoring import logprobs_and_entropy
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRPOSLoss",
+    "GTPOLoss",
     "PolicyLoss",
     "PolicyLossOutput",
+    "grpo_advantages",
+    "grpo_s_advantages",
+    "grpo_s_loss",
+    "gtpo_advantages",
+    "gtpo_loss",
     "logprobs_and_entropy",
     "policy_loss",
 ]

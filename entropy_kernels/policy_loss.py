@@ -271,7 +271,16 @@ def _fused_policy_loss(
     return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
 
 
-def _without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+def check_inplace_backward(logits: torch.Tensor, inplace_backward: bool) -> None:
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "inplace_backward=True overwrites logits with their gradient: pass logits produced "
+            "by an operation (e.g. the lm_head), not a leaf tensor that requires grad"
+        )
+
+
+def without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """The mask with tokens equal to -100 made inactive."""
     kept = tokens != -100
     if mask is None:
         return kept
@@ -374,11 +383,7 @@ def policy_loss(
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs)
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
-        raise ValueError(
-            "inplace_backward=True overwrites logits with their gradient: pass logits produced "
-            "by an operation (e.g. the lm_head), not a leaf tensor that requires grad"
-        )
+    check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
         check_token_range(tokens, logits.shape[-1], -100)
@@ -390,7 +395,7 @@ def policy_loss(
             None if t is None else t.unsqueeze(0) for t in (mask, old_logprobs, ref_logprobs)
         )
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
-    mask = _without_ignored_tokens(mask, tokens)
+    mask = without_ignored_tokens(mask, tokens)
     fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
     # The fused kernel's gradient reaches only the logits.
     companions = (advantages, old_logprobs, ref_logprobs, normalizer)

@@ -1,7 +1,9 @@
 """Loop-style reference for GRPO, GTPO and GRPO-S (arXiv 2508.04349, Eq. 3, 5, 6, 8, 9).
 
 Written to read like the equations: explicit loops over groups, positions and rows in
-Python floats (float64). Slow; for tests and for reading. Results are float64 tensors.
+Python floats (float64). Slow; for tests and for reading. Results are float64 tensors. The
+signatures are the public ones; `backend`, `validate` and `inplace_backward` are accepted and
+ignored.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import math
 import torch
 
 from ..advantages import GRPO_SCALES, NORMALIZE_MODES, SCOPES, WHITENING_EPS
+from .core import logprobs_and_entropy, policy_loss
 
 __all__ = [
     "grpo_advantages",
     "gtpo_advantages",
     "grpo_s_advantages",
+    "grpo_s_rewards",
     "gtpo_loss",
     "grpo_s_loss",
     "advantage_metrics",
@@ -102,6 +106,7 @@ def gtpo_advantages(
     normalize="separate",
     scope="batch",
     eps=1e-6,
+    backend="auto",
 ) -> torch.Tensor:
     """Eq. 6: whiten the shaped rewards over each set's active tokens; [B, T] float64."""
     if normalize not in NORMALIZE_MODES:
@@ -158,15 +163,15 @@ def _group_zscore(values: list[float], groups, eps: float, scale_by_std: bool) -
     return torch.tensor(advantages, dtype=torch.float64)
 
 
-def grpo_advantages(rewards, groups, *, scale="std", eps=1e-6) -> torch.Tensor:
+def grpo_advantages(rewards, groups, *, scale="std", eps=1e-6, backend="auto") -> torch.Tensor:
     """`(r - mean_g r) / (std_g r + eps)` (unbiased std; only centred if `scale="none"`)."""
     if scale not in GRPO_SCALES:
         raise ValueError(f"scale must be one of {GRPO_SCALES}, got {scale!r}")
     return _group_zscore(_rewards(rewards), groups, eps, scale == "std")
 
 
-def grpo_s_sequence_rewards(
-    rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1, success_threshold=0.0, eps=1e-6
+def _grpo_s_sequence_rewards(
+    rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
 ) -> list[float]:
     """Eq. 8 (sequence-mean entropy) and Eq. 9 (sequence rewards)."""
     rewards, entropy, active = _inputs(rewards, entropy, mask)
@@ -190,19 +195,40 @@ def grpo_s_sequence_rewards(
     return r
 
 
+def grpo_s_rewards(
+    rewards,
+    entropy,
+    mask,
+    groups,
+    *,
+    beta1=1.0,
+    beta2=0.1,
+    success_threshold=0.0,
+    eps=1e-6,
+    backend="auto",
+) -> torch.Tensor:
+    """GRPO-S: the Eq. 9 sequence rewards before the z-score; [B] float64."""
+    r = _grpo_s_sequence_rewards(
+        rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
+    )
+    return torch.tensor(r, dtype=torch.float64)
+
+
 def grpo_s_advantages(
-    rewards, entropy, mask, groups, *, beta1=1.0, beta2=0.1, success_threshold=0.0, eps=1e-6
+    rewards,
+    entropy,
+    mask,
+    groups,
+    *,
+    beta1=1.0,
+    beta2=0.1,
+    success_threshold=0.0,
+    eps=1e-6,
+    backend="auto",
 ) -> torch.Tensor:
     """GRPO-S: the group z-score of the Eq. 9 sequence rewards; [B] float64."""
-    r = grpo_s_sequence_rewards(
-        rewards,
-        entropy,
-        mask,
-        groups,
-        beta1=beta1,
-        beta2=beta2,
-        success_threshold=success_threshold,
-        eps=eps,
+    r = _grpo_s_sequence_rewards(
+        rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     )
     return _group_zscore(r, groups, eps, scale_by_std=True)
 
@@ -237,8 +263,6 @@ def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0)
 def _policy_loss_with(
     advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold, loss_options
 ):
-    from .core import policy_loss
-
     out = policy_loss(logits, tokens, advantages, mask, **loss_options)
     out.metrics.update(
         advantage_metrics(advantages, rewards, shaping_entropy, mask, success_threshold)
@@ -249,8 +273,6 @@ def _policy_loss_with(
 def _shaping_entropy(logits, tokens, old_entropy, temperature):
     if old_entropy is not None:
         return old_entropy.detach()
-    from .core import logprobs_and_entropy
-
     return logprobs_and_entropy(logits.detach(), tokens, temperature=temperature)[1]
 
 
@@ -278,6 +300,9 @@ def gtpo_loss(
     temperature=1.0,
     aggregation="token-mean",
     normalizer=None,
+    inplace_backward=False,
+    validate=True,
+    backend="auto",
 ):
     """Reference GTPO loss: reference `policy_loss` with `gtpo_advantages` (Eq. 6, 7)."""
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
@@ -338,6 +363,9 @@ def grpo_s_loss(
     temperature=1.0,
     aggregation="token-mean",
     normalizer=None,
+    inplace_backward=False,
+    validate=True,
+    backend="auto",
 ):
     """Reference GRPO-S loss: reference `policy_loss` with `grpo_s_advantages` on every token."""
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)

@@ -1,0 +1,485 @@
+"""GRPO, GTPO and GRPO-S advantages (arXiv 2508.04349).
+
+GTPO (Eq. 3, 5, 6) shapes one reward per *token* from the policy entropy of the group's
+success and failure rows; GRPO-S (Eq. 8, 9) shapes one reward per *sequence* from its mean
+entropy; plain GRPO is the baseline both are compared with. All three take `groups` as an
+int `G` (consecutive groups of `G` rows) or an integer id tensor `[B]` (ids need not be
+sorted). Results are float32; entropy is always treated as a constant (detached).
+
+Backends: `"triton"` runs the kernels in `entropy_kernels/kernels/advantage_shaping.py`,
+`"torch"` the vectorised PyTorch version below, `"auto"` picks Triton for CUDA tensors.
+Neither synchronises with the host. The loop-style definitions are in
+`entropy_kernels/reference/advantages.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import resolve_backend
+from .kernels import advantage_shaping as kernels
+
+NORMALIZE_MODES = ("separate", "joint", "none")
+SCOPES = ("batch", "group")
+GRPO_SCALES = ("std", "none")
+# Added to the variance before the square root in the Eq. 6 whitening.
+WHITENING_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where each row's group lives, on the device, without a host synchronisation.
+
+    index: [B] int64, compact group of each row (0 .. number of groups - 1).
+    row_order: [B] int64, the rows sorted by group (stable), so each group is contiguous.
+    start / size: [capacity] int64, each group's first position in `row_order` and its row
+        count; slots past the number of groups have size 0.
+    capacity: an upper bound on the number of groups known without reading the device
+        (`B // G` for an int, `B` for an id tensor).
+    """
+
+    index: torch.Tensor
+    row_order: torch.Tensor
+    start: torch.Tensor
+    size: torch.Tensor
+    capacity: int
+
+
+def check_groups(groups: int | torch.Tensor, batch: int, device: torch.device) -> None:
+    """`groups` must be an int `G` with `batch % G == 0`, or integer ids `[batch]` on `device`."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.Tensor)):
+        raise ValueError(
+            f"groups must be an int G or an integer tensor [{batch}] of group ids, "
+            f"got {type(groups).__name__}"
+        )
+    if isinstance(groups, int):
+        if groups < 1 or batch % groups != 0:
+            raise ValueError(
+                f"groups={groups} must be a positive divisor of the batch size "
+                f"B={batch} (B % G == 0)"
+            )
+        return
+    if groups.dtype == torch.bool or groups.dtype.is_floating_point or groups.is_complex():
+        raise ValueError(f"groups must have an integer dtype, got {groups.dtype}")
+    if groups.shape != (batch,):
+        raise ValueError(
+            f"groups must have shape [{batch}] (one id per row), got {tuple(groups.shape)}"
+        )
+    if groups.device != device:
+        raise ValueError(f"groups must be on {device}, got {groups.device}")
+
+
+def group_layout(groups: int | torch.Tensor, batch: int, device: torch.device) -> GroupLayout:
+    """The device-side layout of `groups` (validated by `check_groups`)."""
+    check_groups(groups, batch, device)
+    if isinstance(groups, int):
+        capacity = batch // groups
+        rows = torch.arange(batch, device=device)
+        return GroupLayout(
+            index=rows // groups,
+            row_order=rows,
+            start=torch.arange(0, batch, groups, device=device),
+            size=torch.full((capacity,), groups, dtype=torch.int64, device=device),
+            capacity=capacity,
+        )
+    sorted_ids, row_order = torch.sort(groups.long(), stable=True)
+    starts_group = torch.ones(batch, dtype=torch.bool, device=device)
+    starts_group[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    sorted_index = torch.cumsum(starts_group, 0) - 1
+    index = torch.empty_like(sorted_index).scatter_(0, row_order, sorted_index)
+    size = torch.zeros(batch, dtype=torch.int64, device=device).index_add_(
+        0, sorted_index, torch.ones_like(sorted_index)
+    )
+    return GroupLayout(
+        index=index,
+        row_order=row_order,
+        start=torch.cumsum(size, 0) - size,
+        size=size,
+        capacity=batch,
+    )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_eps(eps: float) -> None:
+    if not eps >= 0.0 or eps == float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+
+
+def check_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards: [B] real tensor -> detached contiguous float32 [B]."""
+    if not isinstance(rewards, torch.Tensor):
+        raise ValueError(f"rewards must be a tensor [B], got {type(rewards).__name__}")
+    if rewards.dim() != 1 or rewards.is_complex():
+        raise ValueError(
+            f"rewards must be a real tensor [B], got {rewards.dtype} {tuple(rewards.shape)}"
+        )
+    return rewards.detach().to(torch.float32).contiguous()
+
+
+def check_token_inputs(
+    entropy: torch.Tensor,
+    mask: torch.Tensor | None,
+    batch: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """entropy: floating [B, T]; mask: [B, T] bool / number, or None (all active)."""
+    if not isinstance(entropy, torch.Tensor) or not entropy.dtype.is_floating_point:
+        raise ValueError("entropy must be a floating tensor [B, T]")
+    if entropy.dim() != 2 or entropy.shape[0] != batch:
+        raise ValueError(f"entropy must have shape [B={batch}, T], got {tuple(entropy.shape)}")
+    if entropy.device != device:
+        raise ValueError(f"entropy must be on {device} like rewards, got {entropy.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.is_complex():
+            raise ValueError("mask must be a bool or real tensor [B, T], or None")
+        if mask.shape != entropy.shape:
+            raise ValueError(
+                f"mask must have the shape of entropy {tuple(entropy.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(f"mask must be on {device} like rewards, got {mask.device}")
+    return entropy.detach(), mask
+
+
+def _active(mask: torch.Tensor | None, entropy: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(entropy.shape, dtype=torch.bool, device=entropy.device)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _merge_moments(count, mean, m2, dims):
+    """Chan's parallel merge of (count, mean, centred sum of squares) over `dims` (kept)."""
+    total = count.sum(dims, keepdim=True)
+    merged_mean = (count * mean).sum(dims, keepdim=True) / total.clamp_min(1.0)
+    merged_m2 = (m2 + count * (mean - merged_mean) ** 2).sum(dims, keepdim=True)
+    return total, merged_mean, merged_m2
+
+
+def row_whitening(
+    moments: torch.Tensor,
+    layout: GroupLayout,
+    success: torch.Tensor,
+    normalize: str,
+    scope: str,
+    alpha1: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row Eq. 6 whitening of the shaping terms: `A = (s - row_mean) * row_scale`.
+
+    moments: [S, K, 2, 3], (count, mean of s, centred sum of squares of s) per group slot,
+    position block and set (failure, success); `r = s + alpha1` on successes and
+    `s - alpha1` on failures. Returns row_mean, row_scale [B] float32 such that
+    `(s - row_mean) * row_scale == (r - mean) / sqrt(var + 1e-8)` over the row's whitening
+    set (scale 0 for a set with fewer than two active tokens).
+    """
+    count, mean, m2 = moments.unbind(-1)
+    dims = [1, 0] if scope == "batch" else [1]
+    count, mean, m2 = (x[:, 0] for x in _merge_moments(count, mean, m2, dims))  # [S', 2]
+    slot = layout.index if scope == "group" else torch.zeros_like(layout.index)
+    if normalize == "separate":
+        # alpha1 is constant within a set and cancels.
+        which_set = success.long()
+        count, row_mean, m2 = count[slot, which_set], mean[slot, which_set], m2[slot, which_set]
+    else:
+        n_failure, n_success = count.unbind(-1)
+        mean_failure, mean_success = mean.unbind(-1)
+        count = n_failure + n_success
+        total = count.clamp_min(1.0)
+        mean_s = (n_success * mean_success + n_failure * mean_failure) / total
+        # Chan's merge of the two sets: their means of r differ by `gap`.
+        gap = 2.0 * alpha1 + mean_success - mean_failure
+        m2 = m2.sum(-1) + n_success * n_failure / total * gap * gap
+        # base - mean(base) in closed form, exactly 0 when the set holds one kind of row.
+        centred_base = (
+            torch.where(success, 2.0 * alpha1 * n_failure[slot], -2.0 * alpha1 * n_success[slot])
+            / total[slot]
+        )
+        count, row_mean, m2 = count[slot], mean_s[slot] - centred_base, m2[slot]
+    var = m2 / (count - 1.0).clamp_min(1.0)
+    scale = torch.where(count >= 2, torch.rsqrt(var + WHITENING_EPS), torch.zeros_like(var))
+    return row_mean.contiguous(), scale.contiguous()
+
+
+def _torch_shaping_terms(entropy, active, rewards, success, layout, alpha2, eps):
+    """The shaping terms s = r - base of Eq. 3 / 5, with per-(group, position) sums by
+    index_add_ over the compact group index; 0 at inactive positions."""
+    h = torch.where(active, entropy.float(), 0.0)
+    success_active = active & success[:, None]
+    failure_active = active & ~success[:, None]
+    n_success = _group_sum(success_active.float(), layout)
+    sum_h_success = _group_sum(torch.where(success_active, h, 0.0), layout)
+    n_failure = _group_sum(failure_active.float(), layout)
+    sum_inv_failure = _group_sum(torch.where(failure_active, 1.0 / (h + eps), 0.0), layout)
+    success_term = alpha2 * n_success * h / (sum_h_success + eps)
+    failure_term = -(alpha2 * n_failure * (1.0 / (h + eps)) / (sum_inv_failure + eps))
+    s = torch.where(success_active, success_term, torch.where(failure_active, failure_term, 0.0))
+    reward_is_nan = failure_active & torch.isnan(rewards)[:, None]
+    return torch.where(reward_is_nan, rewards[:, None].expand_as(s), s)
+
+
+def _torch_moments(s, active, success, layout):
+    """[S, 1, 2, 3]: (count, mean, centred sum of squares) of s per group and set."""
+    slot_set = layout.index * 2 + success.long()
+
+    def slot_sum(values):
+        sums = torch.zeros(layout.capacity * 2, dtype=torch.float32, device=values.device)
+        return sums.index_add_(0, slot_set, values)
+
+    count = slot_sum(active.sum(1, dtype=torch.float32))
+    mean = slot_sum(torch.where(active, s, 0.0).sum(1)) / count.clamp_min(1.0)
+    centred = torch.where(active, s - mean[slot_set][:, None], 0.0)
+    m2 = slot_sum((centred * centred).sum(1))
+    return torch.stack([count, mean, m2], -1).view(layout.capacity, 1, 2, 3)
+
+
+def gtpo_advantages(
+    rewards: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: int | torch.Tensor,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    success_threshold: float = 0.0,
+    normalize: str = "separate",
+    scope: str = "batch",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GTPO token advantages `[B, T]` float32 (Eq. 3, 5 shaping; Eq. 6 whitening).
+
+    Args:
+        rewards: `[B]` real; row `i` is a success when `rewards[i] > success_threshold`.
+        entropy: `[B, T]` floating, the policy entropy per position (any strides); detached.
+        mask: `[B, T]` bool or number (nonzero = active), or None (all active).
+        groups: int `G` (consecutive groups of `G` rows, `B % G == 0`) or integer ids `[B]`.
+        alpha1, alpha2: Eq. 3 / 5 constants (defaults 1.0, 0.1).
+        success_threshold: default 0.0.
+        normalize: `"separate"` (default; Eq. 6: success and failure tokens whitened as two
+            sets), `"joint"` (one set), or `"none"` (the shaped rewards themselves).
+        scope: `"batch"` (default) or `"group"`: where the whitening statistics are taken.
+        eps: guards every division of Eq. 3 / 5 (default 1e-6); the whitening uses
+            `(r - mean) / sqrt(var + 1e-8)` with the unbiased variance.
+        backend: `"auto"` (Triton for CUDA tensors), `"triton"` or `"torch"`.
+
+    Per group and position `t`, with `P_t` / `N_t` the success / failure rows active at `t`
+    (`d_t`, `h_t` their counts): successes get
+    `a1 + a2 * d_t * H / (sum_{P_t} H + eps)`, failures
+    `-a1 - a2 * h_t * (1/(H+eps)) / (sum_{N_t} 1/(H+eps) + eps)`. A whitening set with fewer
+    than two active tokens gives 0; inactive positions are exactly 0. Under
+    `normalize="separate"` the alphas cancel: alpha1 shifts each set by a constant (exactly
+    removed), alpha2 scales it (removed up to the 1e-8 under the square root, i.e. unless a
+    set's variance is ~1e-8). A NaN reward or entropy propagates to the affected outputs.
+    """
+    rewards = check_rewards(rewards)
+    batch, device = rewards.shape[0], rewards.device
+    entropy, mask = check_token_inputs(entropy, mask, batch, device)
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    _check_choice("scope", scope, SCOPES)
+    check_eps(eps)
+    layout = group_layout(groups, batch, device)
+    backend = resolve_backend(backend, device)
+    success = rewards > success_threshold
+    whiten = normalize != "none"
+
+    if backend == "triton":
+        values, moments = kernels.gtpo_token_rewards(
+            entropy,
+            mask,
+            rewards,
+            layout.row_order,
+            layout.start,
+            layout.size,
+            alpha1=alpha1,
+            alpha2=alpha2,
+            success_threshold=success_threshold,
+            eps=eps,
+            with_moments=whiten,
+        )
+        if not whiten:
+            return values
+        row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, alpha1)
+        return kernels.whiten_rows_(values, mask, row_mean, row_scale)
+
+    active = _active(mask, entropy)
+    s = _torch_shaping_terms(entropy, active, rewards, success, layout, alpha2, eps)
+    if not whiten:
+        success_active = active & success[:, None]
+        return torch.where(success_active, alpha1 + s, torch.where(active, -alpha1 + s, 0.0))
+    moments = _torch_moments(s, active, success, layout)
+    row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, alpha1)
+    return torch.where(active, (s - row_mean[:, None]) * row_scale[:, None], 0.0)
+
+
+def _group_sum(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Sum of `values` ([B] or [B, T]) over each row's group, gathered back per row."""
+    sums = torch.zeros(
+        (layout.capacity, *values.shape[1:]), dtype=values.dtype, device=values.device
+    )
+    return sums.index_add_(0, layout.index, values)[layout.index]
+
+
+def _torch_group_zscore(centred, layout, scale_by_std, eps):
+    """`centred / (unbiased group std + eps)` (or `centred` itself); groups of one -> 0.
+
+    `centred` is re-centred first (corrected two-pass), so that the rounding of the mean
+    cancels: a group of equal values gets exactly 0 rather than ulp / eps.
+    """
+    size = _group_sum(torch.ones_like(centred), layout)
+    centred = centred - _group_sum(centred, layout) / size
+    if scale_by_std:
+        std = torch.sqrt(_group_sum(centred * centred, layout) / (size - 1.0).clamp_min(1.0))
+        scaled = centred / (std + eps)
+    else:
+        scaled = centred
+    return torch.where(size >= 2, scaled, centred * 0.0)
+
+
+def grpo_advantages(
+    rewards: torch.Tensor,
+    groups: int | torch.Tensor,
+    *,
+    scale: str = "std",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GRPO advantages `[B]` float32: `(r - mean_g r) / (std_g r + eps)`.
+
+    Args:
+        rewards: `[B]` real.
+        groups: int `G` (consecutive groups, `B % G == 0`) or integer ids `[B]`.
+        scale: `"std"` (default; unbiased group standard deviation) or `"none"` (only centre,
+            Dr. GRPO).
+        eps: default 1e-6.
+        backend: `"auto"` (Triton for CUDA tensors), `"triton"` or `"torch"`.
+
+    A group of one row gets 0.
+    """
+    rewards = check_rewards(rewards)
+    _check_choice("scale", scale, GRPO_SCALES)
+    check_eps(eps)
+    layout = group_layout(groups, rewards.shape[0], rewards.device)
+    if resolve_backend(backend, rewards.device) == "triton":
+        return kernels.group_sequence_advantages(
+            rewards,
+            rewards,
+            layout.row_order,
+            layout.start,
+            layout.size,
+            shape_by_entropy=False,
+            scale_by_std=scale == "std",
+            eps=eps,
+        )
+    size = _group_sum(torch.ones_like(rewards), layout)
+    centred = rewards - _group_sum(rewards, layout) / size
+    return _torch_group_zscore(centred, layout, scale == "std", eps)
+
+
+def grpo_s_advantages(
+    rewards: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: int | torch.Tensor,
+    *,
+    beta1: float = 1.0,
+    beta2: float = 0.1,
+    success_threshold: float = 0.0,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GRPO-S sequence advantages `[B]` float32 (Eq. 8, 9, then the group z-score).
+
+    Args:
+        rewards: `[B]` real; success when `rewards[i] > success_threshold` (default 0.0).
+        entropy: `[B, T]` floating (any strides); detached.
+        mask: `[B, T]` bool or number (nonzero = active), or None (all active).
+        groups: int `G` (consecutive groups, `B % G == 0`) or integer ids `[B]`.
+        beta1, beta2: Eq. 9 constants (defaults 1.0, 0.1).
+        eps: guards the Eq. 9 divisions and the z-score's `std + eps` (default 1e-6).
+        backend: `"auto"` (Triton for CUDA tensors), `"triton"` or `"torch"`.
+
+    `Hbar[i]` is the mean entropy over row `i`'s active positions (Eq. 8; 0 for a row with
+    none). Within a group with `n` success and `m` failure rows, successes get
+    `b1 + b2 * n * Hbar / (sum_success Hbar + eps)`, failures
+    `-b1 - b2 * m * (1/(Hbar+eps)) / (sum_failure 1/(Hbar+eps) + eps)`; the advantage is
+    `(r - mean_g r) / (std_g r + eps)` (unbiased std), 0 for a group of one row. It applies
+    to every active token of the row. A NaN reward or entropy propagates to its group.
+    """
+    return _grpo_s(
+        rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore=True
+    )
+
+
+def grpo_s_rewards(
+    rewards: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: int | torch.Tensor,
+    *,
+    beta1: float = 1.0,
+    beta2: float = 0.1,
+    success_threshold: float = 0.0,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The GRPO-S sequence rewards `r` `[B]` float32 of Eq. 9, before the group z-score.
+
+    Arguments as in :func:`grpo_s_advantages`. Within each group they sum to
+    `(beta1 + beta2) * n` over the success rows and `-(beta1 + beta2) * m` over the failure
+    rows (up to `eps`).
+    """
+    return _grpo_s(
+        rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore=False
+    )
+
+
+def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore):
+    rewards = check_rewards(rewards)
+    batch, device = rewards.shape[0], rewards.device
+    entropy, mask = check_token_inputs(entropy, mask, batch, device)
+    check_eps(eps)
+    layout = group_layout(groups, batch, device)
+    if resolve_backend(backend, device) == "triton":
+        mean_entropy = kernels.sequence_mean_entropy(entropy, mask)
+        return kernels.group_sequence_advantages(
+            mean_entropy,
+            rewards,
+            layout.row_order,
+            layout.start,
+            layout.size,
+            shape_by_entropy=True,
+            scale_by_std=True,
+            zscore=zscore,
+            beta1=beta1,
+            beta2=beta2,
+            success_threshold=success_threshold,
+            eps=eps,
+        )
+
+    active = _active(mask, entropy)
+    mean_entropy = torch.where(active, entropy.float(), 0.0).sum(1) / active.sum(
+        1, dtype=torch.float32
+    ).clamp_min(1.0)
+    success = rewards > success_threshold
+    n_success = _group_sum(success.float(), layout)
+    n_failure = _group_sum((~success).float(), layout)
+    sum_success = _group_sum(torch.where(success, mean_entropy, 0.0), layout)
+    sum_inv_failure = _group_sum(torch.where(success, 0.0, 1.0 / (mean_entropy + eps)), layout)
+    success_term = beta2 * n_success * mean_entropy / (sum_success + eps)
+    failure_term = -(beta2 * n_failure * (1.0 / (mean_entropy + eps)) / (sum_inv_failure + eps))
+    s = torch.where(success, success_term, failure_term)
+    s = torch.where(torch.isnan(rewards), rewards, s)
+    if not zscore:
+        return torch.where(success, beta1 + s, -beta1 + s)
+    # r = base + s with base = +-beta1; base - mean(base) in closed form (exactly 0 in a group
+    # of one kind of row, which keeps the precision of s; see the kernel module).
+    size = n_success + n_failure
+    centred_base = torch.where(success, 2.0 * beta1 * n_failure, -2.0 * beta1 * n_success) / size
+    centred = centred_base + (s - _group_sum(s, layout) / size)
+    return _torch_group_zscore(centred, layout, True, eps)

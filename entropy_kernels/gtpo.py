@@ -1,0 +1,455 @@
+"""One-call GTPO and GRPO-S losses (arXiv 2508.04349) and their `torch.nn.Module` wrappers.
+
+Without `old_entropy`, each call reads the logits once through the scoring op (log-probs and
+entropy), shapes the advantages from that entropy (detached), applies the clipped surrogate
+(Eq. 7) to the log-probs, and the backward reads the logits once more. With `old_entropy`
+(the rollout policy's entropy: the paper's setting) the advantages come first, and on the
+Triton backend the fused kernel of `policy_loss` reads the logits once for loss and gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from ._validation import (
+    check_companion,
+    check_logits_and_tokens,
+    check_positive_float,
+    check_token_range,
+    resolve_backend,
+)
+from .advantages import (
+    NORMALIZE_MODES,
+    SCOPES,
+    check_eps,
+    check_groups,
+    check_rewards,
+    grpo_s_advantages,
+    gtpo_advantages,
+)
+from .policy_loss import (
+    LossOptions,
+    PolicyLossOutput,
+    check_inplace_backward,
+    loss_from_logprobs,
+    policy_loss,
+    without_ignored_tokens,
+)
+from .scoring import ScoringOptions, score
+
+__all__ = [
+    "GTPOShaping",
+    "GRPOSShaping",
+    "gtpo_loss",
+    "grpo_s_loss",
+    "GTPOLoss",
+    "GRPOSLoss",
+    "advantage_metrics",
+]
+
+# The paper's clip-higher bound (DAPO), the default of both one-call losses.
+PAPER_CLIP_HIGH = 0.28
+
+
+@dataclass(frozen=True)
+class GTPOShaping:
+    """Options of :func:`entropy_kernels.gtpo_advantages` (Eq. 3, 5, 6)."""
+
+    alpha1: float = 1.0
+    alpha2: float = 0.1
+    success_threshold: float = 0.0
+    normalize: str = "separate"
+    scope: str = "batch"
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        check_eps(self.eps)
+
+    def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
+        return gtpo_advantages(
+            rewards,
+            entropy,
+            mask,
+            groups,
+            alpha1=self.alpha1,
+            alpha2=self.alpha2,
+            success_threshold=self.success_threshold,
+            normalize=self.normalize,
+            scope=self.scope,
+            eps=self.eps,
+            backend=backend,
+        )
+
+
+@dataclass(frozen=True)
+class GRPOSShaping:
+    """Options of :func:`entropy_kernels.grpo_s_advantages` (Eq. 8, 9)."""
+
+    beta1: float = 1.0
+    beta2: float = 0.1
+    success_threshold: float = 0.0
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        check_eps(self.eps)
+
+    def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
+        return grpo_s_advantages(
+            rewards,
+            entropy,
+            mask,
+            groups,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            success_threshold=self.success_threshold,
+            eps=self.eps,
+            backend=backend,
+        )
+
+
+def advantage_metrics(
+    advantages: torch.Tensor,
+    rewards: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor | None,
+    success_threshold: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Advantage statistics over active tokens, as 0-dim float32 tensors (no host sync).
+
+    advantages: `[B, T]` or `[B]` (one per sequence, counted on each active token);
+    entropy: `[B, T]`, the entropy the advantages were shaped from. Success rows are those
+    with `rewards > success_threshold`, failure rows the others. Returns
+    `success_advantage_mean` / `_std` and `failure_advantage_mean` / `_std` (unbiased std over
+    the set's active tokens), `success_entropy` / `failure_entropy` (mean entropy over the
+    set's active tokens), and `success_fraction` (of rows). A float mask counts its nonzero
+    positions, unweighted. An empty set gives 0.
+    """
+    with torch.no_grad():
+        success = rewards.detach() > success_threshold
+        entropy = entropy.detach().float()
+        active = (
+            torch.ones(entropy.shape, dtype=torch.bool, device=entropy.device)
+            if mask is None
+            else mask != 0
+        )
+        advantages = advantages.detach().float()
+        if advantages.dim() == 1:
+            advantages = advantages[:, None].expand(entropy.shape)
+        metrics = {}
+        for name, rows in (("success", success), ("failure", ~success)):
+            tokens = active & rows[:, None]
+            count = tokens.sum(dtype=torch.float32)
+            size = count.clamp_min(1.0)
+            mean = torch.where(tokens, advantages, 0.0).sum() / size
+            centred = torch.where(tokens, advantages - mean, 0.0)
+            var = (centred * centred).sum() / (count - 1.0).clamp_min(1.0)
+            metrics[f"{name}_advantage_mean"] = mean
+            metrics[f"{name}_advantage_std"] = torch.sqrt(var)
+            metrics[f"{name}_entropy"] = torch.where(tokens, entropy, 0.0).sum() / size
+        metrics["success_fraction"] = success.sum(dtype=torch.float32) / max(success.shape[0], 1)
+    return metrics
+
+
+def _entropy_shaped_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: int | torch.Tensor,
+    *,
+    shaping: GTPOShaping | GRPOSShaping,
+    loss_options: LossOptions,
+    old_logprobs: torch.Tensor | None,
+    old_entropy: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    temperature: float,
+    inplace_backward: bool,
+    validate: bool,
+    backend: str,
+) -> PolicyLossOutput:
+    check_logits_and_tokens(logits, tokens)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
+    check_positive_float("temperature", temperature)
+    shape, device = tuple(tokens.shape), tokens.device
+    rewards_f32 = check_rewards(rewards)
+    if rewards_f32.shape != shape[:1] or rewards.device != device:
+        raise ValueError(
+            f"rewards must have shape {shape[:1]} on {device}, got "
+            f"{tuple(rewards.shape)} on {rewards.device}"
+        )
+    check_groups(groups, shape[0], device)
+    check_companion("mask", mask, shape, device)
+    check_companion("old_logprobs", old_logprobs, shape, device)
+    check_companion("old_entropy", old_entropy, shape, device)
+    check_companion("ref_logprobs", ref_logprobs, shape, device)
+    if loss_options.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    check_inplace_backward(logits, inplace_backward)
+    backend = resolve_backend(backend, logits.device)
+    if validate:
+        check_token_range(tokens, logits.shape[-1], -100)
+    # Tokens equal to -100 are inactive for the shaping as for the loss.
+    mask = without_ignored_tokens(mask, tokens)
+
+    if old_entropy is not None:
+        # The advantages need no pass over the logits: policy_loss reads them once (on Triton
+        # its fused kernel also writes the gradient in that pass).
+        shaping_entropy = old_entropy.detach()
+        advantages = shaping.advantages(rewards_f32, shaping_entropy, mask, groups, backend)
+        out = policy_loss(
+            logits,
+            tokens,
+            advantages,
+            mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            **{field.name: getattr(loss_options, field.name) for field in fields(loss_options)},
+            temperature=temperature,
+            inplace_backward=inplace_backward,
+            validate=False,
+            backend=backend,
+        )
+    else:
+        scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+        logprobs, entropy = score(logits, tokens, scoring)
+        shaping_entropy = (entropy if old_entropy is None else old_entropy).detach()
+        advantages = shaping.advantages(rewards_f32, shaping_entropy, mask, groups, backend)
+        out = loss_from_logprobs(
+            logprobs,
+            entropy,
+            advantages,
+            mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            options=loss_options,
+        )
+    out.metrics.update(
+        advantage_metrics(advantages, rewards_f32, shaping_entropy, mask, shaping.success_threshold)
+    )
+    return out
+
+
+def gtpo_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: int | torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    old_entropy: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    success_threshold: float = 0.0,
+    normalize: str = "separate",
+    scope: str = "batch",
+    eps: float = 1e-6,
+    clip_low: float = 0.2,
+    clip_high: float = PAPER_CLIP_HIGH,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    aggregation: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+) -> PolicyLossOutput:
+    """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
+    clipped surrogate (Eq. 7), in one pass over the logits.
+
+    Args:
+        logits: `[B, T, V]` float16 / bfloat16 / float32 (vocabulary with unit stride).
+        tokens: `[B, T]` integer; rewards: `[B]` real (success when `> success_threshold`).
+        mask: `[B, T]` bool or float (nonzero = active; float values weight the loss), or None.
+        groups: int `G` (consecutive groups of `G` rows, `B % G == 0`) or integer ids `[B]`.
+        old_logprobs: `[B, T]` behaviour-policy log-probs; None is on-policy.
+        old_entropy: `[B, T]` rollout-policy entropy to shape from (the paper's setting);
+            None shapes from this pass's entropy. Either way it is detached.
+        ref_logprobs: `[B, T]`, required when `kl_coef != 0`.
+        alpha1, alpha2, success_threshold, normalize, scope, eps: as in
+            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "separate",
+            "batch", 1e-6). Under `normalize="separate"` the alphas cancel.
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
+        normalizer, inplace_backward, validate, backend: as in
+            :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
+            (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
+
+    Returns:
+        `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
+    """
+    return _entropy_shaped_loss(
+        logits,
+        tokens,
+        rewards,
+        mask,
+        groups,
+        shaping=GTPOShaping(alpha1, alpha2, success_threshold, normalize, scope, eps),
+        loss_options=LossOptions(
+            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+        ),
+        old_logprobs=old_logprobs,
+        old_entropy=old_entropy,
+        ref_logprobs=ref_logprobs,
+        temperature=temperature,
+        inplace_backward=inplace_backward,
+        validate=validate,
+        backend=backend,
+    )
+
+
+def grpo_s_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: int | torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    old_entropy: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta1: float = 1.0,
+    beta2: float = 0.1,
+    success_threshold: float = 0.0,
+    eps: float = 1e-6,
+    clip_low: float = 0.2,
+    clip_high: float = PAPER_CLIP_HIGH,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    aggregation: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+) -> PolicyLossOutput:
+    """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
+    active token of the row, in the clipped surrogate (Eq. 7), in one pass over the logits.
+
+    Args:
+        logits, tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs: as in
+            :func:`gtpo_loss`.
+        beta1, beta2, success_threshold, eps: as in :func:`entropy_kernels.grpo_s_advantages`
+            (defaults 1.0, 0.1, 0.0, 1e-6).
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
+        normalizer, inplace_backward, validate, backend: as in :func:`gtpo_loss`.
+
+    Returns:
+        `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
+    """
+    return _entropy_shaped_loss(
+        logits,
+        tokens,
+        rewards,
+        mask,
+        groups,
+        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps),
+        loss_options=LossOptions(
+            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+        ),
+        old_logprobs=old_logprobs,
+        old_entropy=old_entropy,
+        ref_logprobs=ref_logprobs,
+        temperature=temperature,
+        inplace_backward=inplace_backward,
+        validate=validate,
+        backend=backend,
+    )
+
+
+# Keyword options of the one-call losses that are neither shaping nor surrogate options.
+_CALL_OPTIONS = {"temperature": 1.0, "inplace_backward": False, "validate": True, "backend": "auto"}
+
+
+def _checked_options(shaping_type: type, options: dict) -> dict:
+    """Reject unknown keywords and bad values at construction rather than at the first call."""
+    loss_defaults = {"clip_high": PAPER_CLIP_HIGH}
+    known = (
+        {f.name for f in fields(shaping_type)}
+        | {f.name for f in fields(LossOptions)}
+        | set(_CALL_OPTIONS)
+    )
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown options {unknown}; expected some of {sorted(known)}")
+    shaping_type(**{f.name: options[f.name] for f in fields(shaping_type) if f.name in options})
+    LossOptions(
+        **{
+            **loss_defaults,
+            **{f.name: options[f.name] for f in fields(LossOptions) if f.name in options},
+        }
+    )
+    if "temperature" in options:
+        check_positive_float("temperature", options["temperature"])
+    if "backend" in options:
+        resolve_backend(options["backend"], torch.device("cpu"))
+    return dict(options)
+
+
+class _ShapedLossModule(torch.nn.Module):
+    _loss: Callable[..., PolicyLossOutput]  # the one-call loss, a staticmethod
+
+    def __init__(self, shaping_type: type, **options):
+        super().__init__()
+        self.options = _checked_options(shaping_type, options)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        rewards: torch.Tensor,
+        mask: torch.Tensor | None,
+        groups: int | torch.Tensor,
+        old_logprobs: torch.Tensor | None = None,
+        old_entropy: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+    ) -> PolicyLossOutput:
+        return self._loss(
+            logits,
+            tokens,
+            rewards,
+            mask,
+            groups,
+            old_logprobs=old_logprobs,
+            old_entropy=old_entropy,
+            ref_logprobs=ref_logprobs,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+class GTPOLoss(_ShapedLossModule):
+    """:func:`gtpo_loss` with its keyword options fixed at construction.
+
+    `GTPOLoss(scope="group")(logits, tokens, rewards, mask, groups, old_entropy=h)`
+    """
+
+    _loss = staticmethod(gtpo_loss)
+
+    def __init__(self, **options):
+        super().__init__(GTPOShaping, **options)
+
+
+class GRPOSLoss(_ShapedLossModule):
+    """:func:`grpo_s_loss` with its keyword options fixed at construction.
+
+    `GRPOSLoss(beta2=0.2)(logits, tokens, rewards, mask, groups, old_logprobs=old)`
+    """
+
+    _loss = staticmethod(grpo_s_loss)
+
+    def __init__(self, **options):
+        super().__init__(GRPOSShaping, **options)
