@@ -1,0 +1,404 @@
+"""TRL adapter: ``GRPOTrainer`` with the fused policy loss and GTPO / GRPO-S advantage shaping.
+
+``GTPOTrainer`` replaces two pieces of ``trl.GRPOTrainer`` (tested with TRL 1.16):
+
+- ``_compute_loss``: the model's logits at the completion positions go, as a strided view, into
+  :func:`entropy_kernels.policy_loss`, which computes the clipped surrogate, the k3 KL term and
+  the entropy bonus in one pass over the vocabulary. With ``advantage_shaping="grpo"`` the loss
+  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo`` and
+  ``dr_grpo``, including gradient accumulation and vLLM importance-sampling correction.
+- ``_generate_and_score_completions`` (``"gtpo"`` / ``"grpo_s"`` only): after TRL has generated
+  and rewarded the completions, a no-grad scoring pass of the policy over the generation batch
+  (:func:`entropy_kernels.logprobs_and_entropy`) yields the rollout entropy, and the advantages
+  are reshaped over complete prompt groups, gathered across processes like TRL's rewards.
+
+The scoring pass costs one extra no-grad forward of the policy over every generated sequence
+(prompt + completion), chunked by ``per_device_train_batch_size``, plus one read of the
+completion logits: about a third of the forward + backward of one optimisation pass over the
+same batch. It is not shared with TRL's own old-log-prob pass (run when
+``gradient_accumulation_steps`` is not a multiple of ``steps_per_generation * num_iterations``,
+or with vLLM importance sampling).
+
+TRL 1.16 scores through a chunked fused LM head that never materialises the logits and keeps
+them in float32; this adapter materialises the completion logits ``[B, T + 1, V]`` in the
+model's dtype (the fused op then adds no float32 ``[B, T, V]`` temporary). Under bf16, set
+``cast_lm_head_to_fp32=True`` for logits, hence losses, identical to TRL's.
+
+Not supported (``ValueError`` at construction): ``loss_type`` ``cispo`` / ``sapo`` / ``luspo`` /
+``vespo``, ``importance_sampling_level="sequence"``, ``delta``, ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, ``use_adaptive_entropy``, ``use_bias_correction_kl=True`` with
+``beta != 0``, and the MoE router auxiliary loss (``router_aux_loss_coef != 0`` on a MoE model).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+import entropy_kernels
+
+ADVANTAGE_SHAPINGS = ("gtpo", "grpo_s", "grpo")
+ADVANTAGE_NORMALIZE = ("separate", "joint", "none")
+ADVANTAGE_SCOPES = ("batch", "group")
+
+# TRL loss_type -> policy_loss aggregation (api.md). dapo / bnpo / dr_grpo differ in the normaliser.
+LOSS_TYPE_AGGREGATION = {
+    "dapo": "token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "token-mean",
+    "grpo": "seq-mean-token-mean",
+}
+
+# Model inputs TRL forwards besides input_ids / attention_mask (multimodal models).
+EXTRA_MODEL_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+# Of those, the ones indexed by sequence, so a batch can be scored in row chunks.
+ROW_INDEXED_INPUTS = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "tool_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+)
+
+# policy_loss metrics without meaning here (TRL has no dual clip).
+UNLOGGED_METRICS = ("dual_clip_fraction",)
+# policy_loss metric -> the name GRPOTrainer logs the same quantity under.
+TRL_METRIC_NAMES = {
+    "clip_low_fraction": "clip_ratio/low_mean",
+    "clip_high_fraction": "clip_ratio/high_mean",
+    "clip_fraction": "clip_ratio/region_mean",
+}
+
+
+@dataclass
+class GTPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the advantage shaping of GTPO / GRPO-S (see ``algorithms.md``).
+
+    Everything else has ``GRPOConfig``'s meaning and default, except ``use_bias_correction_kl``,
+    which defaults to ``False`` here (the fused loss uses the plain k3 KL term). Options the fused
+    loss does not implement raise ``ValueError`` here (listed in the module docstring).
+    """
+
+    advantage_shaping: str = field(
+        default="gtpo",
+        metadata={
+            "help": "'gtpo': token-level entropy-shaped advantages (Eq. 3, 5, 6); 'grpo_s': "
+            "sequence-level (Eq. 8, 9); 'grpo': TRL's own advantages, fused loss only."
+        },
+    )
+    gtpo_alpha1: float = field(default=1.0, metadata={"help": "GTPO base reward a1 (Eq. 3, 5)."})
+    gtpo_alpha2: float = field(default=0.1, metadata={"help": "GTPO entropy weight a2 (Eq. 3, 5)."})
+    grpo_s_beta1: float = field(default=1.0, metadata={"help": "GRPO-S base reward b1 (Eq. 9)."})
+    grpo_s_beta2: float = field(default=0.1, metadata={"help": "GRPO-S entropy weight b2 (Eq. 9)."})
+    success_threshold: float = field(
+        default=0.0,
+        metadata={"help": "A completion succeeds when its weighted reward sum exceeds this."},
+    )
+    advantage_normalize: str = field(
+        default="separate",
+        metadata={"help": "GTPO whitening of shaped rewards: 'separate', 'joint' or 'none'."},
+    )
+    advantage_scope: str = field(
+        default="batch",
+        metadata={"help": "Where GTPO's whitening statistics are taken: 'batch' or 'group'."},
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "Not supported by the fused loss; must stay False when beta != 0."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (
+            ("advantage_shaping", ADVANTAGE_SHAPINGS),
+            ("advantage_normalize", ADVANTAGE_NORMALIZE),
+            ("advantage_scope", ADVANTAGE_SCOPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        unsupported = [message for applies, message in _unsupported_options(self) if applies]
+        if unsupported:
+            raise ValueError(
+                "GTPOTrainer's fused loss does not support: " + "; ".join(unsupported) + "."
+            )
+
+
+def _unsupported_options(args: GRPOConfig) -> list[tuple[bool, str]]:
+    return [
+        (
+            args.loss_type not in LOSS_TYPE_AGGREGATION,
+            f"loss_type={args.loss_type!r} (use one of {tuple(LOSS_TYPE_AGGREGATION)})",
+        ),
+        (
+            args.importance_sampling_level != "token",
+            f"importance_sampling_level={args.importance_sampling_level!r} (GSPO; use 'token')",
+        ),
+        (args.delta is not None, "delta (two-sided clipping; leave it None)"),
+        (
+            args.top_entropy_quantile != 1.0,
+            "top_entropy_quantile < 1.0 (high-entropy token mask; leave it 1.0)",
+        ),
+        (
+            args.off_policy_mask_threshold is not None,
+            "off_policy_mask_threshold (off-policy sequence mask; leave it None)",
+        ),
+        (args.use_adaptive_entropy, "use_adaptive_entropy (a static entropy_coef is supported)"),
+        (
+            args.beta != 0.0 and args.use_bias_correction_kl,
+            "use_bias_correction_kl=True with beta != 0 (set use_bias_correction_kl=False)",
+        ),
+    ]
+
+
+class GTPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose loss is :func:`entropy_kernels.policy_loss` and whose advantages are
+    shaped by GTPO / GRPO-S from the rollout entropy (``args.advantage_shaping``).
+
+    Takes the arguments of ``trl.GRPOTrainer``; ``args`` must be a :class:`GTPOConfig`.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: GTPOConfig | None = None, *rest, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = GTPOConfig(f"{name.split('/')[-1] or 'model'}-GTPO")
+        if not isinstance(args, GTPOConfig):
+            raise TypeError(f"GTPOTrainer needs a GTPOConfig, got {type(args).__name__}.")
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "GTPOTrainer's fused loss does not support the MoE router auxiliary loss: set "
+                "router_aux_loss_coef=0.0."
+            )
+        base_model = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        # Models that accept logits_to_keep project only the completion positions through the head.
+        self._accepts_logits_to_keep = (
+            "logits_to_keep" in inspect.signature(type(base_model).forward).parameters
+        )
+        self._rewards_per_func = None
+
+    # The loss ------------------------------------------------------------------------------
+
+    def _completion_logits(self, model, inputs: dict) -> torch.Tensor:
+        """``[B, T, V]`` logits predicting the completion tokens: a strided view, never a copy."""
+        completion_ids = inputs["completion_ids"]
+        logits_to_keep = completion_ids.size(1)
+        model_inputs = {
+            "input_ids": torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            "use_cache": False,
+        }
+        model_inputs.update({k: inputs[k] for k in EXTRA_MODEL_INPUTS if inputs.get(k) is not None})
+        if self._accepts_logits_to_keep:
+            # One more position than the completion: logits at t predict the token at t + 1.
+            model_inputs["logits_to_keep"] = logits_to_keep + 1
+        with self.accelerator.autocast():
+            logits = model(**model_inputs).logits
+        return logits[:, -logits_to_keep - 1 : -1]
+
+    def _compute_loss(self, model, inputs):
+        completion_ids = inputs["completion_ids"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        mask = mask.bool()
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+
+        advantages = inputs["advantages"]
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # TRL scales the surrogate (not the KL term) by the detached, non-negative IS ratio;
+            # the surrogate is positively homogeneous in the advantage: scaling it is exact.
+            per_token = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+            advantages = (per_token * inputs["importance_sampling_ratio"]).expand(mask.shape)
+
+        # TRL's entropy bonus is coef * (mean entropy over active tokens) / accumulation, whatever
+        # the loss type. Under "token-mean" with normaliser N, policy_loss adds
+        # entropy_coef * sum(H) / N, so rescaling the coefficient reproduces it exactly.
+        active_tokens = max(int(mask.sum()), 1)
+        aggregation = LOSS_TYPE_AGGREGATION[self.loss_type]
+        normalizer = self._token_mean_normalizer(inputs, mask, mode, accumulation)
+        entropy_coef = 0.0
+        if aggregation == "token-mean":
+            entropy_coef = self.entropy_coef * normalizer / (active_tokens * accumulation)
+
+        logits = self._completion_logits(model, inputs)
+        out = entropy_kernels.policy_loss(
+            logits,
+            completion_ids,
+            advantages,
+            mask,
+            old_logprobs=inputs.get("old_per_token_logps"),
+            ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            clip_low=self.epsilon_low,
+            clip_high=self.epsilon_high,
+            kl_coef=self.beta,
+            entropy_coef=entropy_coef,
+            temperature=self.temperature,
+            aggregation=aggregation,
+            normalizer=normalizer,
+        )
+        loss = out.loss
+        if aggregation == "seq-mean-token-mean":
+            # TRL averages over all B sequences (empty ones count 0), policy_loss over non-empty.
+            nonempty = int(mask.any(dim=1).sum())
+            loss = loss * (nonempty / mask.size(0)) / accumulation
+            if self.entropy_coef != 0.0:
+                # seq-mean weighting cannot carry a token-mean bonus: score the entropy once more.
+                masked_tokens = completion_ids.masked_fill(~mask, -100)
+                _, entropy = entropy_kernels.logprobs_and_entropy(
+                    logits, masked_tokens, temperature=self.temperature
+                )
+                loss = loss - self.entropy_coef * entropy.sum() / active_tokens / accumulation
+
+        self._log_metrics(mode, out.metrics)
+        return loss
+
+    def _token_mean_normalizer(self, inputs, mask, mode, accumulation) -> float | None:
+        """The denominator GRPOTrainer divides the summed token losses by, for token-mean types."""
+        if self.loss_type == "dapo":
+            # num_items_in_batch: active tokens of the whole generation batch, all processes.
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0).item()
+            normalizer = num_items / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * accumulation / self.args.steps_per_generation
+            return normalizer
+        if self.loss_type == "bnpo":
+            return max(int(mask.sum()), 1) * accumulation
+        if self.loss_type == "dr_grpo":
+            return mask.size(0) * self.max_completion_length * accumulation
+        return None
+
+    def _log_metrics(self, mode: str, metrics: dict) -> None:
+        names = sorted(n for n in metrics if n not in UNLOGGED_METRICS)
+        device = self.accelerator.device
+        local = torch.stack([torch.as_tensor(metrics[n], device=device).float() for n in names])
+        gathered = self.accelerator.gather(local.unsqueeze(0)).nanmean(dim=0)
+        for name, value in zip(names, gathered.tolist(), strict=True):
+            self._metrics[mode][TRL_METRIC_NAMES.get(name, name)].append(value)
+
+    # Advantage shaping ----------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Keep the raw per-function rewards (already gathered across processes) for the shaping.
+        self._rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.advantage_shaping != "grpo":
+            output["advantages"] = self._shaped_advantages(output)
+        return output
+
+    def _shaped_advantages(self, output: dict) -> torch.Tensor:
+        """GTPO ``[B, T]`` or GRPO-S ``[B]`` advantages of this process's rows, shaped over the
+        complete prompt groups of the generation batch gathered from all processes."""
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        local_rows, local_len = mask.shape
+
+        entropy = self._rollout_entropy(output, mode)
+        entropy = self.accelerator.gather(self.accelerator.pad_across_processes(entropy, dim=1))
+        mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1)).bool()
+
+        rewards_per_func = self._rewards_per_func
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        groups = num_generations
+        if unscorable.any():
+            # Completions no reward function scored leave their group and every token set: a
+            # group of their own and no active tokens give them advantage 0, as in TRL.
+            rows = torch.arange(rewards.numel(), device=rewards.device)
+            groups = rows // num_generations
+            groups[unscorable] = rewards.numel() + rows[: int(unscorable.sum())]
+            mask = mask & ~unscorable.unsqueeze(1)
+
+        if args.advantage_shaping == "gtpo":
+            advantages = entropy_kernels.gtpo_advantages(
+                rewards,
+                entropy,
+                mask,
+                groups,
+                alpha1=args.gtpo_alpha1,
+                alpha2=args.gtpo_alpha2,
+                success_threshold=args.success_threshold,
+                normalize=args.advantage_normalize,
+                scope=args.advantage_scope,
+            )
+            row_advantages = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            advantages = entropy_kernels.grpo_s_advantages(
+                rewards,
+                entropy,
+                mask,
+                groups,
+                beta1=args.grpo_s_beta1,
+                beta2=args.grpo_s_beta2,
+                success_threshold=args.success_threshold,
+            )
+            row_advantages = advantages
+
+        # Replace the GRPO advantages TRL put in the completions table by the shaped ones.
+        for _ in range(min(rewards.numel(), len(self._logs["advantages"]))):
+            self._logs["advantages"].pop()
+        self._logs["advantages"].extend(row_advantages.tolist())
+        active_entropy = entropy[mask]
+        prefix = args.advantage_shaping
+        self._metrics[mode][f"{prefix}/rollout_entropy"].append(
+            active_entropy.mean().item() if active_entropy.numel() else 0.0
+        )
+        self._metrics[mode][f"{prefix}/success_fraction"].append(
+            (rewards[~unscorable] > args.success_threshold).float().mean().nan_to_num().item()
+        )
+
+        start = self.accelerator.process_index * local_rows
+        local = advantages[start : start + local_rows]
+        return local[:, :local_len] if advantages.dim() == 2 else local
+
+    @torch.no_grad()
+    def _rollout_entropy(self, output: dict, mode: str) -> torch.Tensor:
+        """``[B, T]`` entropy of the policy that generated the completions (fused, no grad)."""
+        rows = output["completion_ids"].size(0)
+        if mode == "train":
+            chunk = self.args.per_device_train_batch_size
+        else:
+            chunk = self.args.per_device_eval_batch_size
+        if any(
+            output.get(k) is not None for k in EXTRA_MODEL_INPUTS if k not in ROW_INDEXED_INPUTS
+        ):
+            chunk = rows  # image tensors are not indexed by sequence: score in one piece
+        entropies = []
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            for start in range(0, rows, chunk):
+                piece = {
+                    k: v[start : start + chunk] if k in ROW_INDEXED_INPUTS and v is not None else v
+                    for k, v in output.items()
+                }
+                logits = self._completion_logits(self.model, piece)
+                _, entropy = entropy_kernels.logprobs_and_entropy(
+                    logits, piece["completion_ids"], temperature=self.temperature
+                )
+                entropies.append(entropy)
+        return torch.cat(entropies)
