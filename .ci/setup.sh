@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up of ./.venv: torch (never upgraded), triton, the package and every extra the
-# tests and benchmarks use. Safe to rerun; the README's quick-start commands start with it.
+# Idempotent set-up of ./.venv: torch (never upgraded), triton, the package with the test,
+# benchmark, dev and TRL extras, and OpenRLHF's source (--no-deps: deepspeed and flash-attn
+# do not install on CPU; the tests stub them). The README's quick-start commands start with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -9,8 +10,9 @@ python=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine.
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-# Pin whatever torch is installed (the CPU build here, a CUDA build on a GPU box) for every install.
+# Pin whatever torch is installed (the CPU build here, a CUDA build on a GPU box).
 constraints=$(mktemp)
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
-pip install -q -c "$constraints" -e ".[test,bench,dev]"
+pip install -q -c "$constraints" -e ".[test,bench,dev,trl]"
+pip install -q --no-deps "openrlhf==0.11.2"
 rm -f "$constraints"
