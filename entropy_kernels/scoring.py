@@ -24,8 +24,9 @@ from ._validation import (
     resolve_backend,
 )
 
-# Elements of one float32 temporary in a torch-backend chunk (64 MiB).
-TORCH_CHUNK_ELEMENTS = 1 << 24
+# Elements of one float32 temporary in a torch-backend chunk (8 MiB): a chunk holds about four
+# such temporaries, so the peak stays far below the logits themselves at real sizes.
+TORCH_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
