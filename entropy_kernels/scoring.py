@@ -200,21 +200,27 @@ def _torch_chunk_forward(logits_chunk, tokens_chunk, options: ScoringOptions):
     vocab_size = logits_chunk.shape[-1]
     x = logits_chunk.float()
     # Centred on the row max like the kernel: (x - max) is exact where it matters.
-    row_max = x.amax(-1)
-    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    shifted = (x - row_max.unsqueeze(-1)) * (1.0 / options.temperature)
-    log_norm = shifted.exp().sum(-1).log()
-    logp_all = shifted - log_norm.unsqueeze(-1)
-    p = logp_all.exp()
-    entropy = -(p * logp_all).masked_fill_(p == 0, 0.0).sum(-1)
+    row_max = x.amax(-1, keepdim=True)
+    row_max.masked_fill_(row_max == float("-inf"), 0.0)
+    shifted = x - row_max
+    if options.temperature != 1.0:
+        shifted *= 1.0 / options.temperature
+    exp_shifted = shifted.exp()
+    sum_exp = exp_shifted.sum(-1)
+    log_norm = sum_exp.log()
+    # H = log S - sum(e * z) / S; -inf logits have e = 0 and contribute nothing (a NaN logit
+    # still reaches H through S).
+    weighted = torch.where(exp_shifted > 0, exp_shifted * shifted, 0.0).sum(-1)
+    entropy = log_norm - weighted / sum_exp
     in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
     index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
-    logprobs = torch.where(in_range, logp_all.gather(-1, index).squeeze(-1), float("nan"))
+    token_logprob = shifted.gather(-1, index).squeeze(-1) - log_norm
+    logprobs = torch.where(in_range, token_logprob, float("nan"))
     ignored = tokens_chunk == options.ignore_index
     return (
         logprobs.masked_fill_(ignored, 0.0),
         entropy.masked_fill_(ignored, 0.0),
-        torch.stack([row_max, log_norm]).masked_fill_(ignored, 0.0),
+        torch.stack([row_max.squeeze(-1), log_norm]).masked_fill_(ignored, 0.0),
     )
 
 
