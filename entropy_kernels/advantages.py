@@ -255,7 +255,8 @@ def gtpo_advantages(
     """GTPO token advantages `[B, T]` float32 (Eq. 3, 5 shaping; Eq. 6 whitening).
 
     Args:
-        rewards: `[B]` real; row `i` is a success when `rewards[i] > success_threshold`.
+        rewards: `[B]` real; row `i` is a success when `rewards[i] > success_threshold`
+            (compared after rounding the rewards to float32, like all the arithmetic).
         entropy: `[B, T]` floating, the policy entropy per position (any strides); detached.
         mask: `[B, T]` bool or number (nonzero = active), or None (all active).
         groups: int `G` (consecutive groups of `G` rows, `B % G == 0`) or integer ids `[B]`.

@@ -220,7 +220,7 @@ def _entropy_shaped_loss(
     else:
         scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
         logprobs, entropy = score(logits, tokens, scoring)
-        shaping_entropy = (entropy if old_entropy is None else old_entropy).detach()
+        shaping_entropy = entropy.detach()
         advantages = shaping.advantages(rewards_f32, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,

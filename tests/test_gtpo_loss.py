@@ -13,6 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import entropy_kernels as ek
+import entropy_kernels.reference
 from entropy_kernels.advantages import grpo_s_advantages, gtpo_advantages
 from entropy_kernels.gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
 from entropy_kernels.policy_loss import policy_loss
@@ -437,3 +439,31 @@ def _bad_calls():
 def test_bad_input_raises_value_error(argument, call):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", ["gtpo", "grpo_s"])
+def test_ignored_tokens_leave_the_shaping(backend, loss):
+    """Tokens equal to -100 are inactive for the shaping as for the loss, also in the reference,
+    so the one-call loss equals policy_loss with advantages shaped on mask & (tokens != -100)."""
+    generator = torch.Generator().manual_seed(21)
+    batch, seq, vocab = 8, 5, 40
+    logits = torch.randn(batch, seq, vocab, generator=generator)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
+    tokens[1, 3:] = -100
+    tokens[6, 1:] = -100
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    old_entropy = torch.rand(batch, seq, generator=generator) + 0.1
+    one_call = ek.gtpo_loss if loss == "gtpo" else ek.grpo_s_loss
+    shape = ek.gtpo_advantages if loss == "gtpo" else ek.grpo_s_advantages
+    reference_loss = getattr(ek.reference, f"{loss}_loss")
+    for entropy in (old_entropy, None):
+        out = one_call(logits, tokens, rewards, mask, 4, old_entropy=entropy, backend=backend)
+        ref = reference_loss(logits.double(), tokens, rewards, mask, 4, old_entropy=entropy)
+        torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-5)
+    active = mask & (tokens != -100)
+    advantages = shape(rewards, old_entropy, active, 4)
+    want = ek.policy_loss(logits, tokens, advantages, active, clip_high=0.28, backend=backend)
+    got = one_call(logits, tokens, rewards, mask, 4, old_entropy=old_entropy, backend=backend)
+    torch.testing.assert_close(got.loss, want.loss)

@@ -52,9 +52,18 @@ def _unbiased_var(values: list[float]) -> float:
 
 
 def _rewards(rewards) -> list[float]:
+    """Rewards as the library sees them: rounded to float32 (also for the success test)."""
     if rewards.dim() != 1:
         raise ValueError("rewards must be a tensor [B]")
-    return rewards.detach().double().tolist()
+    return rewards.detach().float().double().tolist()
+
+
+def _active_mask(mask, tokens):
+    """Tokens equal to -100 are never active, as in ``policy_loss``."""
+    kept = tokens != -100
+    if mask is None:
+        return kept
+    return mask & kept if mask.dtype == torch.bool else mask * kept
 
 
 def _inputs(rewards, entropy, mask):
@@ -305,6 +314,7 @@ def gtpo_loss(
     backend="auto",
 ):
     """Reference GTPO loss: reference `policy_loss` with `gtpo_advantages` (Eq. 6, 7)."""
+    mask = _active_mask(mask, tokens)
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
     advantages = gtpo_advantages(
         rewards,
@@ -368,6 +378,7 @@ def grpo_s_loss(
     backend="auto",
 ):
     """Reference GRPO-S loss: reference `policy_loss` with `grpo_s_advantages` on every token."""
+    mask = _active_mask(mask, tokens)
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
     advantages = grpo_s_advantages(
         rewards,
