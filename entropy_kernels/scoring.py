@@ -227,23 +227,33 @@ def _torch_chunk_forward(logits_chunk, tokens_chunk, options: ScoringOptions):
 def _torch_chunk_backward(
     logits_chunk, tokens_chunk, normaliser, entropy, grad_logprobs, grad_entropy, options
 ):
+    """``dlogits = g_logp onehot - p (g_logp + g_H (log p + H))``, divided by the temperature.
+
+    Written with in-place updates of two chunk-sized float32 temporaries.
+    """
     vocab_size = logits_chunk.shape[-1]
     inv_temperature = 1.0 / options.temperature
     ignored = tokens_chunk == options.ignore_index
     row_max, log_norm = normaliser.unsqueeze(-1)
-    logp_all = (logits_chunk.float() - row_max) * inv_temperature - log_norm
-    p = logp_all.exp()
-    grad = torch.zeros_like(p)
+    log_p = logits_chunk.float() - row_max
+    if inv_temperature != 1.0:
+        log_p *= inv_temperature
+    log_p -= log_norm
+    p = log_p.exp()
+    grad_logp = torch.zeros_like(entropy)
     if grad_logprobs is not None:
-        g = grad_logprobs.masked_fill(ignored, 0.0) * inv_temperature
-        grad -= g.unsqueeze(-1) * p
-        in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
-        index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
-        grad.scatter_add_(-1, index, (g * in_range).unsqueeze(-1))
+        grad_logp = grad_logprobs.masked_fill(ignored, 0.0) * inv_temperature
     if grad_entropy is not None:
-        g = grad_entropy.masked_fill(ignored, 0.0) * inv_temperature
-        entropy_term = (p * (logp_all + entropy.unsqueeze(-1))).masked_fill_(p == 0, 0.0)
-        grad -= g.unsqueeze(-1) * entropy_term
+        grad_h = grad_entropy.masked_fill(ignored, 0.0) * inv_temperature
+        coefficient = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_h.unsqueeze(-1))
+        grad = coefficient.add_(grad_logp.unsqueeze(-1)).mul_(p).neg_()
+        # Masked (-inf) vocabulary entries: p = 0 and log p = -inf, whose product is 0.
+        grad.masked_fill_(p == 0, 0.0)
+    else:
+        grad = p.mul_(-grad_logp.unsqueeze(-1))
+    in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
+    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
+    grad.scatter_add_(-1, index, (grad_logp * in_range).unsqueeze(-1))
     return grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
 
 
