@@ -3,7 +3,8 @@
 Two backends compute the same thing:
 
 - ``"triton"``: :mod:`entropy_kernels.kernels.scoring_fwd` / ``scoring_bwd``, one program per
-  token row; only ``[rows]`` float32 vectors (log-prob, entropy, log-sum-exp) are stored.
+  token row; only ``[rows]`` float32 vectors (log-prob, entropy, row max, log-normaliser)
+  are stored.
 - ``"torch"``: the same maths in chunks of rows, so the float32 temporaries are bounded by the
   chunk, never ``[..., V]``.
 
@@ -78,15 +79,16 @@ def row_layouts(logits: torch.Tensor, tokens: torch.Tensor):
     case that their leading dimensions need more than two strides (documented in the README).
     """
     lead = logits.dim() - 1
+    logits_layouts = dict(_two_level_layouts(logits, lead))
+    if not logits_layouts:
+        return row_layouts(logits.contiguous(), tokens)
     token_layouts = dict(_two_level_layouts(tokens, lead))
-    for split, logits_layout in _two_level_layouts(logits, lead):
-        if split in token_layouts:
-            return logits, tokens, logits_layout, token_layouts[split]
-    for split, logits_layout in _two_level_layouts(logits, lead):
-        tokens = tokens.contiguous()
-        return logits, tokens, logits_layout, dict(_two_level_layouts(tokens, lead))[split]
-    logits, tokens = logits.contiguous(), tokens.contiguous()
-    return row_layouts(logits, tokens)
+    common = [split for split in logits_layouts if split in token_layouts]
+    if not common:
+        tokens = tokens.contiguous()  # every split of a contiguous tensor collapses
+        token_layouts = dict(_two_level_layouts(tokens, lead))
+        common = list(logits_layouts)
+    return logits, tokens, logits_layouts[common[0]], token_layouts[common[0]]
 
 
 def as_rows(tensor: torch.Tensor, layout: RowLayout, vocab_size: int | None) -> torch.Tensor:
@@ -102,17 +104,17 @@ def as_rows(tensor: torch.Tensor, layout: RowLayout, vocab_size: int | None) -> 
 
 
 def triton_block_v(vocab_size: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). Fixed, no autotuning: 4096 columns, 8 warps is good on H100/H200.
+    """(BLOCK_V, num_warps). One fixed configuration, no autotuning.
 
-    The interpreter (CPU tensors) uses 256-wide blocks so that small test vocabularies still
-    take several blocks and exercise the online rescaling.
+    4096 columns over 8 warps: 16 logits per thread per sweep (two 16-byte loads in bf16). Chosen
+    for H100/H200, not yet tuned on one (no GPU was available when it was written). The
+    interpreter (CPU tensors) uses 256-wide blocks so that small test vocabularies still take
+    several blocks and exercise the online rescaling.
     """
+    import triton
+
     max_block = 4096 if device.type == "cuda" else 256
-    return min(max_block, triton_next_power_of_2(vocab_size)), 8
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    return min(max_block, triton.next_power_of_2(vocab_size)), 8
 
 
 def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: ScoringOptions):
