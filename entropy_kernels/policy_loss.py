@@ -1,7 +1,9 @@
-"""The clipped-surrogate policy loss from logits: one scoring pass, then ``[B, T]`` arithmetic.
+"""The clipped-surrogate policy loss from logits.
 
-The vocabulary-sized work (log-softmax, entropy and their gradient) is the scoring op's; what
-remains here is per token and per sequence.
+The vocabulary-sized work (log-softmax, entropy and their gradient) is the kernels': on the
+Triton backend with a gradient, one fused kernel that also writes ``d loss / d logits`` in the
+forward pass (:mod:`entropy_kernels.fused`); otherwise the differentiable scoring op. What
+remains here is per token and per sequence, on ``[B, T]``.
 """
 
 from __future__ import annotations
