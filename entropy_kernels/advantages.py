@@ -440,12 +440,29 @@ def grpo_s_rewards(
     )
 
 
+def _groups_of_nonempty_rows(groups, entropy, mask):
+    """GRPO-S groups in which a row without active tokens stands alone.
+
+    Such a row has no mean entropy (Eq. 8): on its own it enters no other row's counts and sums
+    (its `1/(0 + eps)` would swamp a failure set), and a group of one gets advantage 0. The
+    relabelling runs on the device (no host sync).
+    """
+    batch, device = entropy.shape[0], entropy.device
+    check_groups(groups, batch, device)
+    if batch == 0 or (mask is None and entropy.shape[1] > 0):
+        return groups
+    rows = torch.arange(batch, device=device)
+    ids = rows // groups if isinstance(groups, int) else groups.long()
+    alone = ids.max() + 1 + rows
+    return torch.where(_active(mask, entropy).any(1), ids, alone)
+
+
 def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore):
     rewards = check_rewards(rewards)
     batch, device = rewards.shape[0], rewards.device
     entropy, mask = check_token_inputs(entropy, mask, batch, device)
     check_eps(eps)
-    layout = group_layout(groups, batch, device)
+    layout = group_layout(_groups_of_nonempty_rows(groups, entropy, mask), batch, device)
     if resolve_backend(backend, device) == "triton":
         mean_entropy = kernels.sequence_mean_entropy(entropy, mask)
         return kernels.group_sequence_advantages(

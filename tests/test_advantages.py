@@ -791,3 +791,28 @@ def _bad_calls():
 def test_bad_input_raises_value_error(argument, call):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_s_row_without_active_tokens_stands_alone(backend):
+    """A masked-out response (e.g. truncated) has no Eq. 8 mean entropy: it must not swamp its
+    group's failure sum with 1/eps, and it gets advantage 0. The others see a group without it."""
+    generator = torch.Generator().manual_seed(31)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    entropy = torch.rand(8, 6, generator=generator) + 0.2
+    mask = torch.rand(8, 6, generator=generator) > 0.2
+    mask[:, 0] = True
+    mask[2] = False  # a failure row of group 0 with no active token
+    got = grpo_s_advantages(rewards, entropy, mask, 4, backend=backend)
+    assert got[2] == 0
+    kept = torch.tensor([0, 1, 3, 4, 5, 6, 7])
+    want = grpo_s_advantages(
+        rewards[kept],
+        entropy[kept],
+        mask[kept],
+        torch.tensor([0, 0, 0, 1, 1, 1, 1]),
+        backend=backend,
+    )
+    torch.testing.assert_close(got[kept], want)
+    reference = ref.grpo_s_advantages(rewards, entropy, mask, 4)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)

@@ -158,8 +158,10 @@ def gtpo_advantages(
 
 
 def _group_zscore(values: list[float], groups, eps: float, scale_by_std: bool) -> torch.Tensor:
+    """``groups`` as in the public API, or already a list of row lists."""
     advantages = [0.0] * len(values)
-    for rows in group_rows(groups, len(values)):
+    row_groups = groups if isinstance(groups, list) else group_rows(groups, len(values))
+    for rows in row_groups:
         group_values = [values[i] for i in rows]
         if len(rows) < 2:
             for i in rows:
@@ -189,7 +191,7 @@ def _grpo_s_sequence_rewards(
         values = [h for h, a in zip(row, row_active, strict=True) if a]
         mean_entropy.append(_mean(values) if values else 0.0)
     r = [0.0] * len(rewards)
-    for rows in group_rows(groups, len(rewards)):
+    for rows in _grpo_s_groups(groups, active):
         successes = [i for i in rows if rewards[i] > success_threshold]
         failures = [j for j in rows if not rewards[j] > success_threshold]
         n, m = len(successes), len(failures)
@@ -202,6 +204,16 @@ def _grpo_s_sequence_rewards(
             if math.isnan(rewards[j]):
                 r[j] = math.nan
     return r
+
+
+def _grpo_s_groups(groups, active) -> list[list[int]]:
+    """Each group's rows that have active tokens; a row without any stands alone (no Eq. 8
+    mean entropy: it takes no part in its group's sums and gets advantage 0)."""
+    row_groups = []
+    for rows in group_rows(groups, len(active)):
+        row_groups.append([i for i in rows if any(active[i])])
+        row_groups.extend([i] for i in rows if not any(active[i]))
+    return [rows for rows in row_groups if rows]
 
 
 def grpo_s_rewards(
@@ -239,7 +251,8 @@ def grpo_s_advantages(
     r = _grpo_s_sequence_rewards(
         rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     )
-    return _group_zscore(r, groups, eps, scale_by_std=True)
+    active = _inputs(rewards, entropy, mask)[2]
+    return _group_zscore(r, _grpo_s_groups(groups, active), eps, scale_by_std=True)
 
 
 def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0) -> dict:
