@@ -405,8 +405,9 @@ def grpo_s_advantages(
         eps: guards the Eq. 9 divisions and the z-score's `std + eps` (default 1e-6).
         backend: `"auto"` (Triton for CUDA tensors), `"triton"` or `"torch"`.
 
-    `Hbar[i]` is the mean entropy over row `i`'s active positions (Eq. 8; 0 for a row with
-    none). Within a group with `n` success and `m` failure rows, successes get
+    `Hbar[i]` is the mean entropy over row `i`'s active positions (Eq. 8); a row with none
+    stands alone, outside its group's counts and sums, with advantage 0. Within a group with
+    `n` success and `m` failure rows, successes get
     `b1 + b2 * n * Hbar / (sum_success Hbar + eps)`, failures
     `-b1 - b2 * m * (1/(Hbar+eps)) / (sum_failure 1/(Hbar+eps) + eps)`; the advantage is
     `(r - mean_g r) / (std_g r + eps)` (unbiased std), 0 for a group of one row. It applies
