@@ -112,14 +112,27 @@ def check_eps(eps: float) -> None:
 
 
 def check_rewards(rewards: torch.Tensor) -> torch.Tensor:
-    """rewards: [B] real tensor -> detached contiguous float32 [B]."""
+    """rewards: [B] real tensor -> detached [B], in its own dtype."""
     if not isinstance(rewards, torch.Tensor):
         raise ValueError(f"rewards must be a tensor [B], got {type(rewards).__name__}")
     if rewards.dim() != 1 or rewards.is_complex():
         raise ValueError(
             f"rewards must be a real tensor [B], got {rewards.dtype} {tuple(rewards.shape)}"
         )
-    return rewards.detach().to(torch.float32).contiguous()
+    return rewards.detach()
+
+
+def success_outcomes(rewards: torch.Tensor, success_threshold: float) -> torch.Tensor:
+    """[B] float32: +1 where ``rewards > success_threshold``, -1 elsewhere, NaN where a reward
+    is not finite (NaN or inf propagates to the row's outputs instead of counting as a
+    success or failure).
+
+    The comparison is PyTorch's ``rewards > success_threshold``, in the rewards' own dtype:
+    float64 rewards are not rounded first, and a reward equal to the threshold is a failure
+    also when the threshold has no exact float32 form (0.3 in float32 rewards).
+    """
+    outcome = torch.where(rewards > success_threshold, 1.0, -1.0).to(torch.float32)
+    return torch.where(torch.isfinite(rewards), outcome, float("nan")).contiguous()
 
 
 def check_token_inputs(
@@ -149,9 +162,11 @@ def check_token_inputs(
 
 
 def _active(mask: torch.Tensor | None, entropy: torch.Tensor) -> torch.Tensor:
+    """[B, T] contiguous bool: results then do not depend on the mask's memory layout (the
+    tensors computed from it inherit it, and reductions along T sum in layout order)."""
     if mask is None:
         return torch.ones(entropy.shape, dtype=torch.bool, device=entropy.device)
-    return mask if mask.dtype == torch.bool else mask != 0
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
 
 
 def _merge_moments(count, mean, m2, dims):
@@ -168,13 +183,14 @@ def row_whitening(
     success: torch.Tensor,
     normalize: str,
     scope: str,
-    alpha1: float,
+    base: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row Eq. 6 whitening of the shaping terms: `A = (s - row_mean) * row_scale`.
 
     moments: [S, K, 2, 3], (count, mean of s, centred sum of squares of s) per group slot,
-    position block and set (failure, success); `r = s + alpha1` on successes and
-    `s - alpha1` on failures. Returns row_mean, row_scale [B] float32 such that
+    position block and set (failure, success); `r = s + base` on successes and
+    `s - base` on failures (`base = alpha1 + alpha2`). Returns row_mean, row_scale [B] float32
+    such that
     `(s - row_mean) * row_scale == (r - mean) / sqrt(var + 1e-8)` over the row's whitening
     set (scale 0 for a set with fewer than two active tokens).
     """
@@ -183,7 +199,7 @@ def row_whitening(
     count, mean, m2 = (x[:, 0] for x in _merge_moments(count, mean, m2, dims))  # [S', 2]
     slot = layout.index if scope == "group" else torch.zeros_like(layout.index)
     if normalize == "separate":
-        # alpha1 is constant within a set and cancels.
+        # base is constant within a set and cancels.
         which_set = success.long()
         count, row_mean, m2 = count[slot, which_set], mean[slot, which_set], m2[slot, which_set]
     else:
@@ -193,11 +209,11 @@ def row_whitening(
         total = count.clamp_min(1.0)
         mean_s = (n_success * mean_success + n_failure * mean_failure) / total
         # Chan's merge of the two sets: their means of r differ by `gap`.
-        gap = 2.0 * alpha1 + mean_success - mean_failure
+        gap = 2.0 * base + mean_success - mean_failure
         m2 = m2.sum(-1) + n_success * n_failure / total * gap * gap
         # base - mean(base) in closed form, exactly 0 when the set holds one kind of row.
         centred_base = (
-            torch.where(success, 2.0 * alpha1 * n_failure[slot], -2.0 * alpha1 * n_success[slot])
+            torch.where(success, 2.0 * base * n_failure[slot], -2.0 * base * n_success[slot])
             / total[slot]
         )
         count, row_mean, m2 = count[slot], mean_s[slot] - centred_base, m2[slot]
@@ -206,21 +222,29 @@ def row_whitening(
     return row_mean.contiguous(), scale.contiguous()
 
 
-def _torch_shaping_terms(entropy, active, rewards, success, layout, alpha2, eps):
-    """The shaping terms s = r - base of Eq. 3 / 5, with per-(group, position) sums by
-    index_add_ over the compact group index; 0 at inactive positions."""
-    h = torch.where(active, entropy.float(), 0.0)
+def _float_entropy(entropy: torch.Tensor) -> torch.Tensor:
+    """float32 entropy with inf read as NaN, so that it propagates (1 / inf would be 0)."""
+    h = entropy.float()
+    return h.masked_fill(h.isinf(), float("nan"))
+
+
+def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps):
+    """The shaping terms s = r - base of Eq. 3 / 5 (base = +-(alpha1 + alpha2), see the kernel
+    module), with per-(group, position) sums by index_add_ over the compact group index; 0 at
+    inactive positions."""
+    h = torch.where(active, _float_entropy(entropy), 0.0)
     success_active = active & success[:, None]
     failure_active = active & ~success[:, None]
+    inv_h = 1.0 / (h + eps)
     n_success = _group_sum(success_active.float(), layout)
     sum_h_success = _group_sum(torch.where(success_active, h, 0.0), layout)
     n_failure = _group_sum(failure_active.float(), layout)
-    sum_inv_failure = _group_sum(torch.where(failure_active, 1.0 / (h + eps), 0.0), layout)
-    success_term = alpha2 * n_success * h / (sum_h_success + eps)
-    failure_term = -(alpha2 * n_failure * (1.0 / (h + eps)) / (sum_inv_failure + eps))
+    sum_inv_failure = _group_sum(torch.where(failure_active, inv_h, 0.0), layout)
+    success_term = alpha2 * ((n_success * h - sum_h_success) - eps) / (sum_h_success + eps)
+    failure_term = -alpha2 * ((n_failure * inv_h - sum_inv_failure) - eps) / (sum_inv_failure + eps)
     s = torch.where(success_active, success_term, torch.where(failure_active, failure_term, 0.0))
-    reward_is_nan = failure_active & torch.isnan(rewards)[:, None]
-    return torch.where(reward_is_nan, rewards[:, None].expand_as(s), s)
+    outcome_is_nan = failure_active & torch.isnan(outcomes)[:, None]
+    return torch.where(outcome_is_nan, outcomes[:, None].expand_as(s), s)
 
 
 def _torch_moments(s, active, success, layout):
@@ -256,7 +280,7 @@ def gtpo_advantages(
 
     Args:
         rewards: `[B]` real; row `i` is a success when `rewards[i] > success_threshold`
-            (compared after rounding the rewards to float32, like all the arithmetic).
+            (compared in the rewards' dtype); a reward that is not finite gives NaN.
         entropy: `[B, T]` floating, the policy entropy per position (any strides); detached.
         mask: `[B, T]` bool or number (nonzero = active), or None (all active).
         groups: int `G` (consecutive groups of `G` rows, `B % G == 0`) or integer ids `[B]`.
@@ -276,7 +300,8 @@ def gtpo_advantages(
     than two active tokens gives 0; inactive positions are exactly 0. Under
     `normalize="separate"` the alphas cancel: alpha1 shifts each set by a constant (exactly
     removed), alpha2 scales it (removed up to the 1e-8 under the square root, i.e. unless a
-    set's variance is ~1e-8). A NaN reward or entropy propagates to the affected outputs.
+    set's variance is ~1e-8). A NaN or infinite reward or entropy propagates to the affected
+    outputs.
     """
     rewards = check_rewards(rewards)
     batch, device = rewards.shape[0], rewards.device
@@ -286,35 +311,37 @@ def gtpo_advantages(
     check_eps(eps)
     layout = group_layout(groups, batch, device)
     backend = resolve_backend(backend, device)
-    success = rewards > success_threshold
+    outcomes = success_outcomes(rewards, success_threshold)
+    success = outcomes > 0
+    # r = +-base + s, where s keeps the precision that base would round away (kernel module).
+    base = alpha1 + alpha2
     whiten = normalize != "none"
 
     if backend == "triton":
         values, moments = kernels.gtpo_token_rewards(
             entropy,
             mask,
-            rewards,
+            outcomes,
             layout.row_order,
             layout.start,
             layout.size,
-            alpha1=alpha1,
+            base=base,
             alpha2=alpha2,
-            success_threshold=success_threshold,
             eps=eps,
             with_moments=whiten,
         )
         if not whiten:
             return values
-        row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, alpha1)
+        row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, base)
         return kernels.whiten_rows_(values, mask, row_mean, row_scale)
 
     active = _active(mask, entropy)
-    s = _torch_shaping_terms(entropy, active, rewards, success, layout, alpha2, eps)
+    s = _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps)
     if not whiten:
         success_active = active & success[:, None]
-        return torch.where(success_active, alpha1 + s, torch.where(active, -alpha1 + s, 0.0))
+        return torch.where(success_active, base + s, torch.where(active, -base + s, 0.0))
     moments = _torch_moments(s, active, success, layout)
-    row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, alpha1)
+    row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, base)
     return torch.where(active, (s - row_mean[:, None]) * row_scale[:, None], 0.0)
 
 
@@ -362,7 +389,7 @@ def grpo_advantages(
 
     A group of one row gets 0.
     """
-    rewards = check_rewards(rewards)
+    rewards = check_rewards(rewards).to(torch.float32).contiguous()
     _check_choice("scale", scale, GRPO_SCALES)
     check_eps(eps)
     layout = group_layout(groups, rewards.shape[0], rewards.device)
@@ -397,7 +424,8 @@ def grpo_s_advantages(
     """GRPO-S sequence advantages `[B]` float32 (Eq. 8, 9, then the group z-score).
 
     Args:
-        rewards: `[B]` real; success when `rewards[i] > success_threshold` (default 0.0).
+        rewards: `[B]` real; success when `rewards[i] > success_threshold` (default 0.0),
+            compared in the rewards' dtype; a reward that is not finite gives NaN.
         entropy: `[B, T]` floating (any strides); detached.
         mask: `[B, T]` bool or number (nonzero = active), or None (all active).
         groups: int `G` (consecutive groups, `B % G == 0`) or integer ids `[B]`.
@@ -411,7 +439,8 @@ def grpo_s_advantages(
     `b1 + b2 * n * Hbar / (sum_success Hbar + eps)`, failures
     `-b1 - b2 * m * (1/(Hbar+eps)) / (sum_failure 1/(Hbar+eps) + eps)`; the advantage is
     `(r - mean_g r) / (std_g r + eps)` (unbiased std), 0 for a group of one row. It applies
-    to every active token of the row. A NaN reward or entropy propagates to its group.
+    to every active token of the row. A NaN or infinite reward or entropy propagates to its
+    group.
     """
     return _grpo_s(
         rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore=True
@@ -464,41 +493,46 @@ def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     entropy, mask = check_token_inputs(entropy, mask, batch, device)
     check_eps(eps)
     layout = group_layout(_groups_of_nonempty_rows(groups, entropy, mask), batch, device)
+    outcomes = success_outcomes(rewards, success_threshold)
+    # r = +-base + s, where s keeps the precision that base would round away (kernel module).
+    base = beta1 + beta2
     if resolve_backend(backend, device) == "triton":
         mean_entropy = kernels.sequence_mean_entropy(entropy, mask)
         return kernels.group_sequence_advantages(
             mean_entropy,
-            rewards,
+            outcomes,
             layout.row_order,
             layout.start,
             layout.size,
             shape_by_entropy=True,
             scale_by_std=True,
             zscore=zscore,
-            beta1=beta1,
+            base=base,
             beta2=beta2,
-            success_threshold=success_threshold,
             eps=eps,
         )
 
     active = _active(mask, entropy)
-    mean_entropy = torch.where(active, entropy.float(), 0.0).sum(1) / active.sum(
+    mean_entropy = torch.where(active, _float_entropy(entropy), 0.0).sum(1) / active.sum(
         1, dtype=torch.float32
     ).clamp_min(1.0)
-    success = rewards > success_threshold
+    success = outcomes > 0
+    inv_entropy = 1.0 / (mean_entropy + eps)
     n_success = _group_sum(success.float(), layout)
     n_failure = _group_sum((~success).float(), layout)
     sum_success = _group_sum(torch.where(success, mean_entropy, 0.0), layout)
-    sum_inv_failure = _group_sum(torch.where(success, 0.0, 1.0 / (mean_entropy + eps)), layout)
-    success_term = beta2 * n_success * mean_entropy / (sum_success + eps)
-    failure_term = -(beta2 * n_failure * (1.0 / (mean_entropy + eps)) / (sum_inv_failure + eps))
+    sum_inv_failure = _group_sum(torch.where(success, 0.0, inv_entropy), layout)
+    success_term = beta2 * ((n_success * mean_entropy - sum_success) - eps) / (sum_success + eps)
+    failure_term = (
+        -beta2 * ((n_failure * inv_entropy - sum_inv_failure) - eps) / (sum_inv_failure + eps)
+    )
     s = torch.where(success, success_term, failure_term)
-    s = torch.where(torch.isnan(rewards), rewards, s)
+    s = torch.where(torch.isnan(outcomes), outcomes, s)
     if not zscore:
-        return torch.where(success, beta1 + s, -beta1 + s)
-    # r = base + s with base = +-beta1; base - mean(base) in closed form (exactly 0 in a group
-    # of one kind of row, which keeps the precision of s; see the kernel module).
+        return torch.where(success, base + s, -base + s)
+    # base - mean(base) in closed form (exactly 0 in a group of one kind of row, which keeps
+    # the precision of s; see the kernel module).
     size = n_success + n_failure
-    centred_base = torch.where(success, 2.0 * beta1 * n_failure, -2.0 * beta1 * n_success) / size
+    centred_base = torch.where(success, 2.0 * base * n_failure, -2.0 * base * n_success) / size
     centred = centred_base + (s - _group_sum(s, layout) / size)
     return _torch_group_zscore(centred, layout, True, eps)

@@ -179,8 +179,8 @@ def _entropy_shaped_loss(
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
     check_positive_float("temperature", temperature)
     shape, device = tuple(tokens.shape), tokens.device
-    rewards_f32 = check_rewards(rewards)
-    if rewards_f32.shape != shape[:1] or rewards.device != device:
+    checked_rewards = check_rewards(rewards)
+    if checked_rewards.shape != shape[:1] or rewards.device != device:
         raise ValueError(
             f"rewards must have shape {shape[:1]} on {device}, got "
             f"{tuple(rewards.shape)} on {rewards.device}"
@@ -203,7 +203,7 @@ def _entropy_shaped_loss(
         # The advantages need no pass over the logits: policy_loss reads them once (on Triton
         # its fused kernel also writes the gradient in that pass).
         shaping_entropy = old_entropy.detach()
-        advantages = shaping.advantages(rewards_f32, shaping_entropy, mask, groups, backend)
+        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
         out = policy_loss(
             logits,
             tokens,
@@ -221,7 +221,7 @@ def _entropy_shaped_loss(
         scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
         logprobs, entropy = score(logits, tokens, scoring)
         shaping_entropy = entropy.detach()
-        advantages = shaping.advantages(rewards_f32, shaping_entropy, mask, groups, backend)
+        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,
             entropy,
@@ -231,9 +231,10 @@ def _entropy_shaped_loss(
             ref_logprobs=ref_logprobs,
             options=loss_options,
         )
-    out.metrics.update(
-        advantage_metrics(advantages, rewards_f32, shaping_entropy, mask, shaping.success_threshold)
+    metrics = advantage_metrics(
+        advantages, checked_rewards, shaping_entropy, mask, shaping.success_threshold
     )
+    out.metrics.update(metrics)
     return out
 
 

@@ -9,7 +9,6 @@ T = 600 > 512, the kernel's largest position block, so the per-block statistics 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -172,39 +171,24 @@ def whitening_sets(case: Case, normalize: str, scope: str) -> list[torch.Tensor]
 
 
 def assert_whitened_close(actual, case, normalize, scope, alpha1=1.0, alpha2=0.1, **options):
-    """GTPO advantages against the reference, with the error float32 can honestly reach.
+    """GTPO advantages against the float64 reference at the spec's tolerance.
 
-    Whitening divides `r - mean` by `sqrt(var + 1e-8)`; float32 computes `r - mean` to a few
-    ulps of the shaping term (|s| <= alpha2 * G), plus ulps of alpha1 when the set mixes
-    success and failure rows (under "separate" alpha1 is constant in the set and cancels
-    exactly). So the bound adds 32 * u * that magnitude / sqrt(var + 1e-8) to ATOL / RTOL:
-    negligible for sets with a real spread, dominant only where the reference itself is
-    eps-noise (e.g. d_t = 1 everywhere, where Eq. 3 gives the constant a1 + a2).
+    Also where whitening amplifies eps-sized spreads by up to 1e4: with one row per set at a
+    position (d_t = 1), Eq. 3 gives `a1 + a2 - a2 eps / (H + eps)`, and a set made only of such
+    tokens has a variance far below the 1e-8 under the square root. The library keeps that
+    deviation exactly (see the kernel module), so no float32 slack is needed.
     """
     expected = gtpo_reference(
         case, alpha1=alpha1, alpha2=alpha2, normalize=normalize, scope=scope, **options
     )
     assert torch.all(actual[~case.active] == 0)
-    if normalize == "none":
-        # No whitening: the shaped rewards themselves, a lone token included.
-        error = (actual.double() - expected).abs()
-        assert torch.all(error <= ATOL + RTOL * expected.abs()), float(error.max())
-        return
-    shaped = gtpo_reference(case, alpha1=alpha1, alpha2=alpha2, normalize="none", **options)
-    for tokens in whitening_sets(case, normalize, scope):
-        n = int(tokens.sum())
-        if n < 2:
-            assert torch.all(actual[tokens] == 0), "a set of < 2 tokens must get 0"
-            continue
-        values = shaped[tokens]
-        sigma = math.sqrt(values.var().item() + 1e-8)
-        mixed = bool((values > 0).any() and (values < 0).any())
-        magnitude = alpha2 * case.max_group + (alpha1 if mixed else 0.0)
-        bound = ATOL + RTOL * expected[tokens].abs() + 32 * U32 * magnitude / sigma
-        error = (actual[tokens].double() - expected[tokens]).abs()
-        assert torch.all(error <= bound), (
-            f"max error {error.max().item():.3g}, bound {bound.min().item():.3g}"
-        )
+    if normalize != "none":
+        for tokens in whitening_sets(case, normalize, scope):
+            if int(tokens.sum()) < 2:
+                assert torch.all(actual[tokens] == 0), "a set of < 2 tokens must get 0"
+    error = (actual.double() - expected).abs()
+    bound = ATOL + RTOL * expected.abs()
+    assert torch.all(error <= bound), f"max error {error.max().item():.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,18 +236,14 @@ def test_gtpo_long_sequences_merge_blocks(case, normalize, scope):
     )
 
 
-def assert_sequence_close(actual, expected, case, values, beta1, beta2, eps):
-    """Per-group z-scores against the reference, error bounded as in assert_whitened_close."""
+def assert_sequence_close(actual, expected, case):
+    """Per-group z-scores against the float64 reference at the spec's tolerance."""
     assert actual.dtype == torch.float32 and actual.shape == expected.shape
     for rows in case.rows:
-        group_values = values[rows]
         if len(rows) < 2:
             assert torch.all(actual[rows] == 0), "a group of one row must get 0"
             continue
-        sigma = group_values.std().item() + eps
-        mixed = bool(case.success[rows].any() and (~case.success[rows]).any())
-        magnitude = beta2 * len(rows) + (beta1 if mixed else 0.0)
-        bound = ATOL + RTOL * expected[rows].abs() + 32 * U32 * magnitude / sigma
+        bound = ATOL + RTOL * expected[rows].abs()
         error = (actual[rows].double() - expected[rows]).abs()
         assert torch.all(error <= bound), f"group {rows}: max error {error.max().item():.3g}"
 
@@ -282,7 +262,7 @@ def test_grpo_s_matches_reference(case, backend, beta1, beta2):
     )
     expected = ref.grpo_s_advantages(case.rewards, case.entropy, case.mask, case.groups, **options)
     values = ref.grpo_s_rewards(case.rewards, case.entropy, case.mask, case.groups, **options)
-    assert_sequence_close(actual, expected, case, values, beta1, beta2, 1e-6)
+    assert_sequence_close(actual, expected, case)
     rewards = grpo_s_rewards(
         case.rewards, case.entropy, case.mask, case.groups, backend=backend, **options
     )
@@ -299,7 +279,7 @@ def test_grpo_matches_reference(case, backend, scale):
     if scale == "none":
         torch.testing.assert_close(actual.double(), expected, rtol=RTOL, atol=ATOL)
     else:
-        assert_sequence_close(actual, expected, case, case.rewards.double(), 0.0, 2.0, 1e-6)
+        assert_sequence_close(actual, expected, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -453,19 +433,16 @@ def test_property_6_separate_whitening(case, backend, scope, alpha1, alpha2):
     # has no spread); a set of fewer than two tokens is all 0.
     advantages = gtpo(case, backend, alpha1=alpha1, alpha2=alpha2, scope=scope)
     assert_whitened_close(advantages, case, "separate", scope, alpha1=alpha1, alpha2=alpha2)
-    r = shaped(case, "torch", alpha1, alpha2).double()
+    r = gtpo_reference(case, alpha1=alpha1, alpha2=alpha2, normalize="none")
     for tokens in whitening_sets(case, "separate", scope):
         n = int(tokens.sum())
         if n < 2:
             assert torch.all(advantages[tokens] == 0)
             continue
         var_r = r[tokens].var().item()
-        noise = 32 * U32 * alpha2 * case.max_group / math.sqrt(var_r + 1e-8)  # see above
         values = advantages[tokens].double()
-        assert abs(values.mean().item()) <= ATOL + noise
-        assert values.var().item() == pytest.approx(
-            var_r / (var_r + 1e-8), rel=1e-4, abs=ATOL + 2 * noise
-        )
+        assert abs(values.mean().item()) <= ATOL
+        assert values.var().item() == pytest.approx(var_r / (var_r + 1e-8), rel=1e-4, abs=ATOL)
 
 
 @settings(max_examples=8)
@@ -532,9 +509,6 @@ def test_property_7_permutation_equivariance(case, backend, normalize, scope, da
     expected = ref.grpo_s_advantages(
         permuted.rewards, permuted.entropy, permuted.mask, groups, **options
     )
-    values = ref.grpo_s_rewards(
-        permuted.rewards, permuted.entropy, permuted.mask, groups, **options
-    )
     for actual in (
         grpo_s_advantages(
             permuted.rewards, permuted.entropy, permuted.mask, groups, backend=backend, **options
@@ -543,7 +517,7 @@ def test_property_7_permutation_equivariance(case, backend, normalize, scope, da
             case.rewards, case.entropy, case.mask, case.groups, backend=backend, **options
         )[perm],
     ):
-        assert_sequence_close(actual, expected, permuted, values, 1.0, 0.1, 1e-6)
+        assert_sequence_close(actual, expected, permuted)
 
 
 @settings(max_examples=8)
@@ -820,3 +794,68 @@ def test_grpo_s_row_without_active_tokens_stands_alone(backend):
     torch.testing.assert_close(got[kept], want)
     reference = ref.grpo_s_advantages(rewards, entropy, mask, 4)
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_one_row_per_set_keeps_the_eps_sized_spread(backend, scope):
+    # Groups of two, one success and one failure: every set at every position holds one row,
+    # so Eq. 3 / 5 give a1 + a2 - a2 eps / (H + eps) and its mirror, a spread of ~1e-7 that
+    # "separate" whitening (sqrt(var + 1e-8) ~ 1e-4) magnifies a thousandfold. Computed as
+    # r = a1 + a2 * d_t H / (sum H + eps) in float32, the spread would be rounding noise.
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.tensor([1.0, 0.0] * 4)
+    entropy = torch.rand(8, 16, generator=gen) * 2 + 0.1
+    actual = gtpo_advantages(rewards, entropy, None, 2, scope=scope, backend=backend)
+    expected = ref.gtpo_advantages(rewards, entropy, None, 2, scope=scope)
+    # The reference's advantages are small but not noise: the test is not vacuous.
+    assert expected.abs().max() > 100 * ATOL
+    torch.testing.assert_close(actual.double(), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_success_is_decided_in_the_rewards_dtype(backend):
+    # reward > threshold as PyTorch compares it: a float32 reward equal to a threshold that
+    # float32 cannot hold (0.3) is a failure; a float64 reward just above 0 is a success
+    # (rounding it to float32 first would lose neither here, but 1e-50 -> 0.0 would).
+    entropy = torch.rand(4, 3, generator=torch.Generator().manual_seed(4)) + 0.1
+    F64 = torch.float64
+    for rewards, threshold, success in (
+        (torch.tensor([0.3, 0.0, 1.0, 0.0]), 0.3, [False, False, True, False]),
+        (torch.tensor([1e-50, 0.0, 1.0, 0.0], dtype=F64), 0.0, [True, False, True, False]),
+    ):
+        options = dict(success_threshold=threshold, normalize="none")
+        r = gtpo_advantages(rewards, entropy, None, 2, backend=backend, **options)
+        assert (r[:, 0] > 0).tolist() == success
+        torch.testing.assert_close(
+            r.double(), ref.gtpo_advantages(rewards, entropy, None, 2, **options)
+        )
+        s = grpo_s_rewards(rewards, entropy, None, 2, success_threshold=threshold, backend=backend)
+        assert (s > 0).tolist() == success
+        torch.testing.assert_close(
+            s.double(), ref.grpo_s_rewards(rewards, entropy, None, 2, success_threshold=threshold)
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_inputs_propagate(backend):
+    # api.md: NaN or inf in the inputs is never silently turned into a number. An infinite
+    # reward would simply count as a success (or failure), and an infinite entropy on a
+    # failure row would give 1 / inf = 0: both are read as NaN instead.
+    entropy = torch.rand(4, 5, generator=torch.Generator().manual_seed(5)) + 0.1
+    rewards = torch.tensor([float("inf"), 0.0, 1.0, 0.0])
+    r = gtpo_advantages(rewards, entropy, None, 2, normalize="none", backend=backend)
+    assert torch.isnan(r[0]).all() and torch.isfinite(r[1:]).all()
+    assert torch.isnan(grpo_s_advantages(rewards, entropy, None, 2, backend=backend)[:2]).all()
+    assert torch.isnan(grpo_advantages(rewards, 2, backend=backend)[:2]).all()
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    entropy[1, 2] = float("inf")  # a failure row
+    r = gtpo_advantages(rewards, entropy, None, 2, normalize="none", backend=backend)
+    assert torch.isnan(r[1, 2]) and torch.isfinite(r[2:]).all()
+    assert torch.isnan(grpo_s_advantages(rewards, entropy, None, 2, backend=backend)[:2]).all()
+    torch.testing.assert_close(
+        r.double(),
+        ref.gtpo_advantages(rewards, entropy, None, 2, normalize="none"),
+        equal_nan=True,
+    )

@@ -6,11 +6,19 @@ group forms (consecutive groups of G rows, or unsorted ids) run through the same
 without a host synchronisation. Every sum is accumulated in a fixed order by one program:
 no float atomics, so results are bitwise reproducible.
 
-Each shaped reward is split as `r = base + s`, with `base = +alpha1` on success rows and
-`-alpha1` on failure rows, and `s` the entropy-dependent shaping term. The whitening works on
-`s` and adds the (exactly known) centred base back: within one set `base` is constant and
-cancels exactly, so the statistics keep the precision of the small term `s` instead of
-losing it to the large constant `alpha1`.
+Each shaped reward is split as `r = base + s`, with `base = +(alpha1 + alpha2)` on success
+rows and `-(alpha1 + alpha2)` on failure rows (GRPO-S: the betas), and `s` the deviation that
+the entropy makes, e.g. `s = alpha2 * ((d_t H - sum H) - eps) / (sum H + eps)` on successes.
+`d_t H - sum H` is exactly 0 for a row alone in its set at `t`, so `s = -alpha2 eps / (H + eps)`
+keeps its full relative precision: when every set holds one row per group (groups of two, say),
+whitening divides spreads of order `alpha2 * eps` by `sqrt(var + 1e-8)`, and computing `r` first
+would leave only float32 rounding noise to divide. The whitening works on `s` and adds the
+(exactly known) centred base back: within one set `base` is constant and cancels exactly.
+
+Rows arrive as outcomes, not rewards: +1 for a success, -1 for a failure (decided by the
+launcher in the rewards' own dtype), NaN for a reward that is not finite, which poisons its
+row's outputs. An infinite entropy is read as NaN, so it propagates too instead of becoming
+`1 / inf = 0`.
 
 The plain loop-style definitions these kernels implement are in
 `entropy_kernels/reference/advantages.py`.
@@ -37,15 +45,15 @@ def _load_row(
     in_seq,
     entropy_ptr,
     mask_ptr,
-    rewards_ptr,
+    outcomes_ptr,
     stride_entropy_row,
     stride_entropy_t,
     stride_mask_row,
     stride_mask_t,
     HAS_MASK: tl.constexpr,
 ):
-    # The reward is broadcast to a block: the interpreter cannot `&` a scalar bool with a block.
-    reward = tl.zeros(offs_t.shape, dtype=tl.float32) + tl.load(rewards_ptr + row)
+    # The outcome is broadcast to a block: the interpreter cannot `&` a scalar bool with a block.
+    outcome = tl.zeros(offs_t.shape, dtype=tl.float32) + tl.load(outcomes_ptr + row)
     active = in_seq
     if HAS_MASK:
         mask = tl.load(
@@ -55,13 +63,13 @@ def _load_row(
     h = tl.load(
         entropy_ptr + row * stride_entropy_row + offs_t * stride_entropy_t, mask=active, other=0.0
     ).to(tl.float32)
-    return reward, active, h
+    return outcome, active, tl.where(tl.abs(h) == float("inf"), float("nan"), h)
 
 
 @triton.jit
 def _token_shaping_term(
     h,
-    reward,
+    outcome,
     success_active,
     failure_active,
     n_success,
@@ -71,12 +79,13 @@ def _token_shaping_term(
     alpha2,
     eps,
 ):
-    # s of Eq. 3 (successes, >= 0) and Eq. 5 (failures, <= 0); inactive positions get 0.
-    success_term = alpha2 * n_success * h / (sum_h_success + eps)
-    failure_term = -(alpha2 * n_failure * (1.0 / (h + eps)) / (sum_inv_failure + eps))
+    # s = r - base of Eq. 3 (successes) and Eq. 5 (failures); inactive positions get 0.
+    success_term = alpha2 * ((n_success * h - sum_h_success) - eps) / (sum_h_success + eps)
+    inv_h = 1.0 / (h + eps)
+    failure_term = -alpha2 * ((n_failure * inv_h - sum_inv_failure) - eps) / (sum_inv_failure + eps)
     s = tl.where(success_active, success_term, tl.where(failure_active, failure_term, 0.0))
-    # A NaN reward is neither success nor failure: it poisons the row's active tokens.
-    return tl.where(failure_active & (reward != reward), reward, s)
+    # A NaN outcome is neither success nor failure: it poisons the row's active tokens.
+    return tl.where(failure_active & (outcome != outcome), outcome, s)
 
 
 @triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None})
@@ -85,7 +94,7 @@ def _gtpo_token_rewards_kernel(
     # pointers
     entropy_ptr,
     mask_ptr,
-    rewards_ptr,
+    outcomes_ptr,
     row_order_ptr,
     group_start_ptr,
     group_size_ptr,
@@ -102,9 +111,8 @@ def _gtpo_token_rewards_kernel(
     stride_moments_group,
     stride_moments_block,
     # constants
-    alpha1,
+    base,
     alpha2,
-    success_threshold,
     eps,
     HAS_MASK: tl.constexpr,
     WITH_MOMENTS: tl.constexpr,
@@ -125,21 +133,21 @@ def _gtpo_token_rewards_kernel(
     sum_inv_failure = tl.zeros([BLOCK_T], dtype=tl.float32)
     for k in range(0, size):
         row = tl.load(row_order_ptr + start + k).to(tl.int64)
-        reward, active, h = _load_row(
+        outcome, active, h = _load_row(
             row,
             offs_t,
             in_seq,
             entropy_ptr,
             mask_ptr,
-            rewards_ptr,
+            outcomes_ptr,
             stride_entropy_row,
             stride_entropy_t,
             stride_mask_row,
             stride_mask_t,
             HAS_MASK,
         )
-        success_active = active & (reward > success_threshold)
-        failure_active = active & ((reward > success_threshold) == 0)
+        success_active = active & (outcome > 0.0)
+        failure_active = active & ((outcome > 0.0) == 0)
         n_success += success_active.to(tl.float32)
         sum_h_success += tl.where(success_active, h, 0.0)
         n_failure += failure_active.to(tl.float32)
@@ -150,24 +158,24 @@ def _gtpo_token_rewards_kernel(
     sum_s_failure = tl.zeros([BLOCK_T], dtype=tl.float32)
     for k in range(0, size):
         row = tl.load(row_order_ptr + start + k).to(tl.int64)
-        reward, active, h = _load_row(
+        outcome, active, h = _load_row(
             row,
             offs_t,
             in_seq,
             entropy_ptr,
             mask_ptr,
-            rewards_ptr,
+            outcomes_ptr,
             stride_entropy_row,
             stride_entropy_t,
             stride_mask_row,
             stride_mask_t,
             HAS_MASK,
         )
-        success_active = active & (reward > success_threshold)
-        failure_active = active & ((reward > success_threshold) == 0)
+        success_active = active & (outcome > 0.0)
+        failure_active = active & ((outcome > 0.0) == 0)
         s = _token_shaping_term(
             h,
-            reward,
+            outcome,
             success_active,
             failure_active,
             n_success,
@@ -182,7 +190,7 @@ def _gtpo_token_rewards_kernel(
             sum_s_failure += tl.where(failure_active, s, 0.0)
             out = s
         else:
-            out = tl.where(success_active, alpha1 + s, tl.where(failure_active, -alpha1 + s, 0.0))
+            out = tl.where(success_active, base + s, tl.where(failure_active, -base + s, 0.0))
         tl.store(out_ptr + row * stride_out_row + offs_t, out, mask=in_seq)
 
     if WITH_MOMENTS:
@@ -196,24 +204,24 @@ def _gtpo_token_rewards_kernel(
         m2_failure = tl.zeros([BLOCK_T], dtype=tl.float32)
         for k in range(0, size):
             row = tl.load(row_order_ptr + start + k).to(tl.int64)
-            reward, active, h = _load_row(
+            outcome, active, h = _load_row(
                 row,
                 offs_t,
                 in_seq,
                 entropy_ptr,
                 mask_ptr,
-                rewards_ptr,
+                outcomes_ptr,
                 stride_entropy_row,
                 stride_entropy_t,
                 stride_mask_row,
                 stride_mask_t,
                 HAS_MASK,
             )
-            success_active = active & (reward > success_threshold)
-            failure_active = active & ((reward > success_threshold) == 0)
+            success_active = active & (outcome > 0.0)
+            failure_active = active & ((outcome > 0.0) == 0)
             s = _token_shaping_term(
                 h,
-                reward,
+                outcome,
                 success_active,
                 failure_active,
                 n_success,
@@ -305,11 +313,13 @@ def _sequence_mean_entropy_kernel(
                 mask_ptr + row * stride_mask_row + offs_t * stride_mask_t, mask=active, other=0
             )
             active = active & (mask != 0)
-        total += tl.load(
+        h = tl.load(
             entropy_ptr + row * stride_entropy_row + offs_t * stride_entropy_t,
             mask=active,
             other=0.0,
         ).to(tl.float32)
+        # An infinite entropy propagates as NaN (1 / inf would turn it into a number).
+        total += tl.where(tl.abs(h) == float("inf"), float("nan"), h)
         count += active.to(tl.float32)
     # Eq. 8; a row without active tokens gets 0 rather than 0/0.
     tl.store(out_ptr + row, tl.sum(total, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0))
@@ -324,14 +334,13 @@ def _load_sequences(
     scores_ptr,
     rewards_ptr,
     row_order_ptr,
-    success_threshold,
 ):
     in_group = k + offs_r < size
     rows = tl.load(row_order_ptr + start + k + offs_r, mask=in_group, other=0)
     score = tl.load(scores_ptr + rows, mask=in_group, other=0.0)
     reward = tl.load(rewards_ptr + rows, mask=in_group, other=0.0)
-    success = in_group & (reward > success_threshold)
-    failure = in_group & ((reward > success_threshold) == 0)
+    success = in_group & (reward > 0.0)
+    failure = in_group & ((reward > 0.0) == 0)
     return in_group, rows, score, reward, success, failure
 
 
@@ -348,9 +357,11 @@ def _sequence_shaping_term(
     beta2,
     eps,
 ):
-    # s of Eq. 9 on the sequence-mean entropies; a NaN reward poisons its row.
-    success_term = beta2 * n_success * score / (sum_success + eps)
-    failure_term = -(beta2 * n_failure * (1.0 / (score + eps)) / (sum_inv_failure + eps))
+    # s = r - base of Eq. 9 on the sequence-mean entropies; a NaN outcome poisons its row.
+    success_term = beta2 * ((n_success * score - sum_success) - eps) / (sum_success + eps)
+    inv_score = 1.0 / (score + eps)
+    failure_gap = (n_failure * inv_score - sum_inv_failure) - eps
+    failure_term = -beta2 * failure_gap / (sum_inv_failure + eps)
     s = tl.where(success, success_term, tl.where(failure, failure_term, 0.0))
     return tl.where(failure & (reward != reward), reward, s)
 
@@ -367,14 +378,14 @@ def _centred_sequence_reward(
     sum_inv_failure,
     n_rows,
     mean_s,
-    beta1,
+    base,
     beta2,
     eps,
     SHAPE_BY_ENTROPY: tl.constexpr,
 ):
     if SHAPE_BY_ENTROPY:
-        # r - mean(r) for r = base + s, with base = +-beta1 and base - mean(base) in closed
-        # form: 2 * beta1 * m / (n + m) on successes, -2 * beta1 * n / (n + m) on failures.
+        # r - mean(r) for r = +-base + s, with the centred base in closed form:
+        # 2 * base * m / (n + m) on successes, -2 * base * n / (n + m) on failures.
         # It is exactly 0 in a group of one kind, which so keeps the precision of s.
         s = _sequence_shaping_term(
             score,
@@ -388,8 +399,8 @@ def _centred_sequence_reward(
             beta2,
             eps,
         )
-        base = tl.where(success, 2.0 * beta1 * n_failure, -2.0 * beta1 * n_success) / n_rows
-        centred = base + (s - mean_s)
+        centred_base = tl.where(success, 2.0 * base * n_failure, -2.0 * base * n_success) / n_rows
+        centred = centred_base + (s - mean_s)
     else:
         centred = reward - mean_s
     return centred
@@ -405,9 +416,8 @@ def _group_sequence_advantages_kernel(
     group_size_ptr,
     out_ptr,
     # constants
-    beta1,
+    base,
     beta2,
-    success_threshold,
     eps,
     SHAPE_BY_ENTROPY: tl.constexpr,
     ZSCORE: tl.constexpr,
@@ -426,7 +436,7 @@ def _group_sequence_advantages_kernel(
     acc_sum_inv_failure = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k in range(0, size, BLOCK_R):
         in_group, rows, score, reward, success, failure = _load_sequences(
-            k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr, success_threshold
+            k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
         )
         acc_n_success += success.to(tl.float32)
         acc_sum_success += tl.where(success, score, 0.0)
@@ -439,10 +449,10 @@ def _group_sequence_advantages_kernel(
     n_rows = tl.maximum(n_success + n_failure, 1.0)
 
     if not ZSCORE:
-        # The Eq. 9 rewards themselves, r = +-beta1 + s.
+        # The Eq. 9 rewards themselves, r = +-base + s.
         for k in range(0, size, BLOCK_R):
             in_group, rows, score, reward, success, failure = _load_sequences(
-                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr, success_threshold
+                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
             )
             s = _sequence_shaping_term(
                 score,
@@ -456,13 +466,13 @@ def _group_sequence_advantages_kernel(
                 beta2,
                 eps,
             )
-            tl.store(out_ptr + rows, tl.where(success, beta1 + s, -beta1 + s), mask=in_group)
+            tl.store(out_ptr + rows, tl.where(success, base + s, -base + s), mask=in_group)
     else:
         # Pass 2: the mean of the shaping term (GRPO: of the reward itself).
         acc_s = tl.zeros([BLOCK_R], dtype=tl.float32)
         for k in range(0, size, BLOCK_R):
             in_group, rows, score, reward, success, failure = _load_sequences(
-                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr, success_threshold
+                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
             )
             if SHAPE_BY_ENTROPY:
                 s = _sequence_shaping_term(
@@ -488,7 +498,7 @@ def _group_sequence_advantages_kernel(
         acc_m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for k in range(0, size, BLOCK_R):
             in_group, rows, score, reward, success, failure = _load_sequences(
-                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr, success_threshold
+                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
             )
             centred = _centred_sequence_reward(
                 score,
@@ -501,7 +511,7 @@ def _group_sequence_advantages_kernel(
                 sum_inv_failure,
                 n_rows,
                 mean_s,
-                beta1,
+                base,
                 beta2,
                 eps,
                 SHAPE_BY_ENTROPY,
@@ -516,7 +526,7 @@ def _group_sequence_advantages_kernel(
         # Pass 4: the z-score; a group of one row has no spread: 0 (times its value, so NaN shows).
         for k in range(0, size, BLOCK_R):
             in_group, rows, score, reward, success, failure = _load_sequences(
-                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr, success_threshold
+                k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
             )
             centred = _centred_sequence_reward(
                 score,
@@ -529,7 +539,7 @@ def _group_sequence_advantages_kernel(
                 sum_inv_failure,
                 n_rows,
                 mean_s,
-                beta1,
+                base,
                 beta2,
                 eps,
                 SHAPE_BY_ENTROPY,
@@ -584,30 +594,30 @@ def _check_token_tensors(entropy: torch.Tensor, mask: torch.Tensor | None, batch
 def gtpo_token_rewards(
     entropy: torch.Tensor,
     mask: torch.Tensor | None,
-    rewards: torch.Tensor,
+    outcomes: torch.Tensor,
     row_order: torch.Tensor,
     group_start: torch.Tensor,
     group_size: torch.Tensor,
     *,
-    alpha1: float,
+    base: float,
     alpha2: float,
-    success_threshold: float,
     eps: float,
     with_moments: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GTPO shaped token rewards (Eq. 3, 5), or their shaping terms and whitening moments.
 
     entropy: [B, T] floating (any strides); mask: [B, T] bool / number (nonzero = active) or
-    None (all active); rewards: [B] float32; row_order [B] and group_start / group_size [S]
-    int64 describe S group slots (unused slots have size 0).
+    None (all active); outcomes: [B] float32, +1 success, -1 failure, NaN poisons the row;
+    base: alpha1 + alpha2; row_order [B] and group_start / group_size [S] int64 describe S
+    group slots (unused slots have size 0).
 
     Without `with_moments`: returns (r [B, T] float32, None), r = 0 at inactive positions.
     With it: returns (s [B, T] float32, the shaping term r - base), and moments
     [S, cdiv(T, BLOCK_T), 2, 3] float32: (count, mean of s, centred sum of squares of s) of
     each group's failure (index 0) and success (index 1) tokens in each position block.
     """
-    _check_layout(rewards, row_order, group_start, group_size)
-    _check_token_tensors(entropy, mask, rewards.shape[0])
+    _check_layout(outcomes, row_order, group_start, group_size)
+    _check_token_tensors(entropy, mask, outcomes.shape[0])
     batch, seq_len = entropy.shape
     slots = group_start.shape[0]
     block_t = _block_t(seq_len)
@@ -624,7 +634,7 @@ def gtpo_token_rewards(
     _gtpo_token_rewards_kernel[(slots, t_blocks)](
         entropy,
         mask_arg,
-        rewards,
+        outcomes,
         row_order,
         group_start,
         group_size,
@@ -638,9 +648,8 @@ def gtpo_token_rewards(
         out.stride(0),
         moments.stride(0) if moments is not None else 0,
         moments.stride(1) if moments is not None else 0,
-        float(alpha1),
+        float(base),
         float(alpha2),
-        float(success_threshold),
         float(eps),
         WITH_MOMENTS=with_moments,
         BLOCK_T=block_t,
@@ -716,17 +725,17 @@ def group_sequence_advantages(
     shape_by_entropy: bool,
     scale_by_std: bool,
     zscore: bool = True,
-    beta1: float = 1.0,
+    base: float = 1.1,
     beta2: float = 0.1,
-    success_threshold: float = 0.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Per-group z-scores of sequence rewards; [B] float32.
 
     With `shape_by_entropy` the rewards are GRPO-S's (Eq. 9) built from `scores`, the
-    sequence-mean entropies [B] float32; otherwise they are `rewards` themselves (GRPO) and
-    `scores` is not read. `scale_by_std=False` only centres (Dr. GRPO). A group of one row
-    gets 0. `zscore=False` (with `shape_by_entropy`) returns the Eq. 9 rewards themselves.
+    sequence-mean entropies [B] float32, and `rewards` holds outcomes (+1 success, -1 failure,
+    NaN poisons the row; `base` = beta1 + beta2); otherwise they are `rewards` themselves
+    (GRPO) and `scores` is not read. `scale_by_std=False` only centres (Dr. GRPO). A group of
+    one row gets 0. `zscore=False` (with `shape_by_entropy`) returns the Eq. 9 rewards themselves.
     """
     _check_layout(rewards, row_order, group_start, group_size)
     batch = rewards.shape[0]
@@ -743,9 +752,8 @@ def group_sequence_advantages(
         group_start,
         group_size,
         out,
-        float(beta1),
+        float(base),
         float(beta2),
-        float(success_threshold),
         float(eps),
         SHAPE_BY_ENTROPY=shape_by_entropy,
         ZSCORE=zscore,

@@ -52,10 +52,19 @@ def _unbiased_var(values: list[float]) -> float:
 
 
 def _rewards(rewards) -> list[float]:
-    """Rewards as the library sees them: rounded to float32 (also for the success test)."""
+    """Rewards as float32 values, the precision of the library's GRPO arithmetic."""
     if rewards.dim() != 1:
         raise ValueError("rewards must be a tensor [B]")
     return rewards.detach().float().double().tolist()
+
+
+def _successes(rewards, success_threshold) -> list[bool]:
+    """PyTorch's ``rewards > success_threshold`` in the rewards' own dtype; a reward that is
+    not finite is no success (its row's outputs are NaN)."""
+    if rewards.dim() != 1:
+        raise ValueError("rewards must be a tensor [B]")
+    rewards = rewards.detach()
+    return ((rewards > success_threshold) & torch.isfinite(rewards)).tolist()
 
 
 def _active_mask(mask, tokens):
@@ -69,6 +78,8 @@ def _active_mask(mask, tokens):
 def _inputs(rewards, entropy, mask):
     rewards = _rewards(rewards)
     entropy = entropy.detach().double()
+    # An infinite entropy propagates like NaN instead of giving 1 / inf = 0.
+    entropy = entropy.masked_fill(entropy.isinf(), math.nan)
     if entropy.dim() != 2 or entropy.shape[0] != len(rewards):
         raise ValueError(f"entropy must have shape [B={len(rewards)}, T]")
     if mask is None:
@@ -84,13 +95,14 @@ def gtpo_token_rewards(
     rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1, success_threshold=0.0, eps=1e-6
 ) -> torch.Tensor:
     """Eq. 3 (success rows) and Eq. 5 (failure rows): shaped rewards [B, T] float64."""
+    success = _successes(rewards, success_threshold)
     rewards, entropy, active = _inputs(rewards, entropy, mask)
     batch, seq_len = len(rewards), len(entropy[0]) if entropy else 0
     r = [[0.0] * seq_len for _ in range(batch)]
     for rows in group_rows(groups, batch):
         for t in range(seq_len):
-            successes = [i for i in rows if active[i][t] and rewards[i] > success_threshold]
-            failures = [j for j in rows if active[j][t] and not rewards[j] > success_threshold]
+            successes = [i for i in rows if active[i][t] and success[i]]
+            failures = [j for j in rows if active[j][t] and not success[j]]
             d_t, h_t = len(successes), len(failures)
             sum_h = sum(entropy[k][t] for k in successes)
             sum_inv_h = sum(1.0 / (entropy[k][t] + eps) for k in failures)
@@ -98,7 +110,7 @@ def gtpo_token_rewards(
                 r[i][t] = alpha1 + alpha2 * d_t * entropy[i][t] / (sum_h + eps)
             for j in failures:
                 r[j][t] = -alpha1 - alpha2 * h_t * (1.0 / (entropy[j][t] + eps)) / (sum_inv_h + eps)
-                if math.isnan(rewards[j]):
+                if not math.isfinite(rewards[j]):
                     r[j][t] = math.nan
     return torch.tensor(r, dtype=torch.float64).reshape(batch, seq_len)
 
@@ -134,16 +146,14 @@ def gtpo_advantages(
     )
     if normalize == "none":
         return r
-    reward_list, _, active = _inputs(rewards, entropy, mask)
+    success = _successes(rewards, success_threshold)
+    active = _inputs(rewards, entropy, mask)[2]
     batch, seq_len = r.shape
     scopes = group_rows(groups, batch) if scope == "group" else [list(range(batch))]
     advantages = torch.zeros_like(r)
     for rows in scopes:
         if normalize == "separate":
-            sets = [
-                [i for i in rows if reward_list[i] > success_threshold],
-                [i for i in rows if not reward_list[i] > success_threshold],
-            ]
+            sets = [[i for i in rows if success[i]], [i for i in rows if not success[i]]]
         else:
             sets = [rows]
         for set_rows in sets:
@@ -185,6 +195,7 @@ def _grpo_s_sequence_rewards(
     rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
 ) -> list[float]:
     """Eq. 8 (sequence-mean entropy) and Eq. 9 (sequence rewards)."""
+    success = _successes(rewards, success_threshold)
     rewards, entropy, active = _inputs(rewards, entropy, mask)
     mean_entropy = []
     for row, row_active in zip(entropy, active, strict=True):
@@ -192,8 +203,8 @@ def _grpo_s_sequence_rewards(
         mean_entropy.append(_mean(values) if values else 0.0)
     r = [0.0] * len(rewards)
     for rows in _grpo_s_groups(groups, active):
-        successes = [i for i in rows if rewards[i] > success_threshold]
-        failures = [j for j in rows if not rewards[j] > success_threshold]
+        successes = [i for i in rows if success[i]]
+        failures = [j for j in rows if not success[j]]
         n, m = len(successes), len(failures)
         sum_h = sum(mean_entropy[k] for k in successes)
         sum_inv_h = sum(1.0 / (mean_entropy[k] + eps) for k in failures)
@@ -201,7 +212,7 @@ def _grpo_s_sequence_rewards(
             r[i] = beta1 + beta2 * n * mean_entropy[i] / (sum_h + eps)
         for j in failures:
             r[j] = -beta1 - beta2 * m * (1.0 / (mean_entropy[j] + eps)) / (sum_inv_h + eps)
-            if math.isnan(rewards[j]):
+            if not math.isfinite(rewards[j]):
                 r[j] = math.nan
     return r
 
