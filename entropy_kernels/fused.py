@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from .scoring import contiguous_layout, row_layouts, triton_block_v
+from .kernel_config import launch_config, round_bf16_by_hand
+from .scoring import contiguous_layout, row_layouts
 
 # The log-ratio is clamped like verl and OpenRLHF do, so the ratio stays finite.
 LOG_RATIO_LIMIT = 20.0
@@ -38,7 +39,7 @@ def _launch(
     logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
     entropy = torch.empty_like(logprobs)
     if logits_layout.n_rows > 0:
-        block_v, num_warps = triton_block_v(vocab_size, source.device)
+        config = launch_config("policy_loss_fused", vocab_size, source.device)
         policy_loss_fused_kernel[(logits_layout.n_rows,)](
             target,
             source,
@@ -65,9 +66,10 @@ def _launch(
             kl_coef,
             entropy_coef,
             LOG_RATIO_LIMIT,
-            BLOCK_V=block_v,
+            BLOCK_V=config.block_v,
             HAS_DUAL_CLIP=dual_clip is not None,
-            num_warps=num_warps,
+            ROUND_BF16_BY_HAND=round_bf16_by_hand(target),
+            **config.launch_options(),
         )
     return logprobs, entropy, target
 

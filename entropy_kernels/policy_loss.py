@@ -77,6 +77,8 @@ class LossOptions:
                         "normalizer must be a number or a one-element tensor, got shape "
                         f"{tuple(self.normalizer.shape)}"
                     )
+                # A [1] normalizer must not turn the scalar loss into a [1] tensor.
+                object.__setattr__(self, "normalizer", self.normalizer.reshape(()))
             else:
                 check_positive_float("normalizer", self.normalizer)
 
@@ -127,10 +129,20 @@ def loss_from_logprobs(
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     weights = torch.ones_like(logprobs) if mask is None else mask.to(torch.float32)
-    advantages = advantages.to(torch.float32)
+    active = weights != 0
+
+    def at_active(values: torch.Tensor) -> torch.Tensor:
+        # Inactive positions take no part, as in verl's masked sums: a -inf log-prob or NaN
+        # padding there must reach neither the loss, the metrics nor (through the backward of
+        # exp or the ratio) the gradient.
+        return torch.where(active, values.to(torch.float32), 0.0)
+
+    scored = (logprobs.detach(), entropy.detach())
+    logprobs, entropy = at_active(logprobs), at_active(entropy)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(torch.float32)
+    advantages = at_active(advantages)
+    old = logprobs.detach() if old_logprobs is None else at_active(old_logprobs)
 
     log_ratio = torch.clamp(logprobs - old, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
@@ -144,7 +156,7 @@ def loss_from_logprobs(
         per_token = torch.where(negative, torch.minimum(per_token, dual_bound), per_token)
     kl = None
     if ref_logprobs is not None:
-        ref_minus_logp = ref_logprobs.to(torch.float32) - logprobs
+        ref_minus_logp = at_active(ref_logprobs) - logprobs
         kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1.0
         if options.kl_coef != 0.0:
             per_token = per_token + options.kl_coef * kl
@@ -176,7 +188,8 @@ def loss_from_logprobs(
         }
         if kl is not None:
             metrics["kl"] = _masked_mean(kl.detach(), weights, total)
-    return PolicyLossOutput(loss, logprobs.detach(), entropy.detach(), metrics)
+    # The scored values themselves, at every position.
+    return PolicyLossOutput(loss, *scored, metrics)
 
 
 class _LossWithGradient(torch.autograd.Function):
@@ -274,10 +287,18 @@ def _fused_policy_loss(
 
 
 def check_inplace_backward(logits: torch.Tensor, inplace_backward: bool) -> None:
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
+    if not inplace_backward:
+        return
+    if logits.is_leaf and logits.requires_grad:
         raise ValueError(
             "inplace_backward=True overwrites logits with their gradient: pass logits produced "
             "by an operation (e.g. the lm_head), not a leaf tensor that requires grad"
+        )
+    # 1: some elements share memory (an expand()ed view), so rows would overwrite each other.
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(logits) == 1:
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements do not share memory, got a view "
+            f"with strides {logits.stride()} (e.g. from expand()); pass a materialised tensor"
         )
 
 

@@ -24,6 +24,7 @@ from ._validation import (
     check_token_range,
     resolve_backend,
 )
+from .kernel_config import launch_config, round_bf16_by_hand
 
 # Elements of one float32 temporary in a torch-backend chunk (8 MiB): a chunk holds about four
 # such temporaries, so the peak stays far below the logits themselves at real sizes.
@@ -103,20 +104,6 @@ def as_rows(tensor: torch.Tensor, layout: RowLayout, vocab_size: int | None) -> 
 # Triton backend
 
 
-def triton_block_v(vocab_size: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). One fixed configuration, no autotuning.
-
-    4096 columns over 8 warps: 16 logits per thread per sweep (two 16-byte loads in bf16). Chosen
-    for H100/H200, not yet tuned on one (no GPU was available when it was written). The
-    interpreter (CPU tensors) uses 256-wide blocks so that small test vocabularies still take
-    several blocks and exercise the online rescaling.
-    """
-    import triton
-
-    max_block = 4096 if device.type == "cuda" else 256
-    return min(max_block, triton.next_power_of_2(vocab_size)), 8
-
-
 def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: ScoringOptions):
     from .kernels.scoring_fwd import scoring_fwd_kernel
 
@@ -125,7 +112,7 @@ def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: Scori
     entropy = torch.empty_like(logprobs)
     normaliser = torch.empty((2, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows > 0:
-        block_v, num_warps = triton_block_v(vocab_size, logits.device)
+        config = launch_config("scoring_fwd", vocab_size, logits.device)
         scoring_fwd_kernel[(n_rows,)](
             logits,
             tokens,
@@ -141,8 +128,8 @@ def _triton_forward(logits, tokens, logits_layout, tokens_layout, options: Scori
             tokens_layout.stride_inner,
             1.0 / options.temperature,
             options.ignore_index,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
+            BLOCK_V=config.block_v,
+            **config.launch_options(),
         )
     return logprobs, entropy, normaliser
 
@@ -156,7 +143,7 @@ def _triton_backward(
     vocab_size = logits.shape[-1]
     if logits_layout.n_rows == 0:
         return
-    block_v, num_warps = triton_block_v(vocab_size, logits.device)
+    config = launch_config("scoring_bwd", vocab_size, logits.device)
     scoring_bwd_kernel[(logits_layout.n_rows,)](
         grad_logits,
         logits,
@@ -176,8 +163,9 @@ def _triton_backward(
         tokens_layout.stride_inner,
         1.0 / options.temperature,
         options.ignore_index,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
+        BLOCK_V=config.block_v,
+        ROUND_BF16_BY_HAND=round_bf16_by_hand(grad_logits),
+        **config.launch_options(),
     )
 
 

@@ -155,3 +155,26 @@ def test_triton_peers_do_the_same_work(bench, workload):
         if workload in ("policy_loss", "gtpo_loss"):
             # bfloat16 gradients: equal up to the rounding of the last bit.
             torch.testing.assert_close(result[1], results["eager"][1], msg=impl)
+
+
+def test_sweep_checks_every_configuration(tmp_path):
+    """benchmarks/sweep.py on CPU: each configuration of each kernel is checked (not timed)
+    against the default's outputs, and the result file names device, versions and commit."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--quick", "--device", "cpu"]
+        + ["--out-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = tmp_path.glob("cpu-*-sweep-quick.json")
+    data = json.loads(path.read_text())
+    for key in ("command", "shape", "device", "versions", "git", "copy_bandwidth"):
+        assert key in data, key
+    assert set(data["kernels"]) == {"scoring_fwd", "scoring_bwd", "policy_loss_fused"}
+    for rows in data["kernels"].values():
+        assert [row["status"] for row in rows] == ["checked", "checked"]
+        assert sum(row["default"] for row in rows) == 1

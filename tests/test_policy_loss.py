@@ -463,3 +463,127 @@ def test_bad_input_leaves_logits_untouched(backend):
     assert torch.equal(hidden.detach(), before)
     with pytest.raises(ValueError, match="inplace_backward"):
         ek.policy_loss(leaf, tokens, adv, inplace_backward=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_inactive_positions_take_no_part(backend, aggregation):
+    """As in verl's masked sums: an inactive token whose log-prob is -inf (its logit masked) or
+    whose old log-prob is NaN padding changes neither loss, metrics nor gradient."""
+    logits, tokens, adv, mask, old, ref = make_batch(3, 5, 40, seed=21)
+    mask[0, 2] = mask[1, 4] = False
+    poisoned_logits, poisoned_old = logits.clone(), old.clone()
+    poisoned_logits[0, 2, tokens[0, 2]] = float("-inf")
+    poisoned_old[1, 4] = float("nan")
+    options = dict(ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01, aggregation=aggregation)
+    results = []
+    for x, old_logprobs in ((logits, old), (poisoned_logits, poisoned_old)):
+        for on_policy in (False, True):
+            leaf = x.clone().requires_grad_()
+            out = ek.policy_loss(
+                leaf,
+                tokens,
+                adv,
+                mask,
+                old_logprobs=None if on_policy else old_logprobs,
+                backend=backend,
+                **options,
+            )
+            out.loss.backward()
+            results.append((out, leaf.grad))
+    for (clean, clean_grad), (poisoned, poisoned_grad) in zip(
+        results[:2], results[2:], strict=True
+    ):
+        assert torch.isfinite(poisoned.loss) and torch.isfinite(poisoned_grad).all()
+        torch.testing.assert_close(poisoned.loss, clean.loss, **VALUE_TOL)
+        torch.testing.assert_close(poisoned_grad, clean_grad, **GRAD_TOL)
+        for name, value in clean.metrics.items():
+            torch.testing.assert_close(
+                torch.as_tensor(poisoned.metrics[name]), torch.as_tensor(value), msg=name
+            )
+    # The reference agrees, and its float64 gradient is finite too.
+    x64 = poisoned_logits.double().requires_grad_()
+    want = reference.policy_loss(x64, tokens, adv, mask, old_logprobs=poisoned_old, **options)
+    want.loss.backward()
+    torch.testing.assert_close(results[2][0].loss.double(), want.loss, **VALUE_TOL)
+    torch.testing.assert_close(results[2][1].double(), x64.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum-norm"])
+def test_one_element_normalizer_gives_a_scalar_loss(backend, aggregation):
+    logits, tokens, adv, mask, _, _ = make_batch(2, 3, 30, seed=22)
+    for normalizer in (torch.tensor([6.0]), torch.tensor(6.0), 6.0):
+        out = ek.policy_loss(
+            logits.clone().requires_grad_(),
+            tokens,
+            adv,
+            mask,
+            aggregation=aggregation,
+            normalizer=normalizer,
+            backend=backend,
+        )
+        assert out.loss.shape == ()
+        want = reference.policy_loss(
+            logits.double(), tokens, adv, mask, aggregation=aggregation, normalizer=normalizer
+        )
+        assert want.loss.shape == ()
+        torch.testing.assert_close(out.loss.double(), want.loss, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_rejects_overlapping_rows(backend):
+    """Rows that share memory (an expand()ed view) would overwrite each other's gradient."""
+    logits, tokens, adv, _, _, _ = make_batch(3, 4, 30, seed=23)
+    shared = (logits[:1, :1].clone().requires_grad_() * 1).expand(3, 4, 30)
+    before = shared.detach().clone()
+    with pytest.raises(ValueError, match="share memory"):
+        ek.policy_loss(shared, tokens, adv, inplace_backward=True, backend=backend)
+    assert torch.equal(shared.detach(), before)
+    # Without inplace_backward the same view is fine.
+    ek.policy_loss(shared, tokens, adv, backend=backend).loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", [False, True])
+def test_bfloat16_gradient_is_rounded_to_nearest(backend, loss):
+    """The float32 gradient is rounded to nearest-even once: it then equals the bfloat16
+    rounding of the float64 gradient except where float32 error straddles a rounding boundary
+    (a fraction ~1e-3 of elements). Truncation (the interpreter's own cast) would miss about
+    half of them by one unit."""
+    logits, tokens, adv, mask, old, _ = make_batch(4, 6, 500, dtype=torch.bfloat16, seed=24)
+    x = logits.clone().requires_grad_()
+    x64 = logits.double().requires_grad_()
+    if loss:  # the fused kernel on the Triton backend
+        ek.policy_loss(x, tokens, adv, mask, old_logprobs=old, backend=backend).loss.backward()
+        reference.policy_loss(x64, tokens, adv, mask, old_logprobs=old).loss.backward()
+    else:
+        logp, entropy = ek.logprobs_and_entropy(x, tokens, backend=backend)
+        (logp.sum() + 0.5 * entropy.sum()).backward()
+        want_logp, want_entropy = reference.logprobs_and_entropy(x64, tokens)
+        (want_logp.sum() + 0.5 * want_entropy.sum()).backward()
+    nonzero = x64.grad != 0
+    mismatched = (x.grad != x64.grad.to(torch.bfloat16)) & nonzero
+    assert int(nonzero.sum()) > 1000
+    assert int(mismatched.sum()) <= 0.01 * int(nonzero.sum())
+
+
+def test_reference_validates_and_reports_every_metric():
+    logits, tokens, adv, mask, _, ref = make_batch(2, 3, 20, seed=25)
+    out = reference.policy_loss(logits, tokens, adv, mask)
+    assert set(out.metrics) >= {
+        "clip_fraction",
+        "clip_low_fraction",
+        "clip_high_fraction",
+        "dual_clip_fraction",
+        "approx_kl",
+        "entropy",
+    }
+    for bad, name in (
+        (dict(aggregation="bogus"), "aggregation"),
+        (dict(kl_coef=0.1), "ref_logprobs"),
+        (dict(clip_low=1.0), "clip_low"),
+        (dict(temperature=0.0), "temperature"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            reference.policy_loss(logits, tokens, adv, mask, **bad)

@@ -71,6 +71,7 @@ def policy_loss_fused_kernel(
     HAS_DUAL_CLIP: tl.constexpr,
     HAS_OLD_LOGPROBS: tl.constexpr,
     HAS_REF_LOGPROBS: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -120,7 +121,9 @@ def policy_loss_fused_kernel(
         # d/dlogp of the k3 term exp(ref - logp) - (ref - logp) - 1.
         ref_minus_logp = tl.load(ref_logprobs_ptr + row) - logprob
         grad_logprob += kl_coef * (1.0 - tl.exp(ref_minus_logp))
-    grad_logprob = weight * grad_logprob
+    # An inactive token (weight 0) contributes nothing, even where its terms are not finite
+    # (a -inf log-prob, NaN padding in old log-probs): 0 * NaN must not reach the gradient.
+    grad_logprob = tl.where(weight != 0.0, weight * grad_logprob, 0.0)
     grad_entropy = -entropy_coef * weight
 
     write_row_gradient(
@@ -136,4 +139,5 @@ def policy_loss_fused_kernel(
         grad_entropy * inv_temperature,
         inv_temperature,
         BLOCK_V,
+        ROUND_BF16_BY_HAND,
     )

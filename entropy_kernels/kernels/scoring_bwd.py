@@ -14,6 +14,20 @@ import triton.language as tl
 
 
 @triton.jit
+def to_bfloat16_rtne(x):
+    """float32 -> bfloat16 rounded to nearest, ties to even, as ``Tensor.bfloat16()`` does.
+
+    Compiled kernels convert so already; the interpreter (CPU tensors) truncates, which would
+    bias every gradient written in bfloat16 by half a unit in the last place.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    # Built from bits: the interpreter's own cast also flushes subnormals to zero.
+    upper = tl.where(x != x, 0x7FC0, upper)
+    return upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def write_row_gradient(
     grad_row_ptr,
     row_ptr,
@@ -27,14 +41,23 @@ def write_row_gradient(
     grad_entropy,
     inv_temperature,
     BLOCK_V: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
 ):
     """Write ``dlogits`` of one row; columns past ``n_cols_read`` are not read (gradient 0).
 
     ``grad_logprob`` / ``grad_entropy`` are already divided by the temperature.
+    ``ROUND_BF16_BY_HAND``: bfloat16 gradient under the interpreter (see ``to_bfloat16_rtne``).
+
+    The sweep runs from the last block to the first. Right after a forward pass over the same
+    row (the fused policy loss), the blocks read last are then re-read first, while they are
+    most likely still in L2: in a least-recently-used cache, a forward re-sweep would find each
+    block behind a whole row of newer lines per resident program, the reverse one behind
+    twice the part of the row that follows it.
     """
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab_size, BLOCK_V):
-        offs = start + cols
+    n_blocks = tl.cdiv(vocab_size, BLOCK_V)
+    for block in range(0, n_blocks):
+        offs = (n_blocks - 1 - block) * BLOCK_V + cols
         x = tl.load(row_ptr + offs, mask=offs < n_cols_read, other=float("-inf"))
         logp = (x.to(tl.float32) - row_max) * inv_temperature - log_norm
         p = tl.exp(logp)
@@ -42,6 +65,8 @@ def write_row_gradient(
         grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p
         grad -= grad_entropy * entropy_term
         grad = tl.where(offs < n_cols_read, grad, 0.0)
+        if ROUND_BF16_BY_HAND:
+            grad = to_bfloat16_rtne(grad)
         tl.store(
             grad_row_ptr + offs,
             grad.to(grad_row_ptr.dtype.element_ty),
@@ -87,6 +112,7 @@ def scoring_bwd_kernel(
     BLOCK_V: tl.constexpr,
     HAS_GRAD_LOGPROBS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -117,4 +143,5 @@ def scoring_bwd_kernel(
         grad_entropy * inv_temperature,
         inv_temperature,
         BLOCK_V,
+        ROUND_BF16_BY_HAND,
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..policy_loss import PolicyLossOutput
+from .._validation import check_positive_float
+from ..policy_loss import LossOptions, PolicyLossOutput
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,6 +36,8 @@ def logprobs_and_entropy(
 
 def aggregate(per_token, weights, aggregation, normalizer=None):
     """verl's ``agg_loss`` definitions, one sequence at a time."""
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.reshape(())
     if aggregation == "token-mean":
         total = (per_token * weights).sum()
         count = weights.sum() if normalizer is None else normalizer
@@ -77,7 +80,13 @@ def policy_loss(
     backend="auto",
 ):
     """Reference of :func:`entropy_kernels.policy_loss`; metrics as Python-free 0-dim tensors."""
+    # The library's option checks (ValueError naming the argument).
+    LossOptions(clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer)
+    check_positive_float("temperature", temperature)
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     logp, entropy = logprobs_and_entropy(logits, tokens, temperature=temperature)
+    scored = (logp.detach(), entropy.detach())
     if logits.dim() == 2:
         logp, entropy, tokens = logp[None], entropy[None], tokens[None]
         advantages = advantages[None]
@@ -86,10 +95,17 @@ def policy_loss(
         ref_logprobs = None if ref_logprobs is None else ref_logprobs[None]
     weights = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
     weights = weights * (tokens != -100)  # ignored tokens are never active
+
+    def at_active(x):
+        # Inactive positions take no part (verl's masked sums), also where x is -inf or NaN.
+        return torch.where(weights != 0, x.to(logp.dtype), 0.0)
+
+    logp, entropy = at_active(logp), at_active(entropy)
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
+    adv = at_active(adv)
+    old = logp.detach() if old_logprobs is None else at_active(old_logprobs)
 
     ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
     pg_unclipped = -adv * ratio
@@ -100,7 +116,7 @@ def policy_loss(
     loss_per_token = pg
     kl = None
     if ref_logprobs is not None:
-        delta = ref_logprobs.to(logp.dtype) - logp
+        delta = at_active(ref_logprobs) - logp
         kl = torch.exp(delta) - delta - 1
         if kl_coef != 0:
             loss_per_token = loss_per_token + kl_coef * kl
@@ -117,16 +133,12 @@ def policy_loss(
         "approx_kl": mean(old - logp),
         "entropy": mean(entropy),
     }
-    if dual_clip is not None:
-        metrics["dual_clip_fraction"] = mean(
-            (adv < 0) & (torch.maximum(pg_unclipped, pg_clipped) > -adv * dual_clip)
-        )
+    metrics["dual_clip_fraction"] = (
+        mean((adv < 0) & (torch.maximum(pg_unclipped, pg_clipped) > -adv * dual_clip))
+        if dual_clip is not None
+        else mean(torch.zeros_like(adv, dtype=torch.bool))
+    )
     if kl is not None:
         metrics["kl"] = mean(kl)
-    squeeze = logits.dim() == 2
-    return PolicyLossOutput(
-        loss,
-        (logp[0] if squeeze else logp).detach(),
-        (entropy[0] if squeeze else entropy).detach(),
-        {k: v.detach() for k, v in metrics.items()},
-    )
+    # The scored values themselves, at every position, shaped like tokens.
+    return PolicyLossOutput(loss, *scored, {k: v.detach() for k, v in metrics.items()})

@@ -1,0 +1,96 @@
+"""Launch configuration of the vocabulary-row kernels: one fixed choice per kernel, no autotuning.
+
+Every row kernel (scoring forward, scoring backward, fused policy loss) sweeps a row in
+``block_v``-wide blocks with ``num_warps`` warps. The defaults are chosen for H100/H200 but have
+not been tuned on one (no GPU was available when they were written); ``benchmarks/sweep.py``
+times the alternatives on a GPU through :func:`override`, which is also how a user with another
+GPU can pin a configuration without editing the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+KERNELS = ("scoring_fwd", "scoring_bwd", "policy_loss_fused")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """``block_v`` logits per block (a power of two); ``num_stages`` None is Triton's default."""
+
+    block_v: int
+    num_warps: int
+    num_stages: Optional[int] = None
+
+    def __post_init__(self):
+        if self.block_v < 1 or self.block_v & (self.block_v - 1):
+            raise ValueError(f"block_v must be a power of two, got {self.block_v}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
+
+    def launch_options(self) -> dict:
+        """Triton launch keywords besides ``BLOCK_V``."""
+        options = {"num_warps": self.num_warps}
+        if self.num_stages is not None:
+            options["num_stages"] = self.num_stages
+        return options
+
+
+# 4096 columns over 8 warps: 16 logits per thread per block (two 16-byte loads in bf16).
+GPU_DEFAULT = KernelConfig(block_v=4096, num_warps=8)
+# The interpreter (CPU tensors) uses 256-wide blocks, so that small test vocabularies still take
+# several blocks and exercise the online rescaling and the tail mask.
+INTERPRETER_DEFAULT = KernelConfig(block_v=256, num_warps=8)
+
+_overrides: dict[str, KernelConfig] = {}
+
+
+def launch_config(kernel: str, vocab_size: int, device: torch.device) -> KernelConfig:
+    """The configuration `kernel` launches with for rows of `vocab_size` logits on `device`.
+
+    The block never exceeds the vocabulary rounded up to a power of two.
+    """
+    import triton
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    config = _overrides.get(kernel)
+    if config is None:
+        config = GPU_DEFAULT if device.type == "cuda" else INTERPRETER_DEFAULT
+    block_v = min(config.block_v, triton.next_power_of_2(max(vocab_size, 1)))
+    return KernelConfig(block_v, config.num_warps, config.num_stages)
+
+
+def round_bf16_by_hand(grad: torch.Tensor) -> bool:
+    """Whether a row kernel writing `grad` must round to bfloat16 itself: under the interpreter
+    (CPU tensors), whose float32 -> bfloat16 cast truncates."""
+    return grad.dtype == torch.bfloat16 and grad.device.type != "cuda"
+
+
+@contextlib.contextmanager
+def override(**configs: KernelConfig) -> Iterator[None]:
+    """Launch the named kernels with these configurations inside the block.
+
+    ``with override(policy_loss_fused=KernelConfig(8192, 16)): ...``. Not thread-safe: it is
+    meant for benchmarks and for pinning a configuration around a training step.
+    """
+    unknown = set(configs) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"kernel names must be among {KERNELS}, got {sorted(unknown)}")
+    for name, config in configs.items():
+        if not isinstance(config, KernelConfig):
+            raise ValueError(f"{name} must be a KernelConfig, got {type(config).__name__}")
+    saved = dict(_overrides)
+    _overrides.update(configs)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)

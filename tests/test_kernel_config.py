@@ -1,0 +1,86 @@
+"""Launch configurations: an override takes effect, keeps results exact, and is undone."""
+
+import pytest
+import torch
+from test_policy_loss import GRAD_TOL, VALUE_TOL, make_batch
+
+import entropy_kernels as ek
+from entropy_kernels import fused, kernel_config, reference, scoring
+from entropy_kernels.kernel_config import KernelConfig, override
+
+CPU = torch.device("cpu")
+
+
+def test_override_is_scoped_and_clipped_to_the_vocabulary():
+    default = kernel_config.launch_config("policy_loss_fused", 100_000, CPU)
+    with override(policy_loss_fused=KernelConfig(1024, 4, num_stages=2)):
+        inside = kernel_config.launch_config("policy_loss_fused", 100_000, CPU)
+        # Other kernels keep their default.
+        assert kernel_config.launch_config("scoring_fwd", 100_000, CPU) == default
+        # The block never exceeds the vocabulary rounded up to a power of two.
+        assert kernel_config.launch_config("policy_loss_fused", 300, CPU).block_v == 512
+    assert inside == KernelConfig(1024, 4, num_stages=2)
+    assert inside.launch_options() == {"num_warps": 4, "num_stages": 2}
+    assert kernel_config.launch_config("policy_loss_fused", 100_000, CPU) == default
+
+
+def test_override_is_undone_when_the_block_raises():
+    default = kernel_config.launch_config("scoring_bwd", 5000, CPU)
+    with pytest.raises(RuntimeError), override(scoring_bwd=KernelConfig(64, 2)):
+        raise RuntimeError
+    assert kernel_config.launch_config("scoring_bwd", 5000, CPU) == default
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: KernelConfig(300, 8), "block_v"),
+        (lambda: KernelConfig(256, 3), "num_warps"),
+        (lambda: KernelConfig(256, 8, num_stages=0), "num_stages"),
+        (lambda: override(scoring=KernelConfig(256, 8)).__enter__(), "kernel names"),
+        (lambda: override(scoring_fwd=(256, 8)).__enter__(), "scoring_fwd"),
+        (lambda: kernel_config.launch_config("scoring", 10, CPU), "kernel must be"),
+    ],
+)
+def test_bad_configurations_raise_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# 64-wide blocks: the 300-wide vocabulary takes five blocks, the last one partial, in every kernel;
+# 1024: one block wider than the row.
+@pytest.mark.parametrize("block_v", [64, 1024])
+def test_every_kernel_gives_reference_results_under_another_configuration(block_v, monkeypatch):
+    """Scoring forward + backward and the fused loss, all three launched with the override."""
+    launched = {}
+
+    def recording_launch_config(kernel, vocab_size, device):
+        launched[kernel] = kernel_config.launch_config(kernel, vocab_size, device)
+        return launched[kernel]
+
+    for module in (scoring, fused):
+        monkeypatch.setattr(module, "launch_config", recording_launch_config)
+    logits, tokens, adv, mask, old, _ = make_batch(2, 3, 300, seed=5)
+    config = KernelConfig(block_v, 2)
+    with override(scoring_fwd=config, scoring_bwd=config, policy_loss_fused=config):
+        x = logits.clone().requires_grad_()
+        logp, entropy = ek.logprobs_and_entropy(x, tokens, backend="triton")
+        (logp.sum() + entropy.sum()).backward()
+        y = logits.clone().requires_grad_()
+        out = ek.policy_loss(y, tokens, adv, mask, old_logprobs=old, backend="triton")
+        out.loss.backward()
+    clipped = KernelConfig(min(block_v, 512), 2)
+    assert launched == dict.fromkeys(kernel_config.KERNELS, clipped)
+
+    x64 = logits.double().requires_grad_()
+    want_logp, want_entropy = reference.logprobs_and_entropy(x64, tokens)
+    (want_logp.sum() + want_entropy.sum()).backward()
+    torch.testing.assert_close(logp.double(), want_logp, **VALUE_TOL)
+    torch.testing.assert_close(entropy.double(), want_entropy, **VALUE_TOL)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **GRAD_TOL)
+
+    y64 = logits.double().requires_grad_()
+    want = reference.policy_loss(y64, tokens, adv, mask, old_logprobs=old)
+    want.loss.backward()
+    torch.testing.assert_close(out.loss.double(), want.loss, **VALUE_TOL)
+    torch.testing.assert_close(y.grad.double(), y64.grad, **GRAD_TOL)
