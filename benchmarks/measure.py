@@ -41,24 +41,17 @@ def timer_description(device: torch.device) -> str:
         )
     return (
         f"time.perf_counter median of {CPU_MIN_REPEATS}-{CPU_MAX_REPEATS} calls "
-        f"(about {CPU_BUDGET_S:g} s per implementation) after a warm-up call"
+        f"(about {CPU_BUDGET_S:g} s per implementation) after a warm-up call, with glibc's "
+        "malloc at its steady state (mmap threshold 32 MiB, as its dynamic threshold ends up "
+        "after large frees); the peak-memory call is a separate, untimed one"
     )
 
 
-def _timed_call(fn: Callable[[], object], times: list[float]) -> object:
-    started = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - started)
-    return result
-
-
-def median_time_ms(
-    fn: Callable[[], object], device: torch.device, times: list[float] | None = None
-) -> float:
+def median_time_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Median wall time of one call of `fn`, in milliseconds.
 
-    On CPU the caller warms up (compilation, first-call allocations) beforehand, and may
-    pass the seconds of calls it already timed; do_bench warms up on its own.
+    On CPU the caller warms up (compilation, first-call allocations) beforehand; do_bench
+    warms up on its own.
     """
     if device.type == "cuda":
         import triton.testing
@@ -66,27 +59,26 @@ def median_time_ms(
         return float(
             triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, return_mode="median")
         )
-    times = list(times or [])
-    started = time.perf_counter() - sum(times)
+    _prepare_cpu_peak()  # sets malloc's timing thresholds
+    times: list[float] = []
+    started = time.perf_counter()
     while len(times) < CPU_MAX_REPEATS and (
         len(times) < CPU_MIN_REPEATS or time.perf_counter() - started < CPU_BUDGET_S
     ):
-        _timed_call(fn, times)
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
     return statistics.median(times) * 1e3
 
 
 def time_and_peak(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
     """Median milliseconds and peak bytes above the inputs of an already warmed-up `fn`.
 
-    On CPU the first timed call is also the one whose peak memory is read (the /proc reads
-    lie outside the timed span), which saves a call per implementation.
+    The peak is read on a call of its own: on CPU it runs with every block an mmap (see
+    :func:`peak_bytes_above_inputs`), which would slow down code that allocates often.
     """
-    if device.type == "cuda":
-        peak = peak_bytes_above_inputs(fn, device)
-        return median_time_ms(fn, device), peak
-    times: list[float] = []
-    peak = peak_bytes_above_inputs(lambda: _timed_call(fn, times), device)
-    return median_time_ms(fn, device, times), peak
+    peak = peak_bytes_above_inputs(fn, device)
+    return median_time_ms(fn, device), peak
 
 
 # --- peak memory -----------------------------------------------------------------------------
@@ -95,7 +87,22 @@ _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# (mmap threshold, trim threshold). Timing: glibc's steady state, which its dynamic threshold
+# reaches after large frees (at most 32 MiB on 64-bit, trim at twice that); fixed here, so that
+# allocation-heavy code is not timed while page-faulting fresh mmaps on every call.
+_TIMING_MALLOC = (32 << 20, 64 << 20)
+# Peak memory: every tensor-sized block an mmap that leaves the resident set when freed.
+_PEAK_MALLOC = (1 << 16, 1 << 16)
 _cpu_peak_ready: bool | None = None
+_libc = None
+
+
+def _set_malloc(thresholds: tuple[int, int]) -> bool:
+    mmap_threshold, trim_threshold = thresholds
+    return bool(
+        _libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        and _libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -110,19 +117,17 @@ def _prepare_cpu_peak() -> bool:
 
     The kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs.
     glibc normally raises its mmap threshold after large frees and keeps freed blocks
-    resident, which would hide new allocations; pinning the threshold at 64 KiB makes every
-    tensor-sized block an mmap that leaves the resident set when freed.
+    resident, which would hide new allocations; during the measured call the threshold is
+    pinned at 64 KiB, so every tensor-sized block is an mmap that leaves the resident set when
+    freed. Outside it, malloc runs at its timing thresholds.
     """
-    global _cpu_peak_ready
+    global _cpu_peak_ready, _libc
     if _cpu_peak_ready is None:
         try:
-            libc = ctypes.CDLL("libc.so.6")
-            pinned = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16) and libc.mallopt(
-                _M_TRIM_THRESHOLD, 1 << 16
-            )
+            _libc = ctypes.CDLL("libc.so.6")
             _PROC_CLEAR_REFS.write_text("5")
             _proc_status_bytes("VmHWM")
-            _cpu_peak_ready = bool(pinned)
+            _cpu_peak_ready = _set_malloc(_TIMING_MALLOC)
         except OSError:
             _cpu_peak_ready = False
     return _cpu_peak_ready
@@ -138,8 +143,9 @@ def memory_description(device: torch.device) -> str:
     if _prepare_cpu_peak():
         return (
             "peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus "
-            "the resident size before the call, with glibc's mmap threshold pinned at 64 KiB "
-            "so freed tensors leave the resident set; includes non-tensor memory"
+            "the resident size before the call, on an untimed call with glibc's mmap threshold "
+            "pinned at 64 KiB so freed tensors leave the resident set; includes non-tensor "
+            "memory"
         )
     return "not measured on this machine (no /proc/self/clear_refs)"
 
@@ -158,11 +164,17 @@ def peak_bytes_above_inputs(fn: Callable[[], object], device: torch.device) -> i
         return peak
     if not _prepare_cpu_peak():
         return None
-    _PROC_CLEAR_REFS.write_text("5")
-    before = _proc_status_bytes("VmRSS")
-    result = fn()
-    peak = _proc_status_bytes("VmHWM") - before
-    del result
+    _set_malloc(_PEAK_MALLOC)
+    try:
+        # Blocks freed before the switch may still be resident: trim them before the baseline.
+        _libc.malloc_trim(0)
+        _PROC_CLEAR_REFS.write_text("5")
+        before = _proc_status_bytes("VmRSS")
+        result = fn()
+        peak = _proc_status_bytes("VmHWM") - before
+        del result
+    finally:
+        _set_malloc(_TIMING_MALLOC)
     return max(peak, 0)
 
 

@@ -195,16 +195,18 @@ def _torch_chunk_forward(logits_chunk, tokens_chunk, options: ScoringOptions):
     shifted = x - row_max
     if options.temperature != 1.0:
         shifted *= 1.0 / options.temperature
+    in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
+    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
+    token_shifted = shifted.gather(-1, index).squeeze(-1)
+    # -inf logits become the most negative float: exp gives 0 and 0 * z = 0 in the dot product
+    # below, with no temporary to mask (clamp keeps NaN, which reaches H through S).
+    shifted.clamp_min_(torch.finfo(torch.float32).min)
     exp_shifted = shifted.exp()
     sum_exp = exp_shifted.sum(-1)
     log_norm = sum_exp.log()
-    # H = log S - sum(e * z) / S; -inf logits have e = 0 and contribute nothing (a NaN logit
-    # still reaches H through S).
-    weighted = torch.where(exp_shifted > 0, exp_shifted * shifted, 0.0).sum(-1)
-    entropy = log_norm - weighted / sum_exp
-    in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
-    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
-    token_logprob = shifted.gather(-1, index).squeeze(-1) - log_norm
+    # H = log S - sum(e * z) / S.
+    entropy = log_norm - torch.linalg.vecdot(exp_shifted, shifted) / sum_exp
+    token_logprob = token_shifted - log_norm
     logprobs = torch.where(in_range, token_logprob, float("nan"))
     ignored = tokens_chunk == options.ignore_index
     return (
