@@ -54,6 +54,12 @@ def test_qwen_vocabulary_against_float64(dtype):
     tol = BF16_GRAD_TOL if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad.float(), want_grad.float(), **tol)
     assert torch.all(x.grad[:, -7:] == 0)
+    if dtype == torch.bfloat16:
+        # Rounded to nearest once: equal to the rounded float64 gradient but where float32
+        # error straddles a rounding boundary (truncation would miss about half).
+        nonzero = want_grad != 0
+        mismatched = (x.grad != want_grad) & nonzero
+        assert int(mismatched.sum()) <= 0.01 * int(nonzero.sum())
 
 
 def test_more_than_65535_rows_and_int64_offsets():
