@@ -29,6 +29,7 @@ from .advantages import (
     check_rewards,
     grpo_s_advantages,
     gtpo_advantages,
+    success_outcomes,
 )
 from .policy_loss import (
     LossOptions,
@@ -132,7 +133,8 @@ def advantage_metrics(
     positions, unweighted. An empty set gives 0.
     """
     with torch.no_grad():
-        success = rewards.detach() > success_threshold
+        # Classified as the shaping does (a NaN or infinite reward is no success).
+        success = success_outcomes(rewards.detach(), success_threshold) > 0
         entropy = entropy.detach().float()
         active = (
             torch.ones(entropy.shape, dtype=torch.bool, device=entropy.device)

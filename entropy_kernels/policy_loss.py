@@ -294,12 +294,26 @@ def check_inplace_backward(logits: torch.Tensor, inplace_backward: bool) -> None
             "inplace_backward=True overwrites logits with their gradient: pass logits produced "
             "by an operation (e.g. the lm_head), not a leaf tensor that requires grad"
         )
-    # 1: some elements share memory (an expand()ed view), so rows would overwrite each other.
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(logits) == 1:
+    if _may_overlap(logits):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not share memory, got a view "
-            f"with strides {logits.stride()} (e.g. from expand()); pass a materialised tensor"
+            f"with strides {logits.stride()} (e.g. from expand() or unfold()); pass a "
+            "materialised tensor"
         )
+
+
+def _may_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` may share memory: some dimension's stride, taken in
+    increasing order, is smaller than the span of the dimensions before it. Views that only
+    leave gaps (``logits[:, :-1]``) pass; ``expand()`` and ``unfold()`` views do not."""
+    span = 1
+    for stride, size in sorted(zip(tensor.stride(), tensor.shape, strict=True)):
+        if size == 1:
+            continue
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:

@@ -473,19 +473,24 @@ def test_inactive_positions_take_no_part(backend, aggregation):
     logits, tokens, adv, mask, old, ref = make_batch(3, 5, 40, seed=21)
     mask[0, 2] = mask[1, 4] = False
     poisoned_logits, poisoned_old = logits.clone(), old.clone()
+    poisoned_ref, poisoned_adv = ref.clone(), adv.clone()
     poisoned_logits[0, 2, tokens[0, 2]] = float("-inf")
-    poisoned_old[1, 4] = float("nan")
-    options = dict(ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01, aggregation=aggregation)
+    poisoned_old[1, 4] = poisoned_ref[0, 2] = poisoned_adv[1, 4] = float("nan")
+    options = dict(kl_coef=0.1, entropy_coef=0.01, aggregation=aggregation)
     results = []
-    for x, old_logprobs in ((logits, old), (poisoned_logits, poisoned_old)):
+    for x, old_logprobs, ref_logprobs, advantages in (
+        (logits, old, ref, adv),
+        (poisoned_logits, poisoned_old, poisoned_ref, poisoned_adv),
+    ):
         for on_policy in (False, True):
             leaf = x.clone().requires_grad_()
             out = ek.policy_loss(
                 leaf,
                 tokens,
-                adv,
+                advantages,
                 mask,
                 old_logprobs=None if on_policy else old_logprobs,
+                ref_logprobs=ref_logprobs,
                 backend=backend,
                 **options,
             )
@@ -503,7 +508,15 @@ def test_inactive_positions_take_no_part(backend, aggregation):
             )
     # The reference agrees, and its float64 gradient is finite too.
     x64 = poisoned_logits.double().requires_grad_()
-    want = reference.policy_loss(x64, tokens, adv, mask, old_logprobs=poisoned_old, **options)
+    want = reference.policy_loss(
+        x64,
+        tokens,
+        poisoned_adv,
+        mask,
+        old_logprobs=poisoned_old,
+        ref_logprobs=poisoned_ref,
+        **options,
+    )
     want.loss.backward()
     torch.testing.assert_close(results[2][0].loss.double(), want.loss, **VALUE_TOL)
     torch.testing.assert_close(results[2][1].double(), x64.grad, **GRAD_TOL)
@@ -587,3 +600,16 @@ def test_reference_validates_and_reports_every_metric():
     ):
         with pytest.raises(ValueError, match=name):
             reference.policy_loss(logits, tokens, adv, mask, **bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_accepts_gapped_views_and_rejects_unfolded_ones(backend):
+    """logits[:, :-1] leaves gaps between rows (fine); unfold() makes rows share elements."""
+    logits, tokens, _, _, _, _ = make_batch(2, 5, 30, seed=26)
+    adv = torch.randn(2)
+    hidden = logits.clone().requires_grad_() * 1
+    ek.policy_loss(hidden[:, :-1], tokens[:, 1:], adv, inplace_backward=True, backend=backend)
+    flat = torch.randn(2 * 4 + 29).requires_grad_() * 1
+    windows = flat.unfold(0, 30, 1)[:8].view(2, 4, 30)  # rows one element apart
+    with pytest.raises(ValueError, match="share memory"):
+        ek.policy_loss(windows, tokens[:, :4], adv, inplace_backward=True, backend=backend)

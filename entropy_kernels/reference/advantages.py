@@ -268,19 +268,17 @@ def grpo_s_advantages(
 
 def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0) -> dict:
     """Token-level statistics of the success and failure sets (see `gtpo.advantage_metrics`)."""
+    success = _successes(rewards, success_threshold)
     rewards, entropy, active = _inputs(rewards, entropy, mask)
     adv = advantages.detach().double()
     if adv.dim() == 1:
         adv = adv[:, None].expand(len(rewards), len(entropy[0]))
-    metrics = {"success_fraction": _mean([float(r > success_threshold) for r in rewards])}
-    for name, is_member in (
-        ("success", lambda r: r > success_threshold),
-        ("failure", lambda r: not r > success_threshold),
-    ):
+    metrics = {"success_fraction": _mean([float(s) for s in success])}
+    for name, kind in (("success", True), ("failure", False)):
         tokens = [
             (i, t)
-            for i, reward in enumerate(rewards)
-            if is_member(reward)
+            for i in range(len(rewards))
+            if success[i] == kind
             for t in range(len(entropy[i]))
             if active[i][t]
         ]
