@@ -246,7 +246,11 @@ def _torch_chunk_backward(
     in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
     index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
     grad.scatter_add_(-1, index, (grad_logp * in_range).unsqueeze(-1))
-    return grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
+    # Ignored rows get exactly 0 even where their logits are not finite. The check spares a
+    # full pass over the chunk; it reads the host, so on a GPU the pass runs regardless.
+    if grad.device.type != "cpu" or bool(ignored.any()):
+        grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
+    return grad
 
 
 def _torch_forward(logits, tokens, logits_layout, tokens_layout, options: ScoringOptions):
@@ -416,6 +420,9 @@ def _setup_scoring_context(ctx, inputs, output):
     _, entropy, normaliser = output
     ctx.save_for_backward(logits, tokens, normaliser, entropy)
     ctx.options = ScoringOptions(temperature, ignore_index, backend, inplace_backward)
+    # An output the loss does not use (the entropy, without an entropy bonus) then gets None,
+    # not zeros, and the backward skips its term instead of multiplying by 0.
+    ctx.set_materialize_grads(False)
 
 
 def _scoring_autograd(ctx, grad_logprobs, grad_entropy, _grad_normaliser):

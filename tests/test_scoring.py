@@ -200,6 +200,23 @@ def test_all_rows_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_with_non_finite_logits_get_zero_gradient(backend):
+    # Padding rows may hold anything: their outputs and gradient are exactly 0 all the same,
+    # and the other rows are untouched (their gradient is finite).
+    logits = torch.randn(2, 3, 70)
+    tokens = torch.randint(0, 70, (2, 3))
+    tokens[0, 1] = tokens[1, 2] = -100
+    logits[0, 1, 5], logits[0, 1, 6], logits[1, 2] = float("nan"), float("inf"), 1e4
+    logits.requires_grad_()
+    logp, entropy = ek.logprobs_and_entropy(logits, tokens, backend=backend)
+    (logp.sum() + entropy.sum()).backward()
+    ignored = tokens == -100
+    assert torch.all(logp[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    assert torch.all(logits.grad[ignored] == 0)
+    assert torch.isfinite(logits.grad[~ignored]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_finite_logit_has_zero_entropy(backend):
     logits = torch.full((1, 1, 300), float("-inf"))
     logits[0, 0, 123] = 4.0
