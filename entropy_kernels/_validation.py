@@ -24,7 +24,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def check_positive_float(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    # Plain comparisons (False for NaN): torch.compile with dynamic shapes may trace a float
+    # as a symbolic one, which math.isfinite cannot take.
+    if not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

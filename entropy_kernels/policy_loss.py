@@ -294,7 +294,8 @@ def check_inplace_backward(logits: torch.Tensor, inplace_backward: bool) -> None
             "inplace_backward=True overwrites logits with their gradient: pass logits produced "
             "by an operation (e.g. the lm_head), not a leaf tensor that requires grad"
         )
-    if _may_overlap(logits):
+    # Under torch.compile the in-place variant is functionalised into a copy: nothing overlaps.
+    if not torch.compiler.is_compiling() and _may_overlap(logits):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not share memory, got a view "
             f"with strides {logits.stride()} (e.g. from expand() or unfold()); pass a "

@@ -53,3 +53,37 @@ def test_scoring_compiles_and_differentiates(backend):
     logits.grad = None
     score(logits, tokens).backward()
     torch.testing.assert_close(grad, logits.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dynamic_shapes_and_inplace_backward_compile(backend, inplace):
+    """dynamic=True traces floats and sizes symbolically: the option checks (temperature) and
+    the in-place overlap check must not break the graph. Two sequence lengths, one graph."""
+    torch._dynamo.reset()
+    head = torch.nn.Linear(8, 50)
+
+    def step(hidden, tokens, advantages):
+        logits = head(hidden)  # an op's output, as inplace_backward requires
+        out = ek.policy_loss(
+            logits,
+            tokens,
+            advantages,
+            temperature=0.9,
+            inplace_backward=inplace,
+            backend=backend,
+        )
+        return out.loss
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(1)
+    for seq_len in (3, 5):
+        hidden = torch.randn(2, seq_len, 8, generator=generator)
+        tokens = torch.randint(0, 50, (2, seq_len), generator=generator)
+        advantages = torch.randn(2, generator=generator)
+        loss = compiled(hidden, tokens, advantages)
+        (grad,) = torch.autograd.grad(loss, head.weight)
+        want = step(hidden, tokens, advantages)
+        (want_grad,) = torch.autograd.grad(want, head.weight)
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
