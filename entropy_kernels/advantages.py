@@ -228,6 +228,12 @@ def _float_entropy(entropy: torch.Tensor) -> torch.Tensor:
     return h.masked_fill(h.isinf(), float("nan"))
 
 
+def _excess_share(count, value, total, eps):
+    """``count * value / (total + eps) - 1``, exactly ``-eps / (total + eps)`` for a value alone
+    in its sum (see the kernel module's docstring)."""
+    return ((count * value - total) - eps) / (total + eps)
+
+
 def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps):
     """The shaping terms s = r - base of Eq. 3 / 5 (base = +-(alpha1 + alpha2), see the kernel
     module), with per-(group, position) sums by index_add_ over the compact group index; 0 at
@@ -240,8 +246,8 @@ def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps
     sum_h_success = _group_sum(torch.where(success_active, h, 0.0), layout)
     n_failure = _group_sum(failure_active.float(), layout)
     sum_inv_failure = _group_sum(torch.where(failure_active, inv_h, 0.0), layout)
-    success_term = alpha2 * ((n_success * h - sum_h_success) - eps) / (sum_h_success + eps)
-    failure_term = -alpha2 * ((n_failure * inv_h - sum_inv_failure) - eps) / (sum_inv_failure + eps)
+    success_term = alpha2 * _excess_share(n_success, h, sum_h_success, eps)
+    failure_term = -alpha2 * _excess_share(n_failure, inv_h, sum_inv_failure, eps)
     s = torch.where(success_active, success_term, torch.where(failure_active, failure_term, 0.0))
     outcome_is_nan = failure_active & torch.isnan(outcomes)[:, None]
     return torch.where(outcome_is_nan, outcomes[:, None].expand_as(s), s)
@@ -522,10 +528,8 @@ def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     n_failure = _group_sum((~success).float(), layout)
     sum_success = _group_sum(torch.where(success, mean_entropy, 0.0), layout)
     sum_inv_failure = _group_sum(torch.where(success, 0.0, inv_entropy), layout)
-    success_term = beta2 * ((n_success * mean_entropy - sum_success) - eps) / (sum_success + eps)
-    failure_term = (
-        -beta2 * ((n_failure * inv_entropy - sum_inv_failure) - eps) / (sum_inv_failure + eps)
-    )
+    success_term = beta2 * _excess_share(n_success, mean_entropy, sum_success, eps)
+    failure_term = -beta2 * _excess_share(n_failure, inv_entropy, sum_inv_failure, eps)
     s = torch.where(success, success_term, failure_term)
     s = torch.where(torch.isnan(outcomes), outcomes, s)
     if not zscore:

@@ -67,6 +67,13 @@ def _load_row(
 
 
 @triton.jit
+def _excess_share(count, value, total, eps):
+    """``count * value / (total + eps) - 1``, written so that a value alone in its sum (``count``
+    1, ``total`` == ``value``) gives exactly ``-eps / (total + eps)``: see the module docstring."""
+    return ((count * value - total) - eps) / (total + eps)
+
+
+@triton.jit
 def _token_shaping_term(
     h,
     outcome,
@@ -80,9 +87,8 @@ def _token_shaping_term(
     eps,
 ):
     # s = r - base of Eq. 3 (successes) and Eq. 5 (failures); inactive positions get 0.
-    success_term = alpha2 * ((n_success * h - sum_h_success) - eps) / (sum_h_success + eps)
-    inv_h = 1.0 / (h + eps)
-    failure_term = -alpha2 * ((n_failure * inv_h - sum_inv_failure) - eps) / (sum_inv_failure + eps)
+    success_term = alpha2 * _excess_share(n_success, h, sum_h_success, eps)
+    failure_term = -alpha2 * _excess_share(n_failure, 1.0 / (h + eps), sum_inv_failure, eps)
     s = tl.where(success_active, success_term, tl.where(failure_active, failure_term, 0.0))
     # A NaN outcome is neither success nor failure: it poisons the row's active tokens.
     return tl.where(failure_active & (outcome != outcome), outcome, s)
@@ -358,10 +364,8 @@ def _sequence_shaping_term(
     eps,
 ):
     # s = r - base of Eq. 9 on the sequence-mean entropies; a NaN outcome poisons its row.
-    success_term = beta2 * ((n_success * score - sum_success) - eps) / (sum_success + eps)
-    inv_score = 1.0 / (score + eps)
-    failure_gap = (n_failure * inv_score - sum_inv_failure) - eps
-    failure_term = -beta2 * failure_gap / (sum_inv_failure + eps)
+    success_term = beta2 * _excess_share(n_success, score, sum_success, eps)
+    failure_term = -beta2 * _excess_share(n_failure, 1.0 / (score + eps), sum_inv_failure, eps)
     s = tl.where(success, success_term, tl.where(failure, failure_term, 0.0))
     return tl.where(failure & (reward != reward), reward, s)
 
