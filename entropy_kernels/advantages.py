@@ -237,8 +237,8 @@ def _excess_share(count, value, total, eps):
 def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps):
     """The shaping terms s = r - base of Eq. 3 / 5 (base = +-(alpha1 + alpha2), see the kernel
     module), with per-(group, position) sums by index_add_ over the compact group index; 0 at
-    inactive positions."""
-    h = torch.where(active, _float_entropy(entropy), 0.0)
+    inactive positions. The sums and terms run in float64, s is returned in float32."""
+    h = torch.where(active, _float_entropy(entropy), 0.0).to(_shaping_dtype(entropy.device))
     success_active = active & success[:, None]
     failure_active = active & ~success[:, None]
     inv_h = 1.0 / (h + eps)
@@ -250,7 +250,7 @@ def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps
     failure_term = -alpha2 * _excess_share(n_failure, inv_h, sum_inv_failure, eps)
     s = torch.where(success_active, success_term, torch.where(failure_active, failure_term, 0.0))
     outcome_is_nan = failure_active & torch.isnan(outcomes)[:, None]
-    return torch.where(outcome_is_nan, outcomes[:, None].expand_as(s), s)
+    return torch.where(outcome_is_nan, outcomes[:, None].expand_as(s), s).float()
 
 
 def _torch_moments(s, active, success, layout):
@@ -351,6 +351,13 @@ def gtpo_advantages(
     return torch.where(active, (s - row_mean[:, None]) * row_scale[:, None], 0.0)
 
 
+def _shaping_dtype(device: torch.device) -> torch.dtype:
+    """The shaping sums and terms run in float64: on [B] or [B, T] values, next to the [N, V]
+    logits, it costs nothing measurable, and near-ties need it (the kernel module's docstring).
+    MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _group_sum(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Sum of `values` ([B] or [B, T]) over each row's group, gathered back per row."""
     sums = torch.zeros(
@@ -410,9 +417,10 @@ def grpo_advantages(
             scale_by_std=scale == "std",
             eps=eps,
         )
+    rewards = rewards.to(_shaping_dtype(rewards.device))
     size = _group_sum(torch.ones_like(rewards), layout)
     centred = rewards - _group_sum(rewards, layout) / size
-    return _torch_group_zscore(centred, layout, scale == "std", eps)
+    return _torch_group_zscore(centred, layout, scale == "std", eps).float()
 
 
 def grpo_s_advantages(
@@ -519,13 +527,15 @@ def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
         )
 
     active = _active(mask, entropy)
-    mean_entropy = torch.where(active, _float_entropy(entropy), 0.0).sum(1) / active.sum(
-        1, dtype=torch.float32
-    ).clamp_min(1.0)
+    dtype = _shaping_dtype(device)
+    mean_entropy = torch.where(active, _float_entropy(entropy), 0.0).sum(1, dtype=dtype) / (
+        active.sum(1, dtype=dtype).clamp_min(1.0)
+    )
+    outcomes = outcomes.to(dtype)
     success = outcomes > 0
     inv_entropy = 1.0 / (mean_entropy + eps)
-    n_success = _group_sum(success.float(), layout)
-    n_failure = _group_sum((~success).float(), layout)
+    n_success = _group_sum(success.to(dtype), layout)
+    n_failure = _group_sum((~success).to(dtype), layout)
     sum_success = _group_sum(torch.where(success, mean_entropy, 0.0), layout)
     sum_inv_failure = _group_sum(torch.where(success, 0.0, inv_entropy), layout)
     success_term = beta2 * _excess_share(n_success, mean_entropy, sum_success, eps)
@@ -533,10 +543,10 @@ def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     s = torch.where(success, success_term, failure_term)
     s = torch.where(torch.isnan(outcomes), outcomes, s)
     if not zscore:
-        return torch.where(success, base + s, -base + s)
+        return torch.where(success, base + s, -base + s).float()
     # base - mean(base) in closed form (exactly 0 in a group of one kind of row, which keeps
     # the precision of s; see the kernel module).
     size = n_success + n_failure
     centred_base = torch.where(success, 2.0 * base * n_failure, -2.0 * base * n_success) / size
     centred = centred_base + (s - _group_sum(s, layout) / size)
-    return _torch_group_zscore(centred, layout, True, eps)
+    return _torch_group_zscore(centred, layout, True, eps).float()

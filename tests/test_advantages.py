@@ -176,9 +176,8 @@ def assert_whitened_close(actual, case, normalize, scope, alpha1=1.0, alpha2=0.1
     Also where whitening amplifies eps-sized spreads by up to 1e4: with one row per set at a
     position (d_t = 1), Eq. 3 gives `a1 + a2 - a2 eps / (H + eps)`, and a set made only of such
     tokens has a variance far below the 1e-8 under the square root. The library keeps that
-    deviation exactly (see the kernel module), so no float32 slack is needed. (Random entropies
-    never give the one case still short of it: a set made only of near-ties, rows whose
-    entropies agree to ~1e-6, where `d_t H - sum H` rounds `sum H`; exact ties are exact.)
+    deviation exactly (see the kernel module), so no float32 slack is needed; near-ties have
+    their own test.
     """
     expected = gtpo_reference(
         case, alpha1=alpha1, alpha2=alpha2, normalize=normalize, scope=scope, **options
@@ -225,6 +224,32 @@ def test_gtpo_backends_agree_for_other_alphas(case, alpha1, alpha2, normalize, s
         assert_whitened_close(actual, case, normalize, scope, alpha1=alpha1, alpha2=alpha2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", ["separate", "joint"])
+def test_gtpo_near_ties(backend, normalize):
+    # One group, two successes and two failures whose entropies agree to 2 .. 11 float32 ulps
+    # at every position: `d_t H - sum H` is a few ulps of H, so each whitening set ("separate")
+    # has a spread far below the 1e-8 under the square root, and a float32 `sum H` (or sum of
+    # 1 / (H + eps)) rounds most of it away: errors up to 9e-5 before the sums ran in float64
+    # ("separate"; "joint" whitening sees the success/failure gap and is checked for contrast).
+    # T = 37 is not a multiple of any block.
+    gen = torch.Generator().manual_seed(3)
+    seq_len = 37
+
+    def near(h):
+        ulps = torch.randint(2, 12, (seq_len,), generator=gen) * 2.0**-23
+        return h * (1 + ulps * torch.where(torch.rand(seq_len, generator=gen) < 0.5, -1, 1))
+
+    success_h = torch.rand(seq_len, generator=gen) * 3 + 0.5
+    failure_h = torch.rand(seq_len, generator=gen) * 3 + 0.5
+    entropy = torch.stack([success_h, near(success_h), failure_h, near(failure_h)])
+    assert torch.all(entropy[0] != entropy[1]) and torch.all(entropy[2] != entropy[3])
+    case = Case(torch.tensor([1.0, 0.5, -1.0, -0.5]), entropy, None, 4, [[0, 1, 2, 3]], 0.0)
+    for scope in SCOPES:
+        actual = gtpo(case, backend, normalize=normalize, scope=scope)
+        assert_whitened_close(actual, case, normalize, scope)
+
+
 # T = 600 > 512 (the kernel's largest position block): two blocks whose statistics merge.
 @settings(max_examples=3)
 @given(
@@ -269,6 +294,27 @@ def test_grpo_s_matches_reference(case, backend, beta1, beta2):
         case.rewards, case.entropy, case.mask, case.groups, backend=backend, **options
     )
     torch.testing.assert_close(rewards.double(), values, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gap", [2e-3, 1e-3, 5e-4])
+def test_grpo_s_near_tie_of_mean_entropies(backend, gap):
+    # Two successes whose mean entropies differ by gap / 20 (~5e-5 relative): their Eq. 9
+    # rewards are ~beta2 * 5e-5 apart, a spread of the order of eps, which the z-score turns
+    # into advantages of about +-0.56 that move with every bit of the spread. Means rounded to
+    # float32 shifted them by up to 3e-4 (found by hypothesis in CI), so the sequence-level
+    # statistics run in float64. The second pair is an ordinary failure pair, for contrast.
+    gen = torch.Generator().manual_seed(7)
+    tied = torch.rand(20, generator=gen) * 4
+    near = tied[torch.randperm(20, generator=gen)].clone()
+    near[0] += gap
+    entropy = torch.stack([tied, near, torch.rand(20, generator=gen) * 4, tied])
+    rewards = torch.tensor([0.9, 0.6, -0.3, -0.2])
+    actual = grpo_s_advantages(rewards, entropy, None, 2, backend=backend)
+    expected = ref.grpo_s_advantages(rewards, entropy, None, 2)
+    assert 0.1 < expected[0].abs() < 0.7, "the spread must sit where the z-score is sensitive"
+    case = Case(rewards, entropy, None, 2, [[0, 1], [2, 3]], 0.0)
+    assert_sequence_close(actual, expected, case)
 
 
 @settings(max_examples=20)

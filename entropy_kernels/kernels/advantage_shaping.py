@@ -15,6 +15,13 @@ whitening divides spreads of order `alpha2 * eps` by `sqrt(var + 1e-8)`, and com
 would leave only float32 rounding noise to divide. The whitening works on `s` and adds the
 (exactly known) centred base back: within one set `base` is constant and cancels exactly.
 
+The sums of entropies and the shaping terms are computed in float64 and `s` is rounded to
+float32 once. Rows whose entropies (GTPO) or mean entropies (GRPO-S) nearly tie, agreeing to
+1e-6 .. 1e-4 relative, give terms `d_t H - sum H` or shaped rewards whose spread is of the order
+of `eps`, which whitening magnifies: a float32 sum of the entropies rounds away most of that
+spread (errors up to 3e-4 in the advantages, tests/test_advantages.py). The extra cost is
+float64 arithmetic on [B, T] or [B] values, nothing next to the logits.
+
 Rows arrive as outcomes, not rewards: +1 for a success, -1 for a failure (decided by the
 launcher in the rewards' own dtype), NaN for a reward that is not finite, which poisons its
 row's outputs. An infinite entropy is read as NaN, so it propagates too instead of becoming
@@ -87,11 +94,13 @@ def _token_shaping_term(
     eps,
 ):
     # s = r - base of Eq. 3 (successes) and Eq. 5 (failures); inactive positions get 0.
+    # float64 up to here (module docstring), float32 from here on.
+    h = h.to(tl.float64)
     success_term = alpha2 * _excess_share(n_success, h, sum_h_success, eps)
     failure_term = -alpha2 * _excess_share(n_failure, 1.0 / (h + eps), sum_inv_failure, eps)
     s = tl.where(success_active, success_term, tl.where(failure_active, failure_term, 0.0))
     # A NaN outcome is neither success nor failure: it poisons the row's active tokens.
-    return tl.where(failure_active & (outcome != outcome), outcome, s)
+    return tl.where(failure_active & (outcome != outcome), outcome, s.to(tl.float32))
 
 
 @triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None})
@@ -134,9 +143,9 @@ def _gtpo_token_rewards_kernel(
     # Pass 1: per-position sums over the group's success rows (d_t, sum H) and failure
     # rows (h_t, sum 1/(H+eps)).
     n_success = tl.zeros([BLOCK_T], dtype=tl.float32)
-    sum_h_success = tl.zeros([BLOCK_T], dtype=tl.float32)
+    sum_h_success = tl.zeros([BLOCK_T], dtype=tl.float64)
     n_failure = tl.zeros([BLOCK_T], dtype=tl.float32)
-    sum_inv_failure = tl.zeros([BLOCK_T], dtype=tl.float32)
+    sum_inv_failure = tl.zeros([BLOCK_T], dtype=tl.float64)
     for k in range(0, size):
         row = tl.load(row_order_ptr + start + k).to(tl.int64)
         outcome, active, h = _load_row(
@@ -155,9 +164,9 @@ def _gtpo_token_rewards_kernel(
         success_active = active & (outcome > 0.0)
         failure_active = active & ((outcome > 0.0) == 0)
         n_success += success_active.to(tl.float32)
-        sum_h_success += tl.where(success_active, h, 0.0)
+        sum_h_success += tl.where(success_active, h.to(tl.float64), 0.0)
         n_failure += failure_active.to(tl.float32)
-        sum_inv_failure += tl.where(failure_active, 1.0 / (h + eps), 0.0)
+        sum_inv_failure += tl.where(failure_active, 1.0 / (h.to(tl.float64) + eps), 0.0)
 
     # Pass 2: write r = base + s, or only s when it is to be whitened, and sum s per set.
     sum_s_success = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -309,8 +318,9 @@ def _sequence_mean_entropy_kernel(
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    count = tl.zeros([BLOCK_T], dtype=tl.float32)
+    # float64: two rows' means may nearly tie (see the module docstring).
+    total = tl.zeros([BLOCK_T], dtype=tl.float64)
+    count = tl.zeros([BLOCK_T], dtype=tl.float64)
     for t0 in range(0, seq_len, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         active = offs_t < seq_len
@@ -325,8 +335,8 @@ def _sequence_mean_entropy_kernel(
             other=0.0,
         ).to(tl.float32)
         # An infinite entropy propagates as NaN (1 / inf would turn it into a number).
-        total += tl.where(tl.abs(h) == float("inf"), float("nan"), h)
-        count += active.to(tl.float32)
+        total += tl.where(tl.abs(h) == float("inf"), float("nan"), h).to(tl.float64)
+        count += active.to(tl.float64)
     # Eq. 8; a row without active tokens gets 0 rather than 0/0.
     tl.store(out_ptr + row, tl.sum(total, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0))
 
@@ -343,8 +353,9 @@ def _load_sequences(
 ):
     in_group = k + offs_r < size
     rows = tl.load(row_order_ptr + start + k + offs_r, mask=in_group, other=0)
-    score = tl.load(scores_ptr + rows, mask=in_group, other=0.0)
-    reward = tl.load(rewards_ptr + rows, mask=in_group, other=0.0)
+    # Sequence-level arithmetic runs in float64 (see group_sequence_advantages).
+    score = tl.load(scores_ptr + rows, mask=in_group, other=0.0).to(tl.float64)
+    reward = tl.load(rewards_ptr + rows, mask=in_group, other=0.0).to(tl.float64)
     success = in_group & (reward > 0.0)
     failure = in_group & ((reward > 0.0) == 0)
     return in_group, rows, score, reward, success, failure
@@ -434,17 +445,17 @@ def _group_sequence_advantages_kernel(
     offs_r = tl.arange(0, BLOCK_R)
 
     # Pass 1: success / failure counts and the Eq. 9 sums (GRPO-S), or the plain sum (GRPO).
-    acc_n_success = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc_sum_success = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc_n_failure = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc_sum_inv_failure = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_n_success = tl.zeros([BLOCK_R], dtype=tl.float64)
+    acc_sum_success = tl.zeros([BLOCK_R], dtype=tl.float64)
+    acc_n_failure = tl.zeros([BLOCK_R], dtype=tl.float64)
+    acc_sum_inv_failure = tl.zeros([BLOCK_R], dtype=tl.float64)
     for k in range(0, size, BLOCK_R):
         in_group, rows, score, reward, success, failure = _load_sequences(
             k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
         )
-        acc_n_success += success.to(tl.float32)
+        acc_n_success += success.to(tl.float64)
         acc_sum_success += tl.where(success, score, 0.0)
-        acc_n_failure += failure.to(tl.float32)
+        acc_n_failure += failure.to(tl.float64)
         acc_sum_inv_failure += tl.where(failure, 1.0 / (score + eps), 0.0)
     n_success = tl.sum(acc_n_success, axis=0)
     sum_success = tl.sum(acc_sum_success, axis=0)
@@ -470,10 +481,11 @@ def _group_sequence_advantages_kernel(
                 beta2,
                 eps,
             )
-            tl.store(out_ptr + rows, tl.where(success, base + s, -base + s), mask=in_group)
+            r = tl.where(success, base + s, -base + s)
+            tl.store(out_ptr + rows, r.to(tl.float32), mask=in_group)
     else:
         # Pass 2: the mean of the shaping term (GRPO: of the reward itself).
-        acc_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK_R], dtype=tl.float64)
         for k in range(0, size, BLOCK_R):
             in_group, rows, score, reward, success, failure = _load_sequences(
                 k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
@@ -498,8 +510,8 @@ def _group_sequence_advantages_kernel(
 
         # Pass 3: centred sums (corrected two-pass: the sum of the centred values removes the
         # rounding of the mean, so a group of equal rewards gets exactly 0, not ulp / eps).
-        acc_centred = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc_m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc_centred = tl.zeros([BLOCK_R], dtype=tl.float64)
+        acc_m2 = tl.zeros([BLOCK_R], dtype=tl.float64)
         for k in range(0, size, BLOCK_R):
             in_group, rows, score, reward, success, failure = _load_sequences(
                 k, offs_r, start, size, scores_ptr, rewards_ptr, row_order_ptr
@@ -550,7 +562,8 @@ def _group_sequence_advantages_kernel(
             )
             centred = centred - mean_correction
             scaled = centred / (std + eps) if SCALE_BY_STD else centred
-            tl.store(out_ptr + rows, tl.where(size >= 2, scaled, centred * 0.0), mask=in_group)
+            advantage = tl.where(size >= 2, scaled, centred * 0.0)
+            tl.store(out_ptr + rows, advantage.to(tl.float32), mask=in_group)
 
 
 def _block_t(seq_len: int) -> int:
@@ -698,10 +711,10 @@ def whiten_rows_(
 
 
 def sequence_mean_entropy(entropy: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 8: mean entropy over each row's active positions; [B] float32, 0 for empty rows."""
+    """Eq. 8: mean entropy over each row's active positions; [B] float64, 0 for empty rows."""
     _check_token_tensors(entropy, mask, entropy.shape[0] if entropy.dim() == 2 else -1)
     batch, seq_len = entropy.shape
-    out = torch.zeros(batch, dtype=torch.float32, device=entropy.device)
+    out = torch.zeros(batch, dtype=torch.float64, device=entropy.device)
     if batch == 0 or seq_len == 0:
         return out
     mask_arg, stride_mask_row, stride_mask_t = _mask_args(mask)
@@ -736,15 +749,19 @@ def group_sequence_advantages(
     """Per-group z-scores of sequence rewards; [B] float32.
 
     With `shape_by_entropy` the rewards are GRPO-S's (Eq. 9) built from `scores`, the
-    sequence-mean entropies [B] float32, and `rewards` holds outcomes (+1 success, -1 failure,
-    NaN poisons the row; `base` = beta1 + beta2); otherwise they are `rewards` themselves
-    (GRPO) and `scores` is not read. `scale_by_std=False` only centres (Dr. GRPO). A group of
-    one row gets 0. `zscore=False` (with `shape_by_entropy`) returns the Eq. 9 rewards themselves.
+    sequence-mean entropies [B] float64 (or float32), and `rewards` holds outcomes (+1 success,
+    -1 failure, NaN poisons the row; `base` = beta1 + beta2); otherwise they are `rewards`
+    themselves (GRPO) and `scores` is not read. `scale_by_std=False` only centres (Dr. GRPO).
+    A group of one row gets 0. `zscore=False` (with `shape_by_entropy`) returns the Eq. 9
+    rewards themselves.
+
+    The arithmetic runs in float64 (see the module docstring).
     """
     _check_layout(rewards, row_order, group_start, group_size)
     batch = rewards.shape[0]
-    if scores.dtype != torch.float32 or scores.shape != (batch,) or scores.stride(0) != 1:
-        raise ValueError(f"scores must be a contiguous float32 [{batch}]")
+    floating = (torch.float32, torch.float64)
+    if scores.dtype not in floating or scores.shape != (batch,) or scores.stride(0) != 1:
+        raise ValueError(f"scores must be a contiguous float32 or float64 [{batch}]")
     out = torch.empty(batch, dtype=torch.float32, device=rewards.device)
     slots = group_start.shape[0]
     if batch == 0:
