@@ -234,37 +234,46 @@ def _excess_share(count, value, total, eps):
     return ((count * value - total) - eps) / (total + eps)
 
 
+def _set_index(layout: GroupLayout, success: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's (group, kind) set, 2 * group + 1 for successes, 2 * group for failures."""
+    return layout.index * 2 + success.long()
+
+
+def _set_sum(values: torch.Tensor, sets: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Sums of `values` ([B] or [B, T]) per (group, kind) set: [2 * capacity, ...]."""
+    sums = torch.zeros(
+        (layout.capacity * 2, *values.shape[1:]), dtype=values.dtype, device=values.device
+    )
+    return sums.index_add_(0, sets, values)
+
+
 def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps):
     """The shaping terms s = r - base of Eq. 3 / 5 (base = +-(alpha1 + alpha2), see the kernel
-    module), with per-(group, position) sums by index_add_ over the compact group index; 0 at
-    inactive positions. The sums and terms run in float64, s is returned in float32."""
-    h = torch.where(active, _float_entropy(entropy), 0.0).to(_shaping_dtype(entropy.device))
-    success_active = active & success[:, None]
-    failure_active = active & ~success[:, None]
-    inv_h = 1.0 / (h + eps)
-    n_success = _group_sum(success_active.float(), layout)
-    sum_h_success = _group_sum(torch.where(success_active, h, 0.0), layout)
-    n_failure = _group_sum(failure_active.float(), layout)
-    sum_inv_failure = _group_sum(torch.where(failure_active, inv_h, 0.0), layout)
-    success_term = alpha2 * _excess_share(n_success, h, sum_h_success, eps)
-    failure_term = -alpha2 * _excess_share(n_failure, inv_h, sum_inv_failure, eps)
-    s = torch.where(success_active, success_term, torch.where(failure_active, failure_term, 0.0))
-    outcome_is_nan = failure_active & torch.isnan(outcomes)[:, None]
-    return torch.where(outcome_is_nan, outcomes[:, None].expand_as(s), s).float()
+    module), float32 [B, T], 0 at inactive positions.
+
+    Both equations are `+-alpha2 * (count * v / (sum v + eps) - 1)` over the row's set at the
+    position, with `v = H` on successes and `1 / (H + eps)` on failures, so one pass of
+    per-(group, kind, position) sums serves both. They run in float64 (the kernel module).
+    """
+    h = _float_entropy(entropy).to(_shaping_dtype(entropy.device))
+    value = torch.where(active, torch.where(success[:, None], h, 1.0 / (h + eps)), 0.0)
+    sets = _set_index(layout, success)
+    count = _set_sum(active.to(h.dtype), sets, layout)[sets]
+    total = _set_sum(value, sets, layout)[sets]
+    sign = torch.where(success, alpha2, -alpha2)[:, None]
+    s = torch.where(active, sign * _excess_share(count, value, total, eps), 0.0).float()
+    # A NaN outcome is neither success nor failure: it poisons the row's active tokens.
+    outcome_is_nan = active & torch.isnan(outcomes)[:, None]
+    return torch.where(outcome_is_nan, outcomes[:, None].expand_as(s), s)
 
 
 def _torch_moments(s, active, success, layout):
     """[S, 1, 2, 3]: (count, mean, centred sum of squares) of s per group and set."""
-    slot_set = layout.index * 2 + success.long()
-
-    def slot_sum(values):
-        sums = torch.zeros(layout.capacity * 2, dtype=torch.float32, device=values.device)
-        return sums.index_add_(0, slot_set, values)
-
-    count = slot_sum(active.sum(1, dtype=torch.float32))
-    mean = slot_sum(torch.where(active, s, 0.0).sum(1)) / count.clamp_min(1.0)
-    centred = torch.where(active, s - mean[slot_set][:, None], 0.0)
-    m2 = slot_sum((centred * centred).sum(1))
+    sets = _set_index(layout, success)
+    count = _set_sum(active.sum(1, dtype=torch.float32), sets, layout)
+    mean = _set_sum(torch.where(active, s, 0.0).sum(1), sets, layout) / count.clamp_min(1.0)
+    centred = torch.where(active, s - mean[sets][:, None], 0.0)
+    m2 = _set_sum((centred * centred).sum(1), sets, layout)
     return torch.stack([count, mean, m2], -1).view(layout.capacity, 1, 2, 3)
 
 
