@@ -222,9 +222,9 @@ def row_whitening(
     return row_mean.contiguous(), scale.contiguous()
 
 
-def _float_entropy(entropy: torch.Tensor) -> torch.Tensor:
-    """float32 entropy with inf read as NaN, so that it propagates (1 / inf would be 0)."""
-    h = entropy.float()
+def _float_entropy(entropy: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Entropy in `dtype` with inf read as NaN, so that it propagates (1 / inf would be 0)."""
+    h = entropy.to(dtype)
     return h.masked_fill(h.isinf(), float("nan"))
 
 
@@ -241,10 +241,7 @@ def _set_index(layout: GroupLayout, success: torch.Tensor) -> torch.Tensor:
 
 def _set_sum(values: torch.Tensor, sets: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Sums of `values` ([B] or [B, T]) per (group, kind) set: [2 * capacity, ...]."""
-    sums = torch.zeros(
-        (layout.capacity * 2, *values.shape[1:]), dtype=values.dtype, device=values.device
-    )
-    return sums.index_add_(0, sets, values)
+    return _index_sum(values, sets, layout.capacity * 2)
 
 
 def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps):
@@ -255,7 +252,7 @@ def _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps
     position, with `v = H` on successes and `1 / (H + eps)` on failures, so one pass of
     per-(group, kind, position) sums serves both. They run in float64 (the kernel module).
     """
-    h = _float_entropy(entropy).to(_shaping_dtype(entropy.device))
+    h = _float_entropy(entropy, _shaping_dtype(entropy.device))
     value = torch.where(active, torch.where(success[:, None], h, 1.0 / (h + eps)), 0.0)
     sets = _set_index(layout, success)
     count = _set_sum(active.to(h.dtype), sets, layout)[sets]
@@ -367,12 +364,15 @@ def _shaping_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _index_sum(values: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
+    """[slots, ...]: the sums of the rows of `values` ([B] or [B, T]) by slot `index` [B]."""
+    sums = torch.zeros((slots, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return sums.index_add_(0, index, values)
+
+
 def _group_sum(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Sum of `values` ([B] or [B, T]) over each row's group, gathered back per row."""
-    sums = torch.zeros(
-        (layout.capacity, *values.shape[1:]), dtype=values.dtype, device=values.device
-    )
-    return sums.index_add_(0, layout.index, values)[layout.index]
+    return _index_sum(values, layout.index, layout.capacity)[layout.index]
 
 
 def _torch_group_zscore(centred, layout, scale_by_std, eps):
