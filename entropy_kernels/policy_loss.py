@@ -21,6 +21,7 @@ from ._validation import (
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
+from .objectives import Objective, as_objective, objective_loss
 from .scoring import ScoringOptions, score
 
 AGGREGATIONS = (
@@ -121,10 +122,13 @@ def loss_from_logprobs(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     options: LossOptions,
+    objective: Objective | None = None,
 ) -> PolicyLossOutput:
     """The surrogate loss from differentiable ``[B, T]`` log-probs and entropy (validated inputs).
 
     ``advantages`` is ``[B]`` or ``[B, T]``; ``mask`` is ``[B, T]`` bool/float or None.
+    ``objective`` (None: the PPO clip) replaces the clipped surrogate by
+    :func:`entropy_kernels.objectives.objective_loss`.
     """
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
@@ -148,7 +152,19 @@ def loss_from_logprobs(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - options.clip_low, 1.0 + options.clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    if objective is None:
+        per_token = torch.maximum(unclipped, clipped)
+    else:
+        per_token, indicators = objective_loss(
+            logprobs,
+            entropy,
+            old,
+            advantages,
+            active.float(),
+            options.clip_low,
+            options.clip_high,
+            objective,
+        )
     negative = advantages < 0
     if options.dual_clip is not None:
         dual_bound = -advantages * options.dual_clip
@@ -188,6 +204,11 @@ def loss_from_logprobs(
         }
         if kl is not None:
             metrics["kl"] = _masked_mean(kl.detach(), weights, total)
+        if objective is not None:
+            for name, indicator in indicators.items():
+                metrics[f"objective_{name}_fraction"] = _masked_mean(
+                    indicator.float(), weights, total
+                )
     # The scored values themselves, at every position.
     return PolicyLossOutput(loss, *scored, metrics)
 
@@ -325,6 +346,14 @@ def without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> t
     return mask & kept if mask.dtype == torch.bool else mask * kept
 
 
+def checked_objective(objective: str | Objective, options: LossOptions) -> Objective | None:
+    """The validated objective, None for the plain clip (the fused kernel's)."""
+    chosen = as_objective(objective)
+    if options.dual_clip is not None and chosen.name != "clip":
+        raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
+    return None if chosen.is_plain_clip else chosen
+
+
 def check_loss_inputs(
     tokens: torch.Tensor,
     advantages: torch.Tensor,
@@ -368,6 +397,7 @@ def policy_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy-gradient loss straight from logits.
 
@@ -397,6 +427,13 @@ def policy_loss(
             forward call). Logits must then be an op's output, not a leaf requiring grad.
         validate: check token range (one host sync).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        objective: ``"clip"`` (the default, fused on the Triton backend) or another objective of
+            :mod:`entropy_kernels.objectives` (``"cispo"``, ``"sapo"``, ``"gpg"``,
+            ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
+            :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
+            ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
+            the plain clip takes the two-pass route (scoring pass, torch maths, gradient
+            kernel). ``dual_clip`` applies to ``"clip"`` only.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -410,6 +447,7 @@ def policy_loss(
     options = LossOptions(
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
     )
+    chosen = checked_objective(objective, options)
     flat_tokens = logits.dim() == 2
     if flat_tokens and aggregation != "token-mean":
         raise ValueError(
@@ -437,6 +475,7 @@ def policy_loss(
     fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
     # The fused kernel's gradient reaches only the logits.
     companions = (advantages, old_logprobs, ref_logprobs, normalizer)
+    fused = fused and chosen is None
     if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
         out = _fused_policy_loss(
             logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
@@ -451,6 +490,7 @@ def policy_loss(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=options,
+            objective=chosen,
         )
     if flat_tokens:
         return PolicyLossOutput(out.loss, out.logprobs[0], out.entropy[0], out.metrics)
