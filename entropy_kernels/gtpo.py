@@ -31,10 +31,12 @@ from .advantages import (
     gtpo_advantages,
     success_outcomes,
 )
+from .objectives import Objective
 from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
     check_inplace_backward,
+    checked_objective,
     loss_from_logprobs,
     policy_loss,
     without_ignored_tokens,
@@ -175,6 +177,7 @@ def _entropy_shaped_loss(
     inplace_backward: bool,
     validate: bool,
     backend: str,
+    objective: str | Objective,
 ) -> PolicyLossOutput:
     check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
@@ -194,6 +197,7 @@ def _entropy_shaped_loss(
     check_companion("ref_logprobs", ref_logprobs, shape, device)
     if loss_options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    chosen = checked_objective(objective, loss_options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
@@ -218,6 +222,7 @@ def _entropy_shaped_loss(
             inplace_backward=inplace_backward,
             validate=False,
             backend=backend,
+            objective=chosen or "clip",
         )
     else:
         scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
@@ -232,6 +237,7 @@ def _entropy_shaped_loss(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=loss_options,
+            objective=chosen,
         )
     metrics = advantage_metrics(
         advantages, checked_rewards, shaping_entropy, mask, shaping.success_threshold
@@ -267,6 +273,7 @@ def gtpo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
     clipped surrogate (Eq. 7), in one pass over the logits.
@@ -287,6 +294,8 @@ def gtpo_loss(
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
             (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
+        objective: as in :func:`entropy_kernels.policy_loss` (default ``"clip"``, Eq. 7): GTPO
+            advantages under CISPO, GSPO's sequence ratio, SAPO...
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -308,6 +317,7 @@ def gtpo_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
+        objective=objective,
     )
 
 
@@ -336,6 +346,7 @@ def grpo_s_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
     active token of the row, in the clipped surrogate (Eq. 7), in one pass over the logits.
@@ -346,7 +357,7 @@ def grpo_s_loss(
         beta1, beta2, success_threshold, eps: as in :func:`entropy_kernels.grpo_s_advantages`
             (defaults 1.0, 0.1, 0.0, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
-        normalizer, inplace_backward, validate, backend: as in :func:`gtpo_loss`.
+        normalizer, inplace_backward, validate, backend, objective: as in :func:`gtpo_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -368,11 +379,18 @@ def grpo_s_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
+        objective=objective,
     )
 
 
 # Keyword options of the one-call losses that are neither shaping nor surrogate options.
-_CALL_OPTIONS = {"temperature": 1.0, "inplace_backward": False, "validate": True, "backend": "auto"}
+_CALL_OPTIONS = {
+    "temperature": 1.0,
+    "inplace_backward": False,
+    "validate": True,
+    "backend": "auto",
+    "objective": "clip",
+}
 
 
 def _checked_options(shaping_type: type, options: dict) -> dict:
@@ -397,6 +415,8 @@ def _checked_options(shaping_type: type, options: dict) -> dict:
         check_positive_float("temperature", options["temperature"])
     if "backend" in options:
         resolve_backend(options["backend"], torch.device("cpu"))
+    if "objective" in options:
+        checked_objective(options["objective"], LossOptions(dual_clip=options.get("dual_clip")))
     return dict(options)
 
 

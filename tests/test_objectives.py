@@ -351,3 +351,41 @@ def test_dual_clip_needs_the_clip_objective():
     logits, tokens, old, advantages, mask = loss_inputs()
     with pytest.raises(ValueError, match="dual_clip"):
         ek.policy_loss(logits, tokens, advantages, mask, dual_clip=2.0, objective="sapo")
+
+
+@pytest.mark.parametrize("same_pass_entropy", [False, True])
+def test_one_call_losses_take_the_objective(same_pass_entropy):
+    """GTPO / GRPO-S advantages under another objective: the one-call losses equal policy_loss
+    on the shaped advantages, with the rollout entropy or with the entropy of the same pass."""
+    logits, tokens, old, _, mask = loss_inputs(seed=8)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    entropy = ek.logprobs_and_entropy(logits, tokens)[1]
+    objective = Objective("cispo", ratio_level="sequence")
+    for one_call, shaping in (
+        (ek.gtpo_loss, ek.gtpo_advantages),
+        (ek.grpo_s_loss, ek.grpo_s_advantages),
+    ):
+        got = one_call(
+            logits,
+            tokens,
+            rewards,
+            mask,
+            2,
+            old_logprobs=old,
+            old_entropy=None if same_pass_entropy else entropy,
+            objective=objective,
+        )
+        advantages = shaping(rewards, entropy, mask, 2)
+        want = ek.policy_loss(
+            logits, tokens, advantages, mask, old_logprobs=old, clip_high=0.28, objective=objective
+        )
+        torch.testing.assert_close(got.loss, want.loss, **VALUE_TOL)
+        assert "objective_clipped_fraction" in got.metrics
+
+
+def test_loss_modules_validate_the_objective():
+    assert ek.GTPOLoss(objective="sapo").options["objective"] == "sapo"
+    with pytest.raises(ValueError, match="objective"):
+        ek.GRPOSLoss(objective="nope")
+    with pytest.raises(ValueError, match="dual_clip"):
+        ek.GTPOLoss(objective="gpg", dual_clip=2.0)
