@@ -33,6 +33,7 @@ from .advantages import (
     success_outcomes,
     uniform_group_rows,
 )
+from .objectives import Objective
 from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
@@ -305,6 +306,7 @@ def gtpo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
     clipped surrogate (Eq. 7), in one pass over the logits.
@@ -325,6 +327,8 @@ def gtpo_loss(
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
             (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
+        objective: as in :func:`entropy_kernels.policy_loss` (default ``"clip"``, Eq. 7): GTPO
+            advantages under CISPO, GSPO's sequence ratio, SAPO...
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -339,7 +343,14 @@ def gtpo_loss(
             alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
         ),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -377,6 +388,7 @@ def grpo_s_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
     active token of the row, in the clipped surrogate (Eq. 7), in one pass over the logits.
@@ -387,7 +399,7 @@ def grpo_s_loss(
         beta1, beta2, success_threshold, filter_groups, eps: as in
             :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
-        normalizer, inplace_backward, validate, backend: as in :func:`gtpo_loss`.
+        normalizer, inplace_backward, validate, backend, objective: as in :func:`gtpo_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -400,7 +412,14 @@ def grpo_s_loss(
         groups,
         shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,

@@ -21,6 +21,7 @@ from ._validation import (
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
+from .objectives import Objective, as_objective, objective_loss
 from .scoring import ScoringOptions, score
 
 AGGREGATIONS = (
@@ -55,8 +56,15 @@ class LossOptions:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     normalizer: float | torch.Tensor | None = None
+    # A name or Objective of entropy_kernels.objectives; stored as None for the plain clip
+    # (the fused kernel's), an Objective otherwise.
+    objective: str | Objective | None = None
 
     def __post_init__(self):
+        chosen = as_objective("clip" if self.objective is None else self.objective)
+        if self.dual_clip is not None and chosen.name != "clip":
+            raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
+        object.__setattr__(self, "objective", None if chosen.is_plain_clip else chosen)
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"clip_low must lie in [0, 1), got {self.clip_low!r}")
         if not self.clip_high >= 0.0:
@@ -125,7 +133,10 @@ def loss_from_logprobs(
     """The surrogate loss from differentiable ``[B, T]`` log-probs and entropy (validated inputs).
 
     ``advantages`` is ``[B]`` or ``[B, T]``; ``mask`` is ``[B, T]`` bool/float or None.
+    ``options.objective`` (None: the PPO clip) replaces the clipped surrogate by
+    :func:`entropy_kernels.objectives.objective_loss`.
     """
+    objective = options.objective
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     weights = torch.ones_like(logprobs) if mask is None else mask.to(torch.float32)
@@ -148,7 +159,19 @@ def loss_from_logprobs(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - options.clip_low, 1.0 + options.clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    if objective is None:
+        per_token = torch.maximum(unclipped, clipped)
+    else:
+        per_token, indicators = objective_loss(
+            logprobs,
+            entropy,
+            old,
+            advantages,
+            active.float(),
+            options.clip_low,
+            options.clip_high,
+            objective,
+        )
     negative = advantages < 0
     if options.dual_clip is not None:
         dual_bound = -advantages * options.dual_clip
@@ -188,6 +211,11 @@ def loss_from_logprobs(
         }
         if kl is not None:
             metrics["kl"] = _masked_mean(kl.detach(), weights, total)
+        if objective is not None:
+            for name, indicator in indicators.items():
+                metrics[f"objective_{name}_fraction"] = _masked_mean(
+                    indicator.float(), weights, total
+                )
     # The scored values themselves, at every position.
     return PolicyLossOutput(loss, *scored, metrics)
 
@@ -371,6 +399,7 @@ def policy_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy-gradient loss straight from logits.
 
@@ -400,6 +429,13 @@ def policy_loss(
             forward call). Logits must then be an op's output, not a leaf requiring grad.
         validate: check token range (one host sync).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        objective: ``"clip"`` (the default, fused on the Triton backend) or another objective of
+            :mod:`entropy_kernels.objectives` (``"cispo"``, ``"sapo"``, ``"gpg"``,
+            ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
+            :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
+            ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
+            the plain clip takes the two-pass route (scoring pass, torch maths, gradient
+            kernel). ``dual_clip`` applies to ``"clip"`` only.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -411,7 +447,7 @@ def policy_loss(
     check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
     options = LossOptions(
-        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer, objective
     )
     check_loss_rows("logits", "V", tuple(logits.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
@@ -480,8 +516,11 @@ def policy_loss_core(
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
     companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
-    if fused is not None and not any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in companions
+    # The fused kernel computes the plain clip only, and its gradient reaches only the logits.
+    if (
+        fused is not None
+        and options.objective is None
+        and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions)
     ):
         out = fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     else:
