@@ -12,8 +12,14 @@ import math
 
 import torch
 
-from ..advantages import GRPO_SCALES, NORMALIZE_MODES, SCOPES, WHITENING_EPS
 from .core import logprobs_and_entropy, policy_loss
+
+# The option values and whitening constant of the spec (algorithms.md), restated here: the
+# reference imports nothing from the library (tests check that these match it).
+NORMALIZE_MODES = ("separate", "joint", "none")
+SCOPES = ("batch", "group")
+GRPO_SCALES = ("std", "none")
+WHITENING_EPS = 1e-8
 
 __all__ = [
     "grpo_advantages",
