@@ -102,8 +102,9 @@ def gtpo_token_rewards(
 ) -> torch.Tensor:
     """Eq. 3 (success rows) and Eq. 5 (failure rows): shaped rewards [B, T] float64."""
     success = _successes(rewards, success_threshold)
+    seq_len = entropy.shape[-1]  # also for an empty batch
     rewards, entropy, active = _inputs(rewards, entropy, mask)
-    batch, seq_len = len(rewards), len(entropy[0]) if entropy else 0
+    batch = len(rewards)
     r = [[0.0] * seq_len for _ in range(batch)]
     for rows in group_rows(groups, batch):
         for t in range(seq_len):
