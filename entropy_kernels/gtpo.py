@@ -15,10 +15,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._validation import (
+    check_backend,
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_shaping_constant,
+    check_threshold,
+    check_values,
     resolve_backend,
 )
 from .advantages import (
@@ -77,6 +81,8 @@ class GTPOShaping:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         check_eps(self.eps)
+        check_shaping_constant("alpha2", self.alpha2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return gtpo_advantages(
@@ -107,6 +113,8 @@ class GRPOSShaping:
 
     def __post_init__(self):
         check_eps(self.eps)
+        check_shaping_constant("beta2", self.beta2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return grpo_s_advantages(
@@ -192,7 +200,7 @@ def _entropy_shaped_loss(
     validate: bool,
     backend: str,
 ) -> PolicyLossOutput:
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
@@ -200,7 +208,8 @@ def _entropy_shaped_loss(
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, logits.shape[-1], -100, mask, log_probs, {"old_entropy": old_entropy})
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     return shaped_loss_core(
         logits_scorers(logits, scoring),
@@ -226,6 +235,7 @@ def check_shaped_loss_inputs(
         )
     check_groups(groups, shape[0], device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
@@ -456,7 +466,7 @@ def _checked_options(shaping_type: type, options: dict) -> dict:
     if "temperature" in options:
         check_positive_float("temperature", options["temperature"])
     if "backend" in options:
-        resolve_backend(options["backend"], torch.device("cpu"))
+        check_backend(options["backend"])
     return dict(options)
 
 

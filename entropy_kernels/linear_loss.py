@@ -99,7 +99,10 @@ def linear_policy_loss(
     check_linear_inputs(hidden, weight, bias, tokens)
     check_loss_rows("hidden", "H", tuple(hidden.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
-    scoring = linear_options(hidden, weight, tokens, temperature, -100, validate, backend)
+    log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+    scoring = linear_options(
+        hidden, weight, tokens, temperature, -100, validate, backend, mask=mask, log_probs=log_probs
+    )
     scorers = _linear_scorers(hidden, weight, bias, scoring)
     return policy_loss_core(scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options)
 
@@ -114,7 +117,18 @@ def _linear_shaped_loss(hidden, weight, bias, tokens, rewards, mask, groups, opt
         raise ValueError(f"hidden must be [B, T, H] (rows are grouped), got {tuple(hidden.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
     checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
-    scoring = linear_options(hidden, weight, tokens, temperature, -100, validate, backend)
+    scoring = linear_options(
+        hidden,
+        weight,
+        tokens,
+        temperature,
+        -100,
+        validate,
+        backend,
+        mask=mask,
+        log_probs={"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
+        non_negative={"old_entropy": old_entropy},
+    )
     return shaped_loss_core(
         _linear_scorers(hidden, weight, bias, scoring),
         tokens,

@@ -16,8 +16,9 @@ from torch.autograd.function import once_differentiable
 from ._validation import (
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_values,
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
@@ -374,6 +375,7 @@ def check_loss_inputs(
         raise ValueError(f"advantages must be a floating tensor, got dtype {advantages.dtype}")
     check_companion("advantages", advantages, advantages.shape, device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
     if options.kl_coef != 0.0 and ref_logprobs is None:
@@ -410,7 +412,7 @@ def policy_loss(
         tokens: ``[B, T]`` integer tokens whose log-probs are scored; ``-100`` marks ignored
             positions (never active, zero gradient).
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
-        mask: ``[B, T]`` bool or float (weights), None for all active.
+        mask: ``[B, T]`` bool or non-negative float weights, None for all active.
         old_logprobs: ``[B, T]`` log-probs of the behaviour policy; None is on-policy
             (``ratio = exp(logp - logp.detach())``).
         ref_logprobs: ``[B, T]`` reference-policy log-probs, required when ``kl_coef != 0``.
@@ -427,7 +429,9 @@ def policy_loss(
         inplace_backward: the gradient overwrites the logits' storage (saves one ``[B, T, V]``
             buffer, destroys the caller's logits: on the fused Triton path already during the
             forward call). Logits must then be an op's output, not a leaf requiring grad.
-        validate: check token range (one host sync).
+        validate: check, in one host sync, that tokens lie in ``[0, V)`` (or are -100), that
+            mask weights are ``>= 0`` and that ``old_logprobs`` / ``ref_logprobs`` are
+            ``<= 0`` at active positions (NaN passes and propagates).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         objective: ``"clip"`` (the default, fused on the Triton backend) or another objective of
             :mod:`entropy_kernels.objectives` (``"cispo"``, ``"sapo"``, ``"gpg"``,
@@ -444,7 +448,7 @@ def policy_loss(
     Returns:
         :class:`PolicyLossOutput`. A batch without active tokens has loss 0 and zero gradient.
     """
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
     options = LossOptions(
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer, objective
@@ -454,7 +458,8 @@ def policy_loss(
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, logits.shape[-1], -100, mask, log_probs)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
     return policy_loss_core(

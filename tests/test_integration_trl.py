@@ -129,7 +129,10 @@ class CheckedGTPOTrainer(GTPOTrainer):
         generator = torch.Generator().manual_seed(self.checked_batches)
         off_policy = {
             **inputs,
-            "old_per_token_logps": logps + 0.3 * torch.randn(logps.shape, generator=generator),
+            # Perturbed log-probs stay log-probs (<= 0): policy_loss rejects positive ones.
+            "old_per_token_logps": (
+                logps + 0.3 * torch.randn(logps.shape, generator=generator)
+            ).clamp_max(0.0),
             "importance_sampling_ratio": 2 * torch.rand(logps.shape, generator=generator),
         }
         self.use_vllm = self.vllm_importance_sampling_correction = True
