@@ -16,7 +16,7 @@ from .core import logprobs_and_entropy, policy_loss
 
 # The option values and whitening constant of the spec (algorithms.md), restated here: the
 # reference imports nothing from the library (tests check that these match it).
-NORMALIZE_MODES = ("separate", "joint", "none")
+NORMALIZE_MODES = ("zero-filled", "separate", "joint", "none")
 SCOPES = ("batch", "group")
 GRPO_SCALES = ("std", "none")
 WHITENING_EPS = 1e-8
