@@ -166,7 +166,9 @@ def gtpo_advantages(
         for set_rows in sets:
             tokens = [(i, t) for i in set_rows for t in range(seq_len) if active[i][t]]
             if len(tokens) < 2:
-                continue  # no variance: these tokens keep advantage 0
+                for i, t in tokens:  # no variance: advantage 0, but NaN stays NaN
+                    advantages[i, t] = 0.0 * r[i, t]
+                continue
             values = [r[i, t].item() for i, t in tokens]
             mean, var = _mean(values), _unbiased_var(values)
             for (i, t), value in zip(tokens, values, strict=True):
