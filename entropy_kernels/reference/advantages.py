@@ -200,7 +200,9 @@ def gtpo_advantages(
         for scope_rows, field_rows in whitened:
             tokens = [(i, t) for i in scope_rows for t in range(seq_len) if active[i][t]]
             if len(tokens) < 2:
-                continue  # no variance: these tokens keep advantage 0
+                for i, t in tokens:  # no variance: advantage 0, but NaN stays NaN
+                    advantages[i, t] = 0.0 * r[i, t]
+                continue
             field = set(field_rows)
             values = [r[i, t].item() if i in field else 0.0 for i, t in tokens]
             mean, var = _mean(values), _unbiased_var(values)
