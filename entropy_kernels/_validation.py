@@ -46,15 +46,20 @@ def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
             "logits must have unit stride in the vocabulary (last) dimension, got strides "
             f"{tuple(logits.stride())}; leading dimensions may have any strides"
         )
+    check_tokens(tokens, "logits", logits)
+
+
+def check_tokens(tokens: torch.Tensor, name: str, scored: torch.Tensor) -> None:
+    """Integer ``tokens`` with the leading shape of ``scored [..., V or H]``, on its device."""
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+    if tuple(tokens.shape) != tuple(scored.shape[:-1]):
         raise ValueError(
-            f"tokens must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+            f"tokens must have the leading shape of {name} {tuple(scored.shape[:-1])}, "
             f"got {tuple(tokens.shape)}"
         )
-    if tokens.device != logits.device:
-        raise ValueError(f"tokens must be on {logits.device} like logits, got {tokens.device}")
+    if tokens.device != scored.device:
+        raise ValueError(f"tokens must be on {scored.device} like {name}, got {tokens.device}")
 
 
 def check_token_range(tokens: torch.Tensor, vocab_size: int, ignore_index: int) -> None:

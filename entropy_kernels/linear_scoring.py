@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import LOGIT_DTYPES, check_positive_float, check_token_range, resolve_backend
+from ._validation import (
+    LOGIT_DTYPES,
+    check_positive_float,
+    check_token_range,
+    check_tokens,
+    resolve_backend,
+)
 from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
@@ -69,15 +75,7 @@ def check_linear_inputs(hidden, weight, bias, tokens) -> None:
             raise ValueError(f"{name} must be on {hidden.device} like hidden, got {value.device}")
     if bias is not None and tuple(bias.shape) != (vocab_size,):
         raise ValueError(f"bias must have shape ({vocab_size},) like weight's V, got {bias.shape}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-    if tuple(tokens.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"tokens must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(tokens.shape)}"
-        )
-    if tokens.device != hidden.device:
-        raise ValueError(f"tokens must be on {hidden.device} like hidden, got {tokens.device}")
+    check_tokens(tokens, "hidden", hidden)
 
 
 def linear_options(hidden, weight, tokens, temperature, ignore_index, validate, backend):
@@ -114,8 +112,11 @@ def _logit_tile(hidden_f32, weight, bias, start, stop):
     return torch.addmm(bias[start:stop].float(), hidden_f32, block.T)
 
 
-def _torch_rows_forward(hidden_f32, tokens, weight, bias, options: LinearOptions):
-    """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``."""
+def _torch_rows_forward(hidden_f32, tokens, weight, bias, masked: bool, options: LinearOptions):
+    """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
+
+    ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped.
+    """
     rows, vocab_size = hidden_f32.shape[0], weight.shape[0]
     inv_temperature = 1.0 / options.temperature
     row_max = hidden_f32.new_full((rows,), float("-inf"))
@@ -135,9 +136,11 @@ def _torch_rows_forward(hidden_f32, tokens, weight, bias, options: LinearOptions
         recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
         sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
         sum_exp = rescale * sum_exp
-        z = logits.sub_(shift.unsqueeze(-1)).mul_(inv_temperature)
-        # -inf logits (a -inf bias) become the most negative float: exp gives 0 and 0 * z = 0.
-        z.clamp_min_(torch.finfo(torch.float32).min)
+        z = logits.sub_(shift.unsqueeze(-1))
+        if inv_temperature != 1.0:
+            z *= inv_temperature
+        if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
+            z.clamp_min_(torch.finfo(torch.float32).min)
         exp_z = z.exp()
         sum_exp += exp_z.sum(-1)
         sum_exp_z += torch.linalg.vecdot(exp_z, z)
@@ -162,6 +165,7 @@ def _torch_forward(hidden, weight, bias, tokens, options: LinearOptions):
     logprobs = torch.empty(shape, device=hidden.device)
     entropy = torch.empty(shape, device=hidden.device)
     normaliser = torch.empty((2, *shape), device=hidden.device)
+    masked = bias is not None and bool(torch.isneginf(bias).any())
     for outer, inner in row_chunks(layout, TILE_ROWS):
         block = rows[outer, inner]
         chunk_shape = block.shape[:-1]
@@ -170,6 +174,7 @@ def _torch_forward(hidden, weight, bias, tokens, options: LinearOptions):
             token_rows[outer, inner].reshape(-1),
             weight,
             bias,
+            masked,
             options,
         )
         logprobs[outer, inner] = outputs[0].view(chunk_shape)
