@@ -406,3 +406,65 @@ print(step(8192, 128, 32000))
 """
     growth = int(run_python(code).strip())
     assert growth < 256 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_loss_through_the_scoring_op_when_a_companion_needs_grad():
+    # Advantages that require grad take the score-then-backward path instead of the fused one.
+    head = make_head(2, 5, 13, 90, seed=4)
+    hidden, weight, bias, tokens = head
+    advantages, mask, old, _ = loss_inputs(head, seed=4)
+    mine, refs = leaves((hidden, weight, bias, advantages)), leaves((hidden, weight, bias))
+    ref_advantages = advantages.double().requires_grad_()
+    options = dict(old_logprobs=old, entropy_coef=0.05, aggregation="seq-mean-token-mean")
+    ours = ek.linear_policy_loss(
+        *mine[:2], tokens, mine[3], mask, bias=mine[2], backend="torch", **options
+    )
+    ref = reference.linear_policy_loss(
+        *refs[:2], tokens, ref_advantages, mask, bias=refs[2], **options
+    )
+    ours.loss.backward()
+    ref.loss.backward()
+    assert_output(ours, ref)
+    assert_grads(mine[:3], refs)
+    torch.testing.assert_close(mine[3].grad.double(), ref_advantages.grad, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_scaled_by_the_outer_gradient(backend):
+    head = make_head(2, 4, 12, 70, seed=5)
+    hidden, weight, bias, tokens = head
+    advantages, mask, old, _ = loss_inputs(head, seed=5)
+    grads = []
+    for scale in (1.0, 2.5):
+        mine = leaves((hidden, weight, bias))
+        out = ek.linear_policy_loss(
+            *mine[:2], tokens, advantages, mask, bias=mine[2], old_logprobs=old, backend=backend
+        )
+        (out.loss * scale).backward()
+        grads.append([t.grad for t in mine])
+    for plain, scaled in zip(*grads, strict=True):
+        # Rounding differs only where the scale enters before the matmuls (the scoring op).
+        assert (scaled - plain * 2.5).norm() <= 1e-6 * (plain * 2.5).norm()
+
+
+def test_fused_gradient_is_handed_over_once():
+    hidden, weight, bias, tokens = make_head(2, 3, 8, 30)
+    hidden = hidden.clone().requires_grad_()
+    out = ek.linear_policy_loss(hidden, weight, tokens, torch.randn(2), backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already"):
+        out.loss.backward()
+
+
+def test_triton_gradients_are_deterministic():
+    hidden, weight, bias, tokens = make_head(2, 9, 20, 75, seed=6)
+    results = []
+    for _ in range(2):
+        mine = leaves((hidden, weight, bias))
+        logp, entropy = ek.linear_logprobs_and_entropy(
+            *mine[:2], tokens, bias=mine[2], backend="triton"
+        )
+        (logp.sum() + entropy.sum()).backward()
+        results.append([t.grad for t in mine])
+    for first, second in zip(*results, strict=True):
+        assert torch.equal(first, second)
