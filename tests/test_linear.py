@@ -368,44 +368,45 @@ def run_python(code: str) -> str:
     return result.stdout
 
 
-def test_torch_backend_never_loads_the_linear_kernels():
-    code = """
-import sys, torch, entropy_kernels as ek
-hidden, weight = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8)
-tokens = torch.randint(0, 11, (2, 3))
-ek.linear_policy_loss(hidden, weight, tokens, torch.randn(2), backend="torch").loss.backward()
-print(sorted(name for name in sys.modules if name.startswith("entropy_kernels.kernels.linear")))
-"""
-    assert run_python(code).strip() == "[]"
-
-
-def test_memory_bounded_by_a_tile():
+def test_memory_bounded_by_a_tile_and_no_kernel_loaded():
     # N = 8192, H = 128, V = 32000 float32: one logits tensor would take 1 GB. The peak RSS of
-    # forward + backward must grow by well under a quarter of that above inputs and gradients.
+    # forward + backward must grow by well under a quarter of that above inputs and gradients:
+    # the loss (gradient formed in the forward pass), and at N = 1024 (logits of 128 MiB) the
+    # scoring op alone (recomputing backward). The torch backend never loads Triton kernels.
     code = """
-import resource, torch, entropy_kernels as ek
+import resource, sys, torch, entropy_kernels as ek
 torch.set_num_threads(2)
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-def step(n, size, vocab):
+def step(n, size, vocab, loss):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, size, generator=g).requires_grad_()
     weight = (torch.randn(vocab, size, generator=g) / size**0.5).requires_grad_()
     bias = torch.zeros(vocab, requires_grad=True)
     tokens = torch.randint(0, vocab, (n,), generator=g)
+    advantages = torch.randn(n, generator=g)
     for t in (hidden, weight, bias):  # gradients allocated up front: they count as outputs
         t.grad = torch.zeros_like(t)
     before = peak()
-    out = ek.linear_policy_loss(hidden, weight, tokens, torch.randn(n, generator=g),
-                                bias=bias, entropy_coef=0.01, backend="torch")
-    out.loss.backward()
+    if loss:
+        ek.linear_policy_loss(hidden, weight, tokens, advantages, bias=bias, entropy_coef=0.01,
+                              backend="torch").loss.backward()
+    else:
+        logp, entropy = ek.linear_logprobs_and_entropy(hidden, weight, tokens, bias=bias,
+                                                       backend="torch")
+        (logp.sum() + entropy.sum()).backward()
     assert torch.isfinite(weight.grad).all()
     return peak() - before
-step(512, 128, 32000)  # warm-up: allocator pools, BLAS buffers, code paths
-print(step(8192, 128, 32000))
+for loss in (True, False):  # warm-up: allocator pools, BLAS buffers, code paths
+    step(256, 128, 32000, loss)
+print(step(8192, 128, 32000, True), step(1024, 128, 32000, False))
+print(sorted(name for name in sys.modules if name.startswith("entropy_kernels.kernels.linear")))
 """
-    growth = int(run_python(code).strip())
-    assert growth < 256 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+    growths, loaded = run_python(code).strip().splitlines()
+    assert loaded == "[]"
+    loss_growth, op_growth = map(int, growths.split())
+    assert loss_growth < 256 * 2**20, f"loss: peak RSS grew by {loss_growth / 2**20:.0f} MiB"
+    assert op_growth < 32 * 2**20, f"scoring op: peak RSS grew by {op_growth / 2**20:.0f} MiB"
 
 
 def test_loss_through_the_scoring_op_when_a_companion_needs_grad():
