@@ -370,14 +370,17 @@ def run_python(code: str) -> str:
 
 def test_memory_bounded_by_a_tile_and_no_kernel_loaded():
     # N = 8192, H = 128, V = 32000 float32: one logits tensor would take 1 GB. The peak RSS of
-    # forward + backward must grow by well under a quarter of that above inputs and gradients:
-    # the loss (gradient formed in the forward pass), and at N = 1024 (logits of 128 MiB) the
-    # scoring op alone (recomputing backward). The torch backend never loads Triton kernels.
+    # forward + backward must grow by well under a quarter of that above inputs and gradients
+    # (VmHWM, reset before each step): the loss (gradient formed in the forward pass), and at
+    # N = 1024 (logits of 128 MiB) the scoring op alone (recomputing backward). The torch
+    # backend never loads the Triton kernels.
     code = """
-import resource, sys, torch, entropy_kernels as ek
+import sys, torch, entropy_kernels as ek
 torch.set_num_threads(2)
 def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Peak RSS since the last reset (Linux): VmHWM, reset through clear_refs before each step.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) * 1024
 def step(n, size, vocab, loss):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, size, generator=g).requires_grad_()
@@ -387,6 +390,8 @@ def step(n, size, vocab, loss):
     advantages = torch.randn(n, generator=g)
     for t in (hidden, weight, bias):  # gradients allocated up front: they count as outputs
         t.grad = torch.zeros_like(t)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
     before = peak()
     if loss:
         ek.linear_policy_loss(hidden, weight, tokens, advantages, bias=bias, entropy_coef=0.01,
