@@ -59,9 +59,9 @@ def _block_logits(hidden_f32, weight, bias):
     """``[rows, V]`` float32 logits; half-precision weights are converted a tile at a time."""
     vocab_size, step = weight.shape[0], linear_scoring.TILE_VOCAB
     if weight.dtype == torch.float32:
-        return linear_scoring._logit_tile(hidden_f32, weight, bias, 0, vocab_size)
+        return linear_scoring.logit_block(hidden_f32, weight, bias, 0, vocab_size)
     tiles = [
-        linear_scoring._logit_tile(hidden_f32, weight, bias, start, min(start + step, vocab_size))
+        linear_scoring.logit_block(hidden_f32, weight, bias, start, min(start + step, vocab_size))
         for start in range(0, vocab_size, step)
     ]
     return torch.cat(tiles, dim=1)

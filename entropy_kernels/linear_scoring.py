@@ -14,7 +14,12 @@ pass over the tiles per row block) and ``"triton"`` (``tl.dot`` tiles, determini
 kernel per row block for the hidden gradient, one per vocabulary block for the weight and bias
 gradients, no atomics; see :mod:`entropy_kernels.kernels.linear_fwd`). Logits are accumulated
 in float32 whatever the input dtype and never rounded to it; gradients of half-precision inputs
-are accumulated in float32 and rounded once.
+are accumulated in float32 and rounded once. (The torch backend's weight gradient of half
+inputs is a float32 ``[V, H]`` accumulator; the Triton kernels accumulate in float32 buffers of
+the gradients' shapes.)
+
+The linear losses on the torch backend skip the recomputation when they can: see
+:mod:`entropy_kernels.linear_fused`.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def hidden_rows(hidden: torch.Tensor, tokens: torch.Tensor):
 # Torch backend
 
 
-def _logit_tile(hidden_f32, weight, bias, start, stop):
+def logit_block(hidden_f32, weight, bias, start, stop):
     """``hidden @ weight[start:stop].T + bias[start:stop]`` in float32, ``[rows, stop - start]``."""
     block = weight[start:stop].float()
     if bias is None:
@@ -125,7 +130,7 @@ def _torch_rows_forward(hidden_f32, tokens, weight, bias, masked: bool, options:
     token_logit = hidden_f32.new_full((rows,), float("nan"))
     for start in range(0, vocab_size, TILE_VOCAB):
         stop = min(start + TILE_VOCAB, vocab_size)
-        logits = _logit_tile(hidden_f32, weight, bias, start, stop)
+        logits = logit_block(hidden_f32, weight, bias, start, stop)
         in_tile = (tokens >= start) & (tokens < stop)
         index = (tokens - start).clamp(0, stop - start - 1).long().unsqueeze(-1)
         token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
@@ -197,7 +202,7 @@ def _torch_rows_backward(hidden_f32, tokens, weight, bias, saved, grads, accumul
         # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
         tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
         grad = _torch_chunk_backward(
-            _logit_tile(hidden_f32, weight, bias, start, stop), tile_tokens, *saved, *grads, scoring
+            logit_block(hidden_f32, weight, bias, start, stop), tile_tokens, *saved, *grads, scoring
         )
         if grad_hidden_rows is not None:
             grad_hidden_rows.addmm_(grad, weight[start:stop].float())
