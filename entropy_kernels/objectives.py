@@ -1,9 +1,12 @@
 """Policy-gradient objectives besides the PPO clip, each defined once in torch on ``[B, T]``.
 
-:func:`entropy_kernels.policy_loss` takes ``objective=`` (a name or an :class:`Objective`). The
-plain ``"clip"`` objective is the fused kernel's; any other objective or option here takes the
-two-pass route: a scoring pass (log-probs and entropy), this module's ``[B, T]`` maths under
-autograd, and the scoring op's gradient kernel in the backward.
+:func:`entropy_kernels.policy_loss` takes ``objective=`` (a name or an :class:`Objective`).
+Token-local objectives (``clip`` with or without ``delta``, ``cispo``, ``sapo``, ``gpg``, on
+token ratios, without masks) are fused on the Triton backend: the kernel writes their
+derivative in the forward pass, as for the clip. The others need a reduction across tokens
+first and take the two-pass route: a scoring pass (log-probs and entropy), this module's
+``[B, T]`` maths under autograd, and the scoring op's gradient kernel in the backward. The
+torch backend runs every objective through this module's maths.
 
 Notation, per active token ``t`` of sequence ``i``: ``A`` the advantage, ``l = clamp(logp -
 old, -20, 20)``, ``r = exp(l)``, ``n_i`` the active tokens of ``i``, ``sg`` stop-gradient,
@@ -64,6 +67,8 @@ import torch
 
 OBJECTIVES = ("clip", "cispo", "sapo", "gpg", "geo_mean", "vespo", "clip_cov", "kl_cov")
 RATIO_LEVELS = ("token", "sequence", "sequence-token")
+# The token-local objectives the fused kernel differentiates in registers, by kernel code.
+OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "gpg": 3}
 # Objectives whose ratio is their own (per token or their own sequence form).
 _TOKEN_LEVEL_ONLY = ("gpg", "geo_mean", "vespo", "clip_cov", "kl_cov")
 # The log of VESPO's lower bound on the sequence ratio (TRL's log(1e-8)).
@@ -177,8 +182,19 @@ class Objective:
 
     @property
     def is_plain_clip(self) -> bool:
-        """Whether this is the fused kernel's objective (PPO clip on token ratios, no masks)."""
+        """Whether this is the PPO clip on token ratios, without delta or masks."""
         return self == Objective()
+
+    @property
+    def is_token_local(self) -> bool:
+        """Whether each token's loss depends on that token alone: the fused kernel's objectives
+        (a sequence ratio, a mask or a selection needs a reduction across tokens first)."""
+        return (
+            self.name in OBJECTIVE_CODES
+            and self.ratio_level == "token"
+            and self.entropy_quantile == 1.0
+            and self.off_policy_threshold is None
+        )
 
 
 def as_objective(objective: str | Objective) -> Objective:

@@ -21,7 +21,7 @@ from ._validation import (
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
-from .objectives import Objective, as_objective, objective_loss
+from .objectives import OBJECTIVE_CODES, Objective, as_objective, objective_loss
 from .scoring import ScoringOptions, score
 
 AGGREGATIONS = (
@@ -263,9 +263,15 @@ def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Te
 
 
 def _fused_policy_loss(
-    logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
+    logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options, objective
 ):
-    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together."""
+    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together
+    (``objective``: None for the plain clip, else a token-local objective)."""
+    chosen = objective or Objective()
+    # CISPO without its lower bound: clip(r, 1 - 1, ...) = min(r, ...) since r > 0.
+    kernel_clip_low = options.clip_low
+    if chosen.name == "cispo" and not chosen.cispo_two_sided:
+        kernel_clip_low = 1.0
     weights = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
     token_advantages = advantages.float()
     if token_advantages.dim() == 1:
@@ -282,11 +288,15 @@ def _fused_policy_loss(
         as_float(ref_logprobs) if options.kl_coef != 0.0 else None,
         scoring.temperature,
         scoring.ignore_index,
-        float(options.clip_low),
+        float(kernel_clip_low),
         float(options.clip_high),
         None if options.dual_clip is None else float(options.dual_clip),
         float(options.kl_coef),
         float(options.entropy_coef),
+        OBJECTIVE_CODES[chosen.name],
+        None if chosen.delta is None else float(chosen.delta),
+        float(chosen.sapo_temperature_pos),
+        float(chosen.sapo_temperature_neg),
     )
     if scoring.inplace_backward and not torch.compiler.is_compiling():
         logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
@@ -302,6 +312,7 @@ def _fused_policy_loss(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=options,
+            objective=objective,
         )
     loss = _LossWithGradient.apply(out.loss, logits, grad_logits)
     return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
@@ -432,8 +443,10 @@ def policy_loss(
             ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
             :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
             ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
-            the plain clip takes the two-pass route (scoring pass, torch maths, gradient
-            kernel). ``dual_clip`` applies to ``"clip"`` only.
+            the token-local objectives (``clip`` with or without ``delta``, ``cispo``, ``sapo``,
+            ``gpg``, on token ratios, without masks: fused on Triton like the clip) takes the
+            two-pass route (scoring pass, torch maths, gradient kernel). ``dual_clip``
+            applies to ``"clip"`` only.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -475,10 +488,10 @@ def policy_loss(
     fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
     # The fused kernel's gradient reaches only the logits.
     companions = (advantages, old_logprobs, ref_logprobs, normalizer)
-    fused = fused and chosen is None
+    fused = fused and (chosen is None or chosen.is_token_local)
     if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
         out = _fused_policy_loss(
-            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
+            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options, chosen
         )
     else:
         logprobs, entropy = score(logits, tokens, scoring)
