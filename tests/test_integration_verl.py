@@ -396,6 +396,26 @@ def test_fused_policy_loss_honours_every_loss_mode(verl, loss_mode, loss_agg_mod
     )
 
 
+@pytest.mark.parametrize("loss_mode", ["cispo", "sapo", "gpg"])
+def test_token_local_modes_are_fused(verl, loss_mode):
+    """cispo / sapo / gpg run policy_loss's fused objectives (here the Triton kernel, run by the
+    interpreter), not verl's function, with verl's numbers; modes that need a reduction across
+    tokens run verl's own function."""
+    config = actor_config(verl, {"loss_mode": loss_mode}, **BATCH_INFO["global"])
+    assert adapter._fused_objective(loss_mode, config) is not None
+    for other in ("gspo", "clip_cov", "geo_mean"):
+        assert adapter._fused_objective(other, actor_config(verl, {"loss_mode": other})) is None
+    logits, tokens, old, advantages, mask, weights = loss_inputs(seed=9, batch=3, seq=4)
+    assert_fused_equals_verl(
+        verl.core_algos.get_policy_loss_fn(loss_mode),
+        (logits, tokens, old, advantages, mask),
+        "token-mean",
+        config,
+        weights,
+        backend="triton",
+    )
+
+
 # verl's loss_mode -> the same objective of entropy_kernels.policy_loss, and the aggregations it
 # honours (sapo always aggregates "seq-mean-token-mean"; geo_mean averages sequence losses).
 OBJECTIVE_MODES = {
