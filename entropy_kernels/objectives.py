@@ -25,7 +25,8 @@ Ratio levels (``ratio_level``), for ``clip``, ``cispo`` and ``sapo``:
 Objectives (``name``); the per-token loss, before masks, KL, entropy bonus and aggregation:
 
 - ``"clip"``: PPO (Schulman et al. 2017): ``max(-A u, -A clip(r, 1 - eps_low, 1 + eps_high))``
-  with ``u = min(r, delta)`` under TRL's two-sided clipping ``delta`` (else ``u = r``).
+  with ``u = min(r, delta)`` under TRL's two-sided clipping ``delta`` (INTELLECT-2, arXiv
+  2505.07291; else ``u = r``).
 - ``"cispo"``: CISPO (MiniMax-M1, arXiv 2506.13585): ``-sg(clip(r, 1 - eps_low, 1 + eps_high))
   A logp`` (verl's ``cispo``); ``cispo_two_sided=False`` drops the lower bound: TRL's
   ``cispo``, whose bound ``epsilon_high`` is ``1 + clip_high``.
@@ -35,9 +36,10 @@ Objectives (``name``); the per-token loss, before masks, KL, entropy bonus and a
 - ``"geo_mean"``: GMPO (arXiv 2507.20673), verl's ``geo_mean``: ``-A exp(sum_t c / n_i)`` with
   ``c = sign(A) min(sign(A) l, sign(A) clip(l, -eps_low, eps_high))``: the clip acts on each
   token's log-ratio, then the geometric mean of the sequence's ratios.
-- ``"vespo"``: VESPO as TRL 1.16's ``vespo``: ``-sg(phi_i) A logp``, ``phi(w) = exp(lambda +
-  k log w - lambda w)`` of the sequence ratio ``w_i = exp(clamp(sum_t l, log 1e-8, 20))``, with
-  ``(k, lambda)`` the ``vespo_*_pos`` pair where ``A >= 0``, else the ``vespo_*_neg`` pair.
+- ``"vespo"``: VESPO (arXiv 2602.10693) as TRL 1.16's ``vespo``: ``-sg(phi_i) A logp``,
+  ``phi(w) = exp(lambda + k log w - lambda w)`` of the sequence ratio
+  ``w_i = exp(clamp(sum_t l, log 1e-8, 20))``, with ``(k, lambda)`` the ``vespo_*_pos`` pair
+  where ``A >= 0``, else the ``vespo_*_neg`` pair.
 - ``"clip_cov"``: Clip-Cov (Cui et al. 2025, arXiv 2505.22617), verl's ``clip_cov``: the
   ``"clip"`` loss with the gradient cut (loss 0) at ``max(int(cov_fraction N), 1)`` tokens
   drawn at random (torch's global generator, as verl) among the active, unclipped tokens
@@ -48,14 +50,15 @@ Objectives (``name``); the per-token loss, before masks, KL, entropy bonus and a
   largest covariance.
 
 Token masks (any objective): ``off_policy_threshold`` (DeepSeek-V3.2's off-policy sequence
-masking, TRL's ``off_policy_mask_threshold``) zeroes the loss of negative-advantage tokens of
-sequences whose mean ``old - sg(logp)`` exceeds it; ``entropy_quantile = q < 1`` (the 80/20
-rule of Wang et al. 2025, arXiv 2506.01939, TRL's ``top_entropy_quantile``) keeps the loss
-of active tokens whose entropy is at least the ``1 - q`` quantile of the active entropies.
+masking, arXiv 2512.02556, TRL's ``off_policy_mask_threshold``) zeroes the loss of
+negative-advantage tokens of sequences whose mean ``old - sg(logp)`` exceeds it;
+``entropy_quantile = q < 1`` (the 80/20 rule of Wang et al. 2025, arXiv 2506.01939, TRL's
+``top_entropy_quantile``) keeps the loss of active tokens whose entropy is at least the
+``1 - q`` quantile of the active entropies.
 Both act on the objective's term only (not on the KL term or the entropy bonus).
 
-Aggregations are ``policy_loss``'s. TRL's ``luspo`` is ``"clip"`` with
-``aggregation="seq-mean-token-sum"``.
+Aggregations are ``policy_loss``'s. TRL's ``luspo`` (LUSPO, arXiv 2602.05261) is ``"clip"``
+with ``aggregation="seq-mean-token-sum"`` (TRL averages over every sequence, empty ones too).
 """
 
 from __future__ import annotations
