@@ -27,9 +27,11 @@ from .advantages import (
     check_eps,
     check_groups,
     check_rewards,
+    group_layout,
     grpo_s_advantages,
     gtpo_advantages,
     success_outcomes,
+    uniform_group_rows,
 )
 from .objectives import Objective
 from .policy_loss import (
@@ -37,11 +39,12 @@ from .policy_loss import (
     PolicyLossOutput,
     check_inplace_backward,
     checked_objective,
+    logits_scorers,
     loss_from_logprobs,
-    policy_loss,
+    policy_loss_core,
     without_ignored_tokens,
 )
-from .scoring import ScoringOptions, score
+from .scoring import ScoringOptions
 
 __all__ = [
     "GTPOShaping",
@@ -64,9 +67,10 @@ class GTPOShaping:
     alpha1: float = 1.0
     alpha2: float = 0.1
     success_threshold: float = 0.0
-    normalize: str = "separate"
+    normalize: str = "zero-filled"
     scope: str = "batch"
     eps: float = 1e-6
+    filter_groups: bool = True
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE_MODES:
@@ -86,6 +90,7 @@ class GTPOShaping:
             success_threshold=self.success_threshold,
             normalize=self.normalize,
             scope=self.scope,
+            filter_groups=self.filter_groups,
             eps=self.eps,
             backend=backend,
         )
@@ -99,6 +104,7 @@ class GRPOSShaping:
     beta2: float = 0.1
     success_threshold: float = 0.0
     eps: float = 1e-6
+    filter_groups: bool = True
 
     def __post_init__(self):
         check_eps(self.eps)
@@ -112,6 +118,7 @@ class GRPOSShaping:
             beta1=self.beta1,
             beta2=self.beta2,
             success_threshold=self.success_threshold,
+            filter_groups=self.filter_groups,
             eps=self.eps,
             backend=backend,
         )
@@ -123,6 +130,7 @@ def advantage_metrics(
     entropy: torch.Tensor,
     mask: torch.Tensor | None,
     success_threshold: float = 0.0,
+    filtered_rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Advantage statistics over active tokens, as 0-dim float32 tensors (no host sync).
 
@@ -131,8 +139,9 @@ def advantage_metrics(
     with `rewards > success_threshold`, failure rows the others. Returns
     `success_advantage_mean` / `_std` and `failure_advantage_mean` / `_std` (unbiased std over
     the set's active tokens), `success_entropy` / `failure_entropy` (mean entropy over the
-    set's active tokens), and `success_fraction` (of rows). A float mask counts its nonzero
-    positions, unweighted. An empty set gives 0.
+    set's active tokens), `success_fraction` and `filtered_fraction` (of rows; `filtered_rows`
+    [B] bool marks the rows that `filter_groups` removed, None for none). A float mask counts
+    its nonzero positions, unweighted. An empty set gives 0.
     """
     with torch.no_grad():
         # Classified as the shaping does (a NaN or infinite reward is no success).
@@ -157,7 +166,13 @@ def advantage_metrics(
             metrics[f"{name}_advantage_mean"] = mean
             metrics[f"{name}_advantage_std"] = torch.sqrt(var)
             metrics[f"{name}_entropy"] = torch.where(tokens, entropy, 0.0).sum() / size
-        metrics["success_fraction"] = success.sum(dtype=torch.float32) / max(success.shape[0], 1)
+        rows = max(success.shape[0], 1)
+        metrics["success_fraction"] = success.sum(dtype=torch.float32) / rows
+        metrics["filtered_fraction"] = (
+            torch.zeros((), device=success.device)
+            if filtered_rows is None
+            else filtered_rows.sum(dtype=torch.float32) / rows
+        )
     return metrics
 
 
@@ -182,6 +197,29 @@ def _entropy_shaped_loss(
     check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
+    companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
+    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
+    chosen = checked_objective(objective, loss_options)
+    check_inplace_backward(logits, inplace_backward)
+    backend = resolve_backend(backend, logits.device)
+    if validate:
+        check_token_range(tokens, logits.shape[-1], -100)
+    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    return shaped_loss_core(
+        logits_scorers(logits, scoring),
+        tokens,
+        (checked_rewards, *companions[1:]),
+        shaping,
+        loss_options,
+        backend,
+        chosen,
+    )
+
+
+def check_shaped_loss_inputs(
+    tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs, options, temperature
+) -> torch.Tensor:
+    """Checks of the one-call losses' ``[B, T]`` / ``[B]`` companions; the checked rewards."""
     check_positive_float("temperature", temperature)
     shape, device = tuple(tokens.shape), tokens.device
     checked_rewards = check_rewards(rewards)
@@ -195,40 +233,40 @@ def _entropy_shaped_loss(
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
-    if loss_options.kl_coef != 0.0 and ref_logprobs is None:
+    if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
-    chosen = checked_objective(objective, loss_options)
-    check_inplace_backward(logits, inplace_backward)
-    backend = resolve_backend(backend, logits.device)
-    if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+    return checked_rewards
+
+
+def shaped_loss_core(
+    scorers,
+    tokens,
+    companions,
+    shaping,
+    loss_options: LossOptions,
+    backend: str,
+    objective: Objective | None = None,
+) -> PolicyLossOutput:
+    """The one-call loss of validated arguments; ``scorers`` and ``objective`` as in
+    ``policy_loss_core``.
+
+    ``companions``: ``(checked rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)``.
+    """
+    rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs = companions
     # Tokens equal to -100 are inactive for the shaping as for the loss.
     mask = without_ignored_tokens(mask, tokens)
-
     if old_entropy is not None:
-        # The advantages need no pass over the logits: policy_loss reads them once (on Triton
-        # its fused kernel also writes the gradient in that pass).
+        # The advantages need no pass over the scored tensor: the loss reads it once (on Triton
+        # the fused kernel of the logits path also writes the gradient in that pass).
         shaping_entropy = old_entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
-        out = policy_loss(
-            logits,
-            tokens,
-            advantages,
-            mask,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            **{field.name: getattr(loss_options, field.name) for field in fields(loss_options)},
-            temperature=temperature,
-            inplace_backward=inplace_backward,
-            validate=False,
-            backend=backend,
-            objective=chosen or "clip",
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
+        out = policy_loss_core(
+            scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options, objective
         )
     else:
-        scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = scorers[0](tokens)
         shaping_entropy = entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,
             entropy,
@@ -237,12 +275,18 @@ def _entropy_shaped_loss(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=loss_options,
-            objective=chosen,
+            objective=objective,
         )
-    metrics = advantage_metrics(
-        advantages, checked_rewards, shaping_entropy, mask, shaping.success_threshold
+    filtered_rows = None
+    if shaping.filter_groups:
+        outcomes = success_outcomes(rewards, shaping.success_threshold)
+        filtered_rows = uniform_group_rows(
+            outcomes, group_layout(groups, rewards.shape[0], rewards.device)
+        )
+    threshold = shaping.success_threshold
+    out.metrics.update(
+        advantage_metrics(advantages, rewards, shaping_entropy, mask, threshold, filtered_rows)
     )
-    out.metrics.update(metrics)
     return out
 
 
@@ -259,8 +303,9 @@ def gtpo_loss(
     alpha1: float = 1.0,
     alpha2: float = 0.1,
     success_threshold: float = 0.0,
-    normalize: str = "separate",
+    normalize: str = "zero-filled",
     scope: str = "batch",
+    filter_groups: bool = True,
     eps: float = 1e-6,
     clip_low: float = 0.2,
     clip_high: float = PAPER_CLIP_HIGH,
@@ -287,9 +332,9 @@ def gtpo_loss(
         old_entropy: `[B, T]` rollout-policy entropy to shape from (the paper's setting);
             None shapes from this pass's entropy. Either way it is detached.
         ref_logprobs: `[B, T]`, required when `kl_coef != 0`.
-        alpha1, alpha2, success_threshold, normalize, scope, eps: as in
-            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "separate",
-            "batch", 1e-6). Under `normalize="separate"` the alphas cancel.
+        alpha1, alpha2, success_threshold, normalize, scope, filter_groups, eps: as in
+            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "zero-filled",
+            "batch", True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
@@ -306,7 +351,9 @@ def gtpo_loss(
         rewards,
         mask,
         groups,
-        shaping=GTPOShaping(alpha1, alpha2, success_threshold, normalize, scope, eps),
+        shaping=GTPOShaping(
+            alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
+        ),
         loss_options=LossOptions(
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
         ),
@@ -334,6 +381,7 @@ def grpo_s_loss(
     beta1: float = 1.0,
     beta2: float = 0.1,
     success_threshold: float = 0.0,
+    filter_groups: bool = True,
     eps: float = 1e-6,
     clip_low: float = 0.2,
     clip_high: float = PAPER_CLIP_HIGH,
@@ -354,8 +402,8 @@ def grpo_s_loss(
     Args:
         logits, tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs: as in
             :func:`gtpo_loss`.
-        beta1, beta2, success_threshold, eps: as in :func:`entropy_kernels.grpo_s_advantages`
-            (defaults 1.0, 0.1, 0.0, 1e-6).
+        beta1, beta2, success_threshold, filter_groups, eps: as in
+            :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
         normalizer, inplace_backward, validate, backend, objective: as in :func:`gtpo_loss`.
 
@@ -368,7 +416,7 @@ def grpo_s_loss(
         rewards,
         mask,
         groups,
-        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps),
+        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
         ),

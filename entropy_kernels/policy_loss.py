@@ -357,22 +357,15 @@ def without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> t
     return mask & kept if mask.dtype == torch.bool else mask * kept
 
 
-def checked_objective(objective: str | Objective, options: LossOptions) -> Objective | None:
-    """The validated objective, None for the plain clip (the fused kernel's)."""
-    chosen = as_objective(objective)
-    if options.dual_clip is not None and chosen.name != "clip":
-        raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
-    return None if chosen.is_plain_clip else chosen
-
-
 def check_loss_inputs(
     tokens: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor | None,
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
+    options: LossOptions,
 ) -> None:
-    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``."""
+    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``; ref with kl_coef."""
     shape, device = tuple(tokens.shape), tokens.device
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages must be a tensor of shape {shape} or {shape[:1]}")
@@ -387,6 +380,8 @@ def check_loss_inputs(
     check_companion("mask", mask, shape, device)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
+    if options.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
 
 
 def policy_loss(
@@ -461,40 +456,110 @@ def policy_loss(
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
     )
     chosen = checked_objective(objective, options)
-    flat_tokens = logits.dim() == 2
-    if flat_tokens and aggregation != "token-mean":
-        raise ValueError(
-            f"logits [N, V] needs aggregation='token-mean' (no sequences), got {aggregation!r}; "
-            "pass logits [B, T, V] instead"
-        )
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] or [N, V], got {tuple(logits.shape)}")
-    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    check_loss_rows("logits", "V", tuple(logits.shape), options)
+    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
         check_token_range(tokens, logits.shape[-1], -100)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    return policy_loss_core(
+        logits_scorers(rows, scoring),
+        tokens,
+        advantages,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        options,
+        chosen,
+    )
+
+
+def checked_objective(objective: str | Objective, options: LossOptions) -> Objective | None:
+    """The validated objective, None for the plain clip (the fused kernel's default)."""
+    chosen = as_objective(objective)
+    if options.dual_clip is not None and chosen.name != "clip":
+        raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
+    return None if chosen.is_plain_clip else chosen
+
+
+def check_loss_rows(name: str, last: str, shape: tuple, options: LossOptions) -> None:
+    """``name`` is ``[B, T, last]``, or ``[N, last]`` under ``"token-mean"``."""
+    if len(shape) == 2 and options.aggregation != "token-mean":
+        raise ValueError(
+            f"{name} [N, {last}] needs aggregation='token-mean' (no sequences), got "
+            f"{options.aggregation!r}; pass {name} [B, T, {last}] instead"
+        )
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name} must be [B, T, {last}] or [N, {last}], got {shape}")
+
+
+def logits_scorers(logits: torch.Tensor, scoring: ScoringOptions):
+    """``(scorer, fused)`` of ``[B, T, V]`` logits for :func:`policy_loss_core`."""
+
+    def scorer(tokens):
+        return score(logits, tokens, scoring)
+
+    if not (scoring.backend == "triton" and logits.requires_grad and torch.is_grad_enabled()):
+        return scorer, None
+
+    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options, objective=None):
+        return _fused_policy_loss(
+            logits,
+            tokens,
+            advantages,
+            mask,
+            old_logprobs,
+            ref_logprobs,
+            scoring,
+            options,
+            objective,
+        )
+
+    return scorer, fused
+
+
+def policy_loss_core(
+    scorers,
+    tokens,
+    advantages,
+    mask,
+    old_logprobs,
+    ref_logprobs,
+    options: LossOptions,
+    objective: Objective | None = None,
+) -> PolicyLossOutput:
+    """The loss of validated arguments; ``tokens`` ``[B, T]`` or ``[N]`` (one sequence).
+
+    ``scorers``: ``(scorer, fused)``; ``scorer(tokens [B, T])`` returns differentiable
+    ``(logprobs, entropy)``; ``fused``, None or a function of the ``[B, T]`` arguments and
+    ``options`` that returns the output with a gradient reaching the scored tensor only (and
+    takes ``objective=`` a token-local objective). ``objective``: from
+    :func:`checked_objective` (None: the plain clip); one that is not token-local takes the
+    scorer's two-pass route.
+    """
+    scorer, fused = scorers
+    flat_tokens = tokens.dim() == 1
     if flat_tokens:
-        # [N, V] is the token-mean loss of one sequence of N tokens.
-        logits, tokens, advantages = logits.unsqueeze(0), tokens.unsqueeze(0), advantages[None]
+        # [N] tokens are the token-mean loss of one sequence of N tokens.
+        tokens, advantages = tokens.unsqueeze(0), advantages[None]
         mask, old_logprobs, ref_logprobs = (
             None if t is None else t.unsqueeze(0) for t in (mask, old_logprobs, ref_logprobs)
         )
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
-    fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
-    # The fused kernel's gradient reaches only the logits.
-    companions = (advantages, old_logprobs, ref_logprobs, normalizer)
-    fused = fused and (chosen is None or chosen.is_token_local)
-    if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
-        out = _fused_policy_loss(
-            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options, chosen
-        )
+    companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
+    if objective is not None and not objective.is_token_local:
+        fused = None
+    if fused is not None and not any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in companions
+    ):
+        arguments = (tokens, advantages, mask, old_logprobs, ref_logprobs, options)
+        chosen = {} if objective is None else {"objective": objective}
+        out = fused(*arguments, **chosen)
     else:
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = scorer(tokens)
         out = loss_from_logprobs(
             logprobs,
             entropy,
@@ -503,7 +568,7 @@ def policy_loss(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=options,
-            objective=chosen,
+            objective=objective,
         )
     if flat_tokens:
         return PolicyLossOutput(out.loss, out.logprobs[0], out.entropy[0], out.metrics)
