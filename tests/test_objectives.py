@@ -461,3 +461,26 @@ def test_non_local_objectives_are_not_fused():
             objective=objective,
         )
         assert type(out.loss.grad_fn).__name__ != "_LossWithGradientBackward"
+
+
+def test_linear_losses_take_the_objective():
+    """The hidden-state losses run the same objectives as the logits ones."""
+    generator = torch.Generator().manual_seed(12)
+    hidden = torch.randn(4, 5, 8, generator=generator)
+    weight = torch.randn(11, 8, generator=generator) * 0.5
+    _, tokens, old, advantages, mask = loss_inputs(seed=12, batch=4, seq=5)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    objective = Objective("sapo", ratio_level="sequence-token", off_policy_threshold=0.0)
+    logits = hidden @ weight.T
+    got = ek.linear_policy_loss(
+        hidden, weight, tokens, advantages, mask, old_logprobs=old, objective=objective
+    )
+    want = ek.policy_loss(logits, tokens, advantages, mask, old_logprobs=old, objective=objective)
+    torch.testing.assert_close(got.loss, want.loss, **VALUE_TOL)
+    got = ek.linear_gtpo_loss(
+        hidden, weight, tokens, rewards, mask, 2, old_logprobs=old, objective="gpg"
+    )
+    want = ek.gtpo_loss(logits, tokens, rewards, mask, 2, old_logprobs=old, objective="gpg")
+    torch.testing.assert_close(got.loss, want.loss, **VALUE_TOL)
+    with pytest.raises(ValueError, match="objective"):
+        ek.linear_grpo_s_loss(hidden, weight, tokens, rewards, mask, 2, objective="nope")
