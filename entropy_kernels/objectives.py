@@ -164,8 +164,11 @@ class Objective:
         bounds = self.clip_cov_bounds
         _check(
             "clip_cov_bounds",
-            len(bounds) == 2 and all(map(_is_number, bounds)) and bounds[0] < bounds[1],
-            "(low, high) numbers with low < high",
+            isinstance(bounds, tuple)
+            and len(bounds) == 2
+            and all(map(_is_number, bounds))
+            and bounds[0] < bounds[1],
+            "a tuple (low, high) of numbers with low < high",
             bounds,
         )
         _check(

@@ -335,6 +335,7 @@ def test_bad_objective_raises(objective, match):
         (dict(vespo_lambda_pos=float("nan")), "vespo_lambda_pos"),
         (dict(cov_fraction=0.0), "cov_fraction"),
         (dict(clip_cov_bounds=(5.0, 1.0)), "clip_cov_bounds"),
+        (dict(clip_cov_bounds=1.0), "clip_cov_bounds"),
         (dict(kl_cov_coef=-1.0), "kl_cov_coef"),
         (dict(entropy_quantile=0.0), "entropy_quantile"),
         (dict(entropy_quantile=1.5), "entropy_quantile"),
