@@ -15,10 +15,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._validation import (
+    check_backend,
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_shaping_constant,
+    check_threshold,
+    check_values,
     resolve_backend,
 )
 from .advantages import (
@@ -38,7 +42,6 @@ from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
     check_inplace_backward,
-    checked_objective,
     logits_scorers,
     loss_from_logprobs,
     policy_loss_core,
@@ -78,6 +81,8 @@ class GTPOShaping:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         check_eps(self.eps)
+        check_shaping_constant("alpha2", self.alpha2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return gtpo_advantages(
@@ -108,6 +113,8 @@ class GRPOSShaping:
 
     def __post_init__(self):
         check_eps(self.eps)
+        check_shaping_constant("beta2", self.beta2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return grpo_s_advantages(
@@ -192,18 +199,17 @@ def _entropy_shaped_loss(
     inplace_backward: bool,
     validate: bool,
     backend: str,
-    objective: str | Objective,
 ) -> PolicyLossOutput:
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
     checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
-    chosen = checked_objective(objective, loss_options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, logits.shape[-1], -100, mask, log_probs, {"old_entropy": old_entropy})
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     return shaped_loss_core(
         logits_scorers(logits, scoring),
@@ -212,7 +218,6 @@ def _entropy_shaped_loss(
         shaping,
         loss_options,
         backend,
-        chosen,
     )
 
 
@@ -230,6 +235,7 @@ def check_shaped_loss_inputs(
         )
     check_groups(groups, shape[0], device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
@@ -239,16 +245,9 @@ def check_shaped_loss_inputs(
 
 
 def shaped_loss_core(
-    scorers,
-    tokens,
-    companions,
-    shaping,
-    loss_options: LossOptions,
-    backend: str,
-    objective: Objective | None = None,
+    scorers, tokens, companions, shaping, loss_options: LossOptions, backend: str
 ) -> PolicyLossOutput:
-    """The one-call loss of validated arguments; ``scorers`` and ``objective`` as in
-    ``policy_loss_core``.
+    """The one-call loss of validated arguments; ``scorers`` as in ``policy_loss_core``.
 
     ``companions``: ``(checked rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)``.
     """
@@ -261,7 +260,7 @@ def shaped_loss_core(
         shaping_entropy = old_entropy.detach()
         advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
         out = policy_loss_core(
-            scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options, objective
+            scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options
         )
     else:
         logprobs, entropy = scorers[0](tokens)
@@ -275,7 +274,6 @@ def shaped_loss_core(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=loss_options,
-            objective=objective,
         )
     filtered_rows = None
     if shaping.filter_groups:
@@ -355,7 +353,14 @@ def gtpo_loss(
             alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
         ),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -364,7 +369,6 @@ def gtpo_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
-        objective=objective,
     )
 
 
@@ -418,7 +422,14 @@ def grpo_s_loss(
         groups,
         shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -427,18 +438,11 @@ def grpo_s_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
-        objective=objective,
     )
 
 
 # Keyword options of the one-call losses that are neither shaping nor surrogate options.
-_CALL_OPTIONS = {
-    "temperature": 1.0,
-    "inplace_backward": False,
-    "validate": True,
-    "backend": "auto",
-    "objective": "clip",
-}
+_CALL_OPTIONS = {"temperature": 1.0, "inplace_backward": False, "validate": True, "backend": "auto"}
 
 
 def _checked_options(shaping_type: type, options: dict) -> dict:
@@ -462,9 +466,7 @@ def _checked_options(shaping_type: type, options: dict) -> dict:
     if "temperature" in options:
         check_positive_float("temperature", options["temperature"])
     if "backend" in options:
-        resolve_backend(options["backend"], torch.device("cpu"))
-    if "objective" in options:
-        checked_objective(options["objective"], LossOptions(dual_clip=options.get("dual_clip")))
+        check_backend(options["backend"])
     return dict(options)
 
 

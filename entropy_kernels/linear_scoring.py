@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import LOGIT_DTYPES, check_positive_float, check_token_range, resolve_backend
+from ._validation import LOGIT_DTYPES, check_positive_float, check_values, resolve_backend
 from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
@@ -80,14 +80,17 @@ def check_linear_inputs(hidden, weight, bias, tokens) -> None:
         raise ValueError(f"tokens must be on {hidden.device} like hidden, got {tokens.device}")
 
 
-def linear_options(hidden, weight, tokens, temperature, ignore_index, validate, backend):
-    """The remaining checks of a public call (after :func:`check_linear_inputs`)."""
+def linear_options(
+    hidden, weight, tokens, temperature, ignore_index, validate, backend, **value_checks
+):
+    """The remaining checks of a public call (after :func:`check_linear_inputs`);
+    ``value_checks``: the mask / log-prob / entropy keywords of ``check_values``."""
     check_positive_float("temperature", temperature)
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = resolve_backend(backend, hidden.device)
     if validate:
-        check_token_range(tokens, weight.shape[0], ignore_index)
+        check_values(tokens, weight.shape[0], ignore_index, **value_checks)
     return LinearOptions(float(temperature), ignore_index, backend)
 
 

@@ -16,8 +16,9 @@ from torch.autograd.function import once_differentiable
 from ._validation import (
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_values,
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
@@ -56,8 +57,15 @@ class LossOptions:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     normalizer: float | torch.Tensor | None = None
+    # A name or Objective of entropy_kernels.objectives; stored as None for the plain clip
+    # (the fused kernel's), an Objective otherwise.
+    objective: str | Objective | None = None
 
     def __post_init__(self):
+        chosen = as_objective("clip" if self.objective is None else self.objective)
+        if self.dual_clip is not None and chosen.name != "clip":
+            raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
+        object.__setattr__(self, "objective", None if chosen.is_plain_clip else chosen)
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"clip_low must lie in [0, 1), got {self.clip_low!r}")
         if not self.clip_high >= 0.0:
@@ -122,14 +130,14 @@ def loss_from_logprobs(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     options: LossOptions,
-    objective: Objective | None = None,
 ) -> PolicyLossOutput:
     """The surrogate loss from differentiable ``[B, T]`` log-probs and entropy (validated inputs).
 
     ``advantages`` is ``[B]`` or ``[B, T]``; ``mask`` is ``[B, T]`` bool/float or None.
-    ``objective`` (None: the PPO clip) replaces the clipped surrogate by
+    ``options.objective`` (None: the PPO clip) replaces the clipped surrogate by
     :func:`entropy_kernels.objectives.objective_loss`.
     """
+    objective = options.objective
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     weights = torch.ones_like(logprobs) if mask is None else mask.to(torch.float32)
@@ -263,14 +271,14 @@ def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Te
 
 
 def _fused_policy_loss(
-    logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options, objective
+    logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
 ):
-    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together
-    (``objective``: None for the plain clip, else a token-local objective)."""
-    chosen = objective or Objective()
+    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together,
+    for the plain clip or a token-local ``options.objective``."""
+    objective = options.objective or Objective()
     # CISPO without its lower bound: clip(r, 1 - 1, ...) = min(r, ...) since r > 0.
     kernel_clip_low = options.clip_low
-    if chosen.name == "cispo" and not chosen.cispo_two_sided:
+    if objective.name == "cispo" and not objective.cispo_two_sided:
         kernel_clip_low = 1.0
     weights = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
     token_advantages = advantages.float()
@@ -293,10 +301,10 @@ def _fused_policy_loss(
         None if options.dual_clip is None else float(options.dual_clip),
         float(options.kl_coef),
         float(options.entropy_coef),
-        OBJECTIVE_CODES[chosen.name],
-        None if chosen.delta is None else float(chosen.delta),
-        float(chosen.sapo_temperature_pos),
-        float(chosen.sapo_temperature_neg),
+        OBJECTIVE_CODES[objective.name],
+        None if objective.delta is None else float(objective.delta),
+        float(objective.sapo_temperature_pos),
+        float(objective.sapo_temperature_neg),
     )
     if scoring.inplace_backward and not torch.compiler.is_compiling():
         logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
@@ -312,7 +320,6 @@ def _fused_policy_loss(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=options,
-            objective=objective,
         )
     loss = _LossWithGradient.apply(out.loss, logits, grad_logits)
     return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
@@ -378,6 +385,7 @@ def check_loss_inputs(
         raise ValueError(f"advantages must be a floating tensor, got dtype {advantages.dtype}")
     check_companion("advantages", advantages, advantages.shape, device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
     if options.kl_coef != 0.0 and ref_logprobs is None:
@@ -414,7 +422,7 @@ def policy_loss(
         tokens: ``[B, T]`` integer tokens whose log-probs are scored; ``-100`` marks ignored
             positions (never active, zero gradient).
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
-        mask: ``[B, T]`` bool or float (weights), None for all active.
+        mask: ``[B, T]`` bool or non-negative float weights, None for all active.
         old_logprobs: ``[B, T]`` log-probs of the behaviour policy; None is on-policy
             (``ratio = exp(logp - logp.detach())``).
         ref_logprobs: ``[B, T]`` reference-policy log-probs, required when ``kl_coef != 0``.
@@ -431,17 +439,19 @@ def policy_loss(
         inplace_backward: the gradient overwrites the logits' storage (saves one ``[B, T, V]``
             buffer, destroys the caller's logits: on the fused Triton path already during the
             forward call). Logits must then be an op's output, not a leaf requiring grad.
-        validate: check token range (one host sync).
+        validate: check, in one host sync, that tokens lie in ``[0, V)`` (or are -100), that
+            mask weights are ``>= 0`` and that ``old_logprobs`` / ``ref_logprobs`` are
+            ``<= 0`` at active positions (NaN passes and propagates).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         objective: ``"clip"`` (the default, fused on the Triton backend) or another objective of
             :mod:`entropy_kernels.objectives` (``"cispo"``, ``"sapo"``, ``"gpg"``,
             ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
             :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
             ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
-            the token-local objectives (``clip`` with or without ``delta``, ``cispo``, ``sapo``,
-            ``gpg``, on token ratios, without masks: fused on Triton like the clip) takes the
-            two-pass route (scoring pass, torch maths, gradient kernel). ``dual_clip``
-            applies to ``"clip"`` only.
+            the token-local objectives (``clip`` with or without ``delta``, ``cispo``,
+            ``sapo``, ``gpg``, on token ratios, without masks: fused on Triton like the clip)
+            takes the two-pass route (scoring pass, torch maths, gradient kernel).
+            ``dual_clip`` applies to ``"clip"`` only.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -450,18 +460,18 @@ def policy_loss(
     Returns:
         :class:`PolicyLossOutput`. A batch without active tokens has loss 0 and zero gradient.
     """
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
     options = LossOptions(
-        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer, objective
     )
-    chosen = checked_objective(objective, options)
     check_loss_rows("logits", "V", tuple(logits.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, logits.shape[-1], -100, mask, log_probs)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
     return policy_loss_core(
@@ -472,16 +482,7 @@ def policy_loss(
         old_logprobs,
         ref_logprobs,
         options,
-        chosen,
     )
-
-
-def checked_objective(objective: str | Objective, options: LossOptions) -> Objective | None:
-    """The validated objective, None for the plain clip (the fused kernel's default)."""
-    chosen = as_objective(objective)
-    if options.dual_clip is not None and chosen.name != "clip":
-        raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
-    return None if chosen.is_plain_clip else chosen
 
 
 def check_loss_rows(name: str, last: str, shape: tuple, options: LossOptions) -> None:
@@ -504,40 +505,22 @@ def logits_scorers(logits: torch.Tensor, scoring: ScoringOptions):
     if not (scoring.backend == "triton" and logits.requires_grad and torch.is_grad_enabled()):
         return scorer, None
 
-    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options, objective=None):
+    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options):
         return _fused_policy_loss(
-            logits,
-            tokens,
-            advantages,
-            mask,
-            old_logprobs,
-            ref_logprobs,
-            scoring,
-            options,
-            objective,
+            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
         )
 
     return scorer, fused
 
 
 def policy_loss_core(
-    scorers,
-    tokens,
-    advantages,
-    mask,
-    old_logprobs,
-    ref_logprobs,
-    options: LossOptions,
-    objective: Objective | None = None,
+    scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options: LossOptions
 ) -> PolicyLossOutput:
     """The loss of validated arguments; ``tokens`` ``[B, T]`` or ``[N]`` (one sequence).
 
     ``scorers``: ``(scorer, fused)``; ``scorer(tokens [B, T])`` returns differentiable
     ``(logprobs, entropy)``; ``fused``, None or a function of the ``[B, T]`` arguments and
-    ``options`` that returns the output with a gradient reaching the scored tensor only (and
-    takes ``objective=`` a token-local objective). ``objective``: from
-    :func:`checked_objective` (None: the plain clip); one that is not token-local takes the
-    scorer's two-pass route.
+    ``options`` that returns the output with a gradient reaching the scored tensor only.
     """
     scorer, fused = scorers
     flat_tokens = tokens.dim() == 1
@@ -550,14 +533,14 @@ def policy_loss_core(
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
     companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
-    if objective is not None and not objective.is_token_local:
-        fused = None
-    if fused is not None and not any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in companions
+    # The fused kernel computes token-local objectives only (a sequence ratio, a mask or a
+    # selection needs a reduction across tokens first), and its gradient reaches only the logits.
+    if (
+        fused is not None
+        and (options.objective is None or options.objective.is_token_local)
+        and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions)
     ):
-        arguments = (tokens, advantages, mask, old_logprobs, ref_logprobs, options)
-        chosen = {} if objective is None else {"objective": objective}
-        out = fused(*arguments, **chosen)
+        out = fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     else:
         logprobs, entropy = scorer(tokens)
         out = loss_from_logprobs(
@@ -568,7 +551,6 @@ def policy_loss_core(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
             options=options,
-            objective=objective,
         )
     if flat_tokens:
         return PolicyLossOutput(out.loss, out.logprobs[0], out.entropy[0], out.metrics)

@@ -97,9 +97,6 @@ class CheckedGTPOTrainer(GTPOTrainer):
 
     checked_batches = 0
     ragged_batches = 0  # batches whose completions differ in length: the normalisers then differ
-    # Generation batches with a nonzero shaped advantage: under filter_groups a batch whose
-    # groups all have uniform outcomes gets advantage 0 everywhere, and its check is vacuous.
-    shaped_batches = 0
     fused_scoring_calls = 0  # scoring passes of GRPOTrainer's own loss served by the fused op
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -132,7 +129,10 @@ class CheckedGTPOTrainer(GTPOTrainer):
         generator = torch.Generator().manual_seed(self.checked_batches)
         off_policy = {
             **inputs,
-            "old_per_token_logps": logps + 0.3 * torch.randn(logps.shape, generator=generator),
+            # Perturbed log-probs stay log-probs (<= 0): policy_loss rejects positive ones.
+            "old_per_token_logps": (
+                logps + 0.3 * torch.randn(logps.shape, generator=generator)
+            ).clamp_max(0.0),
             "importance_sampling_ratio": 2 * torch.rand(logps.shape, generator=generator),
         }
         self.use_vllm = self.vllm_importance_sampling_correction = True
@@ -173,7 +173,7 @@ class CheckedGTPOTrainer(GTPOTrainer):
         expected = shaping[self.args.advantage_shaping](
             rewards, entropy, mask, self.num_generations
         )
-        self.shaped_batches += int(bool(expected.abs().sum() > 0))
+        assert expected.abs().sum() > 0
         # A whitening set whose shaped rewards are equal up to eps (e.g. lone failures) divides
         # float32 rounding by sqrt(1e-8): agreement to 1e-3, not to the entropy's 1e-6.
         torch.testing.assert_close(output["advantages"], expected, rtol=1e-4, atol=1e-3)
@@ -190,7 +190,18 @@ class CheckedGTPOTrainer(GTPOTrainer):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def run_trainer(model_dir, tmp_path, max_steps=2, **options):
+def reward_mixed_outcomes(completions, **kwargs):
+    # Every group (consecutive completions of one prompt) holds successes and failures, so
+    # filter_groups (the default) leaves shaped advantages to check: the tiny model's
+    # completions of one prompt are often alike, which would make any text-based reward tie.
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def run_trainer(model_dir, tmp_path, reward_funcs=None, max_steps=2, **options):
+    if reward_funcs is None:
+        # Entropy shaping filters uniform groups (its default): give it groups of both outcomes.
+        shaped = options.get("advantage_shaping", "gtpo") != "grpo"
+        reward_funcs = reward_mixed_outcomes if shaped else reward_more_a_than_b
     args = GTPOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -211,7 +222,7 @@ def run_trainer(model_dir, tmp_path, max_steps=2, **options):
     )
     dataset = Dataset.from_dict({"prompt": ["ab", "ba", "cab", "bc", "ca", "abc"]})
     trainer = CheckedGTPOTrainer(
-        model=model_dir, reward_funcs=reward_more_a_than_b, args=args, train_dataset=dataset
+        model=model_dir, reward_funcs=reward_funcs, args=args, train_dataset=dataset
     )
     initial = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -267,11 +278,11 @@ def test_entropy_shaping_trains(model_dir, tmp_path, shaping):
         temperature=0.8,
     )
     assert trainer.checked_batches == 4
-    assert trainer.shaped_batches > 0
     params = list(trainer.model.parameters())
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p, p0) for p, p0 in zip(params, initial, strict=True))
     assert f"{shaping}/rollout_entropy" in trainer.state.log_history[0]
+    assert f"{shaping}/filtered_fraction" in trainer.state.log_history[0]
 
 
 # Options beyond the clip. Fused: objectives of entropy_kernels.objectives; the others run

@@ -247,7 +247,7 @@ def loss_inputs(seed=0, batch=4, seq=7, vocab=13):
     logits = torch.randn(batch, seq, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    old = logp + 0.4 * torch.randn(batch, seq, generator=generator)
+    old = (logp + 0.4 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
     advantages = torch.randn(batch, seq, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     mask[1] = False  # an empty response

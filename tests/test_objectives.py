@@ -25,7 +25,7 @@ def loss_inputs(seed=0, batch=4, seq=6, vocab=11, per_token_advantages=True):
     logits = torch.randn(batch, seq, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    old = logp + 0.3 * torch.randn(batch, seq, generator=generator)
+    old = (logp + 0.3 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
     shape = (batch, seq) if per_token_advantages else (batch,)
     advantages = torch.randn(shape, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.25
@@ -237,6 +237,7 @@ def test_two_pass_route_matches_float64_autograd(batch, seq, vocab, seed, name):
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     old = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]
     old = (old + 0.3 * torch.randn(batch, seq, generator=generator).double()).float()
+    old = old.clamp(max=0.0)  # log-probabilities, as validate checks
     objective = Objective(name)
     options = dict(clip_low=0.2, clip_high=0.28, entropy_coef=0.01, objective=objective)
 
@@ -256,8 +257,7 @@ def test_two_pass_route_matches_float64_autograd(batch, seq, vocab, seed, name):
         advantages,
         mask,
         old_logprobs=old,
-        options=LossOptions(0.2, 0.28, entropy_coef=0.01),
-        objective=objective,
+        options=LossOptions(0.2, 0.28, entropy_coef=0.01, objective=objective),
     )
     want.loss.backward()
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
@@ -421,8 +421,8 @@ def test_fused_kernel_derivative_matches_autograd(
     logits = torch.randn(batch, seq, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    old = logp + 0.3 * torch.randn(batch, seq, generator=generator)
-    ref = logp + 0.2 * torch.randn(batch, seq, generator=generator)
+    old = (logp + 0.3 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
+    ref = (logp + 0.2 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
     advantages = torch.randn(batch, seq, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     options = dict(
