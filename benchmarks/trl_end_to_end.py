@@ -1,15 +1,16 @@
-"""TRL end to end: peak RSS growth and wall time of ``train()``, TRL's GRPOTrainer against ours.
+"""TRL end to end: peak RSS growth and time of ``train()``, TRL's GRPOTrainer against ours.
 
     python benchmarks/trl_end_to_end.py --vocab 151936 --completion-length 512 --out FILE.md
 
 Each trainer runs in a fresh subprocess (``--run NAME``) on the same inputs: a tiny Qwen2
-(hidden 64, 2 layers, tied embeddings, float32, seeded weights) on CPU, a word-level tokenizer
-with ``--vocab`` entries, ``--steps`` optimisation steps of 8 completions each (one prompt
-group of 8, ``min_new_tokens`` = ``max_new_tokens`` = ``--completion-length``, so every
-completion has that length). Peak RSS growth is ``ru_maxrss`` after ``train()`` minus the RSS
-just before it (Linux, KiB). Runs: ``trl`` (``trl.GRPOTrainer``), ``grpo`` and ``gtpo``
-(``GTPOTrainer`` with ``advantage_shaping`` grpo / gtpo, fused linear head) and ``grpo-logits``
-(``fused_lm_head=False``, the logits path).
+(hidden 64, 2 layers, tied embeddings, float32, seeded weights) on CPU, a word-level
+tokenizer with ``--vocab`` entries, ``--steps`` optimisation steps of 8 completions each (one
+prompt group of 8, ``min_new_tokens`` = ``max_new_tokens`` = ``--completion-length``).
+Peak RSS growth is ``ru_maxrss`` after ``train()`` minus the RSS just before it (Linux). CPU
+time is the process's user + system time in ``train()``, meaningful when other work shares
+the cores (``--parallel`` runs the subprocesses at once). Runs: ``trl``
+(``trl.GRPOTrainer``), ``grpo`` and ``gtpo`` (``GTPOTrainer``, ``advantage_shaping`` grpo /
+gtpo, fused linear head) and ``grpo-logits`` (``fused_lm_head=False``, the logits path).
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def run_one(name: str, vocab: int, length: int, steps: int, workdir: str) -> dic
         processing_class=tokenizer,
     )
     before = _rss_kib()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     lengths = [
         log["completions/mean_length"]
@@ -119,8 +120,18 @@ def run_one(name: str, vocab: int, length: int, steps: int, workdir: str) -> dic
         "run": name,
         "peak_growth_mib": (peak - before) / 1024,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "mean_completion_length": sum(lengths) / max(len(lengths), 1),
     }
+
+
+def _result(name: str, process: subprocess.Popen) -> dict:
+    stdout, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"run {name} failed with exit status {process.returncode}")
+    result = json.loads([x for x in stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
+    print(result, flush=True)
+    return result
 
 
 def main() -> None:
@@ -130,6 +141,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the subprocesses at once (memory is per process; wall times then compete)",
+    )
     parser.add_argument("--out", help="write the markdown table here (default: stdout only)")
     options = parser.parse_args()
     if options.run:
@@ -140,26 +156,30 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
+    running = []
     for name in options.runs:
         command = [sys.executable, __file__, "--run", name, "--vocab", str(options.vocab)]
         command += ["--completion-length", str(options.completion_length)]
         command += ["--steps", str(options.steps)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
-        results[name] = json.loads(line[len("RESULT ") :])
-        print(results[name], flush=True)
+        running.append((name, subprocess.Popen(command, stdout=subprocess.PIPE, text=True)))
+        if not options.parallel:
+            results[name] = _result(*running.pop())
+    for name, process in running:
+        results[name] = _result(name, process)
     lines = [
         f"V = {options.vocab:,}, completion length {options.completion_length}, "
         f"{options.steps} step(s) of 8 completions, tiny Qwen2 (hidden 64), float32, CPU.",
         "",
-        "| run | peak RSS growth in train() | ratio to TRL | wall time of train() | mean length |",
-        "|---|---|---|---|---|",
+        "| run | peak RSS growth in train() | ratio to TRL | CPU time of train() | wall time "
+        "| mean completion length |",
+        "|---|---|---|---|---|---|",
     ]
     base = results.get("trl", {}).get("peak_growth_mib")
     for name, r in results.items():
         ratio = f"{r['peak_growth_mib'] / base:.2f}x" if base else "-"
         lines.append(
-            f"| {name} | {r['peak_growth_mib']:,.0f} MiB | {ratio} | {r['seconds']:.1f} s "
+            f"| {name} | {r['peak_growth_mib']:,.0f} MiB | {ratio} | {r['cpu_seconds']:.0f} s "
+            f"| {r['seconds']:.0f} s "
             f"| {r['mean_completion_length']:.0f} |"
         )
     table = "\n".join(lines) + "\n"
