@@ -2,17 +2,20 @@
 
 ``GTPOTrainer`` replaces two pieces of ``trl.GRPOTrainer`` (tested with TRL 1.16):
 
-- ``_compute_loss``: the model's logits at the completion positions go, as a strided view, into
-  :func:`entropy_kernels.policy_loss`, which computes the clipped surrogate, the k3 KL term and
-  the entropy bonus in one pass over the vocabulary. With ``advantage_shaping="grpo"`` the loss
-  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo``,
-  ``dr_grpo``, ``luspo`` (with or without ``delta``), ``cispo`` and ``sapo`` (objectives of
-  :mod:`entropy_kernels.objectives`, fused like the clip on the Triton backend), including
-  gradient accumulation and vLLM importance-sampling correction.
+- ``_compute_loss``: the backbone's last hidden states at the completion positions and the LM
+  head go into :func:`entropy_kernels.linear_policy_loss` (or, on the logits path, the logits
+  as a strided view into :func:`entropy_kernels.policy_loss`), which computes the clipped
+  surrogate, the k3 KL term and the entropy bonus in one pass over the vocabulary. With
+  ``advantage_shaping="grpo"`` the loss equals the one ``GRPOTrainer`` computes for
+  ``loss_type`` in ``dapo``, ``grpo``, ``bnpo``, ``dr_grpo``, ``luspo`` (with or without
+  ``delta``), ``cispo`` and ``sapo`` (objectives of :mod:`entropy_kernels.objectives`, fused
+  like the clip on the Triton backend), including gradient accumulation and vLLM
+  importance-sampling correction.
 - ``_generate_and_score_completions`` (``"gtpo"`` / ``"grpo_s"`` only): after TRL has generated
   and rewarded the completions, a no-grad scoring pass of the policy over the generation batch
-  (:func:`entropy_kernels.logprobs_and_entropy`) yields the rollout entropy, and the advantages
-  are reshaped over complete prompt groups, gathered across processes like TRL's rewards.
+  (``linear_logprobs_and_entropy`` / ``logprobs_and_entropy``) yields the rollout entropy, and
+  the advantages are reshaped over complete prompt groups, gathered across processes like
+  TRL's rewards.
 
 The scoring pass costs one extra no-grad forward of the policy over every generated sequence
 (prompt + completion), chunked by ``per_device_train_batch_size``, plus one read of the
