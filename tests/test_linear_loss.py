@@ -59,8 +59,9 @@ def loss_inputs(head, *, seed=0, per_token=True):
     true_logp, _ = reference.logprobs_and_entropy(logits, tokens)
     shifts = torch.tensor([-1.0, -0.4, 0.0, 0.4, 1.0], dtype=torch.float64)
     pick = (torch.arange(seq) + torch.arange(batch).unsqueeze(-1)) % len(shifts)
-    old = (true_logp - shifts[pick]).float()
-    ref = (true_logp + 0.3 * torch.randn(batch, seq, generator=generator)).float()
+    # Log-probabilities stay <= 0 (validate rejects positive ones: probabilities passed instead).
+    old = (true_logp - shifts[pick]).clamp(max=0.0).float()
+    ref = (true_logp + 0.3 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0).float()
     return advantages, mask, old, ref
 
 
