@@ -15,10 +15,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._validation import (
+    check_backend,
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_shaping_constant,
+    check_threshold,
+    check_values,
     resolve_backend,
 )
 from .advantages import (
@@ -33,15 +37,17 @@ from .advantages import (
     success_outcomes,
     uniform_group_rows,
 )
+from .objectives import Objective
 from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
     check_inplace_backward,
+    logits_scorers,
     loss_from_logprobs,
-    policy_loss,
+    policy_loss_core,
     without_ignored_tokens,
 )
-from .scoring import ScoringOptions, score
+from .scoring import ScoringOptions
 
 __all__ = [
     "GTPOShaping",
@@ -75,6 +81,8 @@ class GTPOShaping:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         check_eps(self.eps)
+        check_shaping_constant("alpha2", self.alpha2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return gtpo_advantages(
@@ -105,6 +113,8 @@ class GRPOSShaping:
 
     def __post_init__(self):
         check_eps(self.eps)
+        check_shaping_constant("beta2", self.beta2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return grpo_s_advantages(
@@ -190,9 +200,31 @@ def _entropy_shaped_loss(
     validate: bool,
     backend: str,
 ) -> PolicyLossOutput:
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
+    companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
+    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
+    check_inplace_backward(logits, inplace_backward)
+    backend = resolve_backend(backend, logits.device)
+    if validate:
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, logits.shape[-1], -100, mask, log_probs, {"old_entropy": old_entropy})
+    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    return shaped_loss_core(
+        logits_scorers(logits, scoring),
+        tokens,
+        (checked_rewards, *companions[1:]),
+        shaping,
+        loss_options,
+        backend,
+    )
+
+
+def check_shaped_loss_inputs(
+    tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs, options, temperature
+) -> torch.Tensor:
+    """Checks of the one-call losses' ``[B, T]`` / ``[B]`` companions; the checked rewards."""
     check_positive_float("temperature", temperature)
     shape, device = tuple(tokens.shape), tokens.device
     checked_rewards = check_rewards(rewards)
@@ -203,41 +235,37 @@ def _entropy_shaped_loss(
         )
     check_groups(groups, shape[0], device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
-    if loss_options.kl_coef != 0.0 and ref_logprobs is None:
+    if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
-    check_inplace_backward(logits, inplace_backward)
-    backend = resolve_backend(backend, logits.device)
-    if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+    return checked_rewards
+
+
+def shaped_loss_core(
+    scorers, tokens, companions, shaping, loss_options: LossOptions, backend: str
+) -> PolicyLossOutput:
+    """The one-call loss of validated arguments; ``scorers`` as in ``policy_loss_core``.
+
+    ``companions``: ``(checked rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)``.
+    """
+    rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs = companions
     # Tokens equal to -100 are inactive for the shaping as for the loss.
     mask = without_ignored_tokens(mask, tokens)
-
     if old_entropy is not None:
-        # The advantages need no pass over the logits: policy_loss reads them once (on Triton
-        # its fused kernel also writes the gradient in that pass).
+        # The advantages need no pass over the scored tensor: the loss reads it once (on Triton
+        # the fused kernel of the logits path also writes the gradient in that pass).
         shaping_entropy = old_entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
-        out = policy_loss(
-            logits,
-            tokens,
-            advantages,
-            mask,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            **{field.name: getattr(loss_options, field.name) for field in fields(loss_options)},
-            temperature=temperature,
-            inplace_backward=inplace_backward,
-            validate=False,
-            backend=backend,
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
+        out = policy_loss_core(
+            scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options
         )
     else:
-        scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = scorers[0](tokens)
         shaping_entropy = entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,
             entropy,
@@ -249,17 +277,14 @@ def _entropy_shaped_loss(
         )
     filtered_rows = None
     if shaping.filter_groups:
-        outcomes = success_outcomes(checked_rewards, shaping.success_threshold)
-        filtered_rows = uniform_group_rows(outcomes, group_layout(groups, shape[0], device))
-    metrics = advantage_metrics(
-        advantages,
-        checked_rewards,
-        shaping_entropy,
-        mask,
-        shaping.success_threshold,
-        filtered_rows,
+        outcomes = success_outcomes(rewards, shaping.success_threshold)
+        filtered_rows = uniform_group_rows(
+            outcomes, group_layout(groups, rewards.shape[0], rewards.device)
+        )
+    threshold = shaping.success_threshold
+    out.metrics.update(
+        advantage_metrics(advantages, rewards, shaping_entropy, mask, threshold, filtered_rows)
     )
-    out.metrics.update(metrics)
     return out
 
 
@@ -291,6 +316,7 @@ def gtpo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
     clipped surrogate (Eq. 7), in one pass over the logits.
@@ -311,6 +337,8 @@ def gtpo_loss(
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
             (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
+        objective: as in :func:`entropy_kernels.policy_loss` (default ``"clip"``, Eq. 7): GTPO
+            advantages under CISPO, GSPO's sequence ratio, SAPO...
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -325,7 +353,14 @@ def gtpo_loss(
             alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
         ),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -363,6 +398,7 @@ def grpo_s_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
     active token of the row, in the clipped surrogate (Eq. 7), in one pass over the logits.
@@ -373,7 +409,7 @@ def grpo_s_loss(
         beta1, beta2, success_threshold, filter_groups, eps: as in
             :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
-        normalizer, inplace_backward, validate, backend: as in :func:`gtpo_loss`.
+        normalizer, inplace_backward, validate, backend, objective: as in :func:`gtpo_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -386,7 +422,14 @@ def grpo_s_loss(
         groups,
         shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -423,7 +466,7 @@ def _checked_options(shaping_type: type, options: dict) -> dict:
     if "temperature" in options:
         check_positive_float("temperature", options["temperature"])
     if "backend" in options:
-        resolve_backend(options["backend"], torch.device("cpu"))
+        check_backend(options["backend"])
     return dict(options)
 
 

@@ -16,11 +16,13 @@ from torch.autograd.function import once_differentiable
 from ._validation import (
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_values,
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
+from .objectives import Objective, as_objective, objective_loss
 from .scoring import ScoringOptions, score
 
 AGGREGATIONS = (
@@ -55,8 +57,15 @@ class LossOptions:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     normalizer: float | torch.Tensor | None = None
+    # A name or Objective of entropy_kernels.objectives; stored as None for the plain clip
+    # (the fused kernel's), an Objective otherwise.
+    objective: str | Objective | None = None
 
     def __post_init__(self):
+        chosen = as_objective("clip" if self.objective is None else self.objective)
+        if self.dual_clip is not None and chosen.name != "clip":
+            raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
+        object.__setattr__(self, "objective", None if chosen.is_plain_clip else chosen)
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"clip_low must lie in [0, 1), got {self.clip_low!r}")
         if not self.clip_high >= 0.0:
@@ -125,7 +134,10 @@ def loss_from_logprobs(
     """The surrogate loss from differentiable ``[B, T]`` log-probs and entropy (validated inputs).
 
     ``advantages`` is ``[B]`` or ``[B, T]``; ``mask`` is ``[B, T]`` bool/float or None.
+    ``options.objective`` (None: the PPO clip) replaces the clipped surrogate by
+    :func:`entropy_kernels.objectives.objective_loss`.
     """
+    objective = options.objective
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     weights = torch.ones_like(logprobs) if mask is None else mask.to(torch.float32)
@@ -148,7 +160,19 @@ def loss_from_logprobs(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - options.clip_low, 1.0 + options.clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    if objective is None:
+        per_token = torch.maximum(unclipped, clipped)
+    else:
+        per_token, indicators = objective_loss(
+            logprobs,
+            entropy,
+            old,
+            advantages,
+            active.float(),
+            options.clip_low,
+            options.clip_high,
+            objective,
+        )
     negative = advantages < 0
     if options.dual_clip is not None:
         dual_bound = -advantages * options.dual_clip
@@ -188,6 +212,11 @@ def loss_from_logprobs(
         }
         if kl is not None:
             metrics["kl"] = _masked_mean(kl.detach(), weights, total)
+        if objective is not None:
+            for name, indicator in indicators.items():
+                metrics[f"objective_{name}_fraction"] = _masked_mean(
+                    indicator.float(), weights, total
+                )
     # The scored values themselves, at every position.
     return PolicyLossOutput(loss, *scored, metrics)
 
@@ -331,8 +360,9 @@ def check_loss_inputs(
     mask: torch.Tensor | None,
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
+    options: LossOptions,
 ) -> None:
-    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``."""
+    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``; ref with kl_coef."""
     shape, device = tuple(tokens.shape), tokens.device
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages must be a tensor of shape {shape} or {shape[:1]}")
@@ -345,8 +375,11 @@ def check_loss_inputs(
         raise ValueError(f"advantages must be a floating tensor, got dtype {advantages.dtype}")
     check_companion("advantages", advantages, advantages.shape, device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
+    if options.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
 
 
 def policy_loss(
@@ -368,6 +401,7 @@ def policy_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy-gradient loss straight from logits.
 
@@ -378,7 +412,7 @@ def policy_loss(
         tokens: ``[B, T]`` integer tokens whose log-probs are scored; ``-100`` marks ignored
             positions (never active, zero gradient).
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
-        mask: ``[B, T]`` bool or float (weights), None for all active.
+        mask: ``[B, T]`` bool or non-negative float weights, None for all active.
         old_logprobs: ``[B, T]`` log-probs of the behaviour policy; None is on-policy
             (``ratio = exp(logp - logp.detach())``).
         ref_logprobs: ``[B, T]`` reference-policy log-probs, required when ``kl_coef != 0``.
@@ -395,8 +429,17 @@ def policy_loss(
         inplace_backward: the gradient overwrites the logits' storage (saves one ``[B, T, V]``
             buffer, destroys the caller's logits: on the fused Triton path already during the
             forward call). Logits must then be an op's output, not a leaf requiring grad.
-        validate: check token range (one host sync).
+        validate: check, in one host sync, that tokens lie in ``[0, V)`` (or are -100), that
+            mask weights are ``>= 0`` and that ``old_logprobs`` / ``ref_logprobs`` are
+            ``<= 0`` at active positions (NaN passes and propagates).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        objective: ``"clip"`` (the default, fused on the Triton backend) or another objective of
+            :mod:`entropy_kernels.objectives` (``"cispo"``, ``"sapo"``, ``"gpg"``,
+            ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
+            :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
+            ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
+            the plain clip takes the two-pass route (scoring pass, torch maths, gradient
+            kernel). ``dual_clip`` applies to ``"clip"`` only.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -405,44 +448,88 @@ def policy_loss(
     Returns:
         :class:`PolicyLossOutput`. A batch without active tokens has loss 0 and zero gradient.
     """
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
     options = LossOptions(
-        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer, objective
     )
-    flat_tokens = logits.dim() == 2
-    if flat_tokens and aggregation != "token-mean":
-        raise ValueError(
-            f"logits [N, V] needs aggregation='token-mean' (no sequences), got {aggregation!r}; "
-            "pass logits [B, T, V] instead"
-        )
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] or [N, V], got {tuple(logits.shape)}")
-    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    check_loss_rows("logits", "V", tuple(logits.shape), options)
+    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, logits.shape[-1], -100, mask, log_probs)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    return policy_loss_core(
+        logits_scorers(rows, scoring),
+        tokens,
+        advantages,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        options,
+    )
+
+
+def check_loss_rows(name: str, last: str, shape: tuple, options: LossOptions) -> None:
+    """``name`` is ``[B, T, last]``, or ``[N, last]`` under ``"token-mean"``."""
+    if len(shape) == 2 and options.aggregation != "token-mean":
+        raise ValueError(
+            f"{name} [N, {last}] needs aggregation='token-mean' (no sequences), got "
+            f"{options.aggregation!r}; pass {name} [B, T, {last}] instead"
+        )
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name} must be [B, T, {last}] or [N, {last}], got {shape}")
+
+
+def logits_scorers(logits: torch.Tensor, scoring: ScoringOptions):
+    """``(scorer, fused)`` of ``[B, T, V]`` logits for :func:`policy_loss_core`."""
+
+    def scorer(tokens):
+        return score(logits, tokens, scoring)
+
+    if not (scoring.backend == "triton" and logits.requires_grad and torch.is_grad_enabled()):
+        return scorer, None
+
+    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options):
+        return _fused_policy_loss(
+            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
+        )
+
+    return scorer, fused
+
+
+def policy_loss_core(
+    scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options: LossOptions
+) -> PolicyLossOutput:
+    """The loss of validated arguments; ``tokens`` ``[B, T]`` or ``[N]`` (one sequence).
+
+    ``scorers``: ``(scorer, fused)``; ``scorer(tokens [B, T])`` returns differentiable
+    ``(logprobs, entropy)``; ``fused``, None or a function of the ``[B, T]`` arguments and
+    ``options`` that returns the output with a gradient reaching the scored tensor only.
+    """
+    scorer, fused = scorers
+    flat_tokens = tokens.dim() == 1
     if flat_tokens:
-        # [N, V] is the token-mean loss of one sequence of N tokens.
-        logits, tokens, advantages = logits.unsqueeze(0), tokens.unsqueeze(0), advantages[None]
+        # [N] tokens are the token-mean loss of one sequence of N tokens.
+        tokens, advantages = tokens.unsqueeze(0), advantages[None]
         mask, old_logprobs, ref_logprobs = (
             None if t is None else t.unsqueeze(0) for t in (mask, old_logprobs, ref_logprobs)
         )
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
-    fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
-    # The fused kernel's gradient reaches only the logits.
-    companions = (advantages, old_logprobs, ref_logprobs, normalizer)
-    if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
-        out = _fused_policy_loss(
-            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
-        )
+    companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
+    # The fused kernel computes the plain clip only, and its gradient reaches only the logits.
+    if (
+        fused is not None
+        and options.objective is None
+        and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions)
+    ):
+        out = fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     else:
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = scorer(tokens)
         out = loss_from_logprobs(
             logprobs,
             entropy,

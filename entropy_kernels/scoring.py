@@ -21,7 +21,7 @@ import torch
 from ._validation import (
     check_logits_and_tokens,
     check_positive_float,
-    check_token_range,
+    check_values,
     resolve_backend,
 )
 from .kernel_config import launch_config, round_bf16_by_hand
@@ -175,7 +175,11 @@ def _triton_backward(
 
 def _row_chunks(layout: RowLayout, vocab_size: int):
     """(outer, inner) index slices covering all rows, each at most TORCH_CHUNK_ELEMENTS logits."""
-    rows_per_chunk = max(1, TORCH_CHUNK_ELEMENTS // vocab_size)
+    return row_chunks(layout, max(1, TORCH_CHUNK_ELEMENTS // vocab_size))
+
+
+def row_chunks(layout: RowLayout, rows_per_chunk: int):
+    """(outer, inner) index slices covering all rows, each at most ``rows_per_chunk`` rows."""
     if layout.n_inner <= rows_per_chunk:
         step = max(1, rows_per_chunk // max(1, layout.n_inner))
         for outer in range(0, layout.n_outer, step):
@@ -485,11 +489,11 @@ def logprobs_and_entropy(
         log-sum-exp, so no ``[..., V]`` float32 tensor is ever stored. ``-inf`` logits are masked
         vocabulary entries (probability 0, no NaN); NaN or +inf logits give NaN.
     """
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
-    if not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = resolve_backend(backend, logits.device)
     if validate:
-        check_token_range(tokens, logits.shape[-1], ignore_index)
+        check_values(tokens, logits.shape[-1], ignore_index)
     return score(logits, tokens, ScoringOptions(float(temperature), ignore_index, backend))

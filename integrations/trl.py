@@ -24,10 +24,13 @@ them in float32; this adapter materialises the completion logits ``[B, T + 1, V]
 model's dtype (the fused op then adds no float32 ``[B, T, V]`` temporary). Under bf16, set
 ``cast_lm_head_to_fp32=True`` for logits, hence losses, identical to TRL's.
 
-Not supported (``ValueError`` at construction): ``loss_type`` ``cispo`` / ``sapo`` / ``luspo`` /
-``vespo``, ``importance_sampling_level="sequence"``, ``delta``, ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, ``use_adaptive_entropy``, ``use_bias_correction_kl=True`` with
-``beta != 0``, and the MoE router auxiliary loss (``router_aux_loss_coef != 0`` on a MoE model).
+Every other ``GRPOConfig`` option of TRL 1.16 is accepted; the loss is then TRL's own
+``GRPOTrainer._compute_loss`` (its maths, its metrics), served with log-probs and entropy from
+the fused scoring op instead of TRL's LM head: ``loss_type`` ``cispo`` / ``sapo`` / ``luspo`` /
+``vespo``, ``importance_sampling_level="sequence"`` (GSPO), ``delta``, ``top_entropy_quantile <
+1``, ``off_policy_mask_threshold``, ``use_adaptive_entropy``, ``use_bias_correction_kl=True``
+with ``beta != 0``, and the MoE router auxiliary loss. :func:`fused_loss_applies` tells which
+path a configuration takes.
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ class GTPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the advantage shaping of GTPO / GRPO-S (see ``algorithms.md``).
 
     Everything else has ``GRPOConfig``'s meaning and default, except ``use_bias_correction_kl``,
-    which defaults to ``False`` here (the fused loss uses the plain k3 KL term). Options the fused
-    loss does not implement raise ``ValueError`` here (listed in the module docstring).
+    which defaults to ``False`` here (the fused loss uses the plain k3 KL term; ``True`` runs
+    TRL's own loss on the fused scoring). Every option is accepted (see the module docstring).
     """
 
     advantage_shaping: str = field(
@@ -132,7 +135,10 @@ class GTPOConfig(GRPOConfig):
     )
     use_bias_correction_kl: bool = field(
         default=False,
-        metadata={"help": "Not supported by the fused loss; must stay False when beta != 0."},
+        metadata={
+            "help": "TRL's bias-corrected KL (k3 times the ratio). True with beta != 0 runs TRL's "
+            "loss on the fused scoring instead of the fused loss."
+        },
     )
 
     def __post_init__(self):
@@ -144,38 +150,21 @@ class GTPOConfig(GRPOConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        unsupported = [message for applies, message in _unsupported_options(self) if applies]
-        if unsupported:
-            raise ValueError(
-                "GTPOTrainer's fused loss does not support: " + "; ".join(unsupported) + "."
-            )
 
 
-def _unsupported_options(args: GRPOConfig) -> list[tuple[bool, str]]:
-    return [
-        (
-            args.loss_type not in LOSS_TYPE_AGGREGATION,
-            f"loss_type={args.loss_type!r} (use one of {tuple(LOSS_TYPE_AGGREGATION)})",
-        ),
-        (
-            args.importance_sampling_level != "token",
-            f"importance_sampling_level={args.importance_sampling_level!r} (GSPO; use 'token')",
-        ),
-        (args.delta is not None, "delta (two-sided clipping; leave it None)"),
-        (
-            args.top_entropy_quantile != 1.0,
-            "top_entropy_quantile < 1.0 (high-entropy token mask; leave it 1.0)",
-        ),
-        (
-            args.off_policy_mask_threshold is not None,
-            "off_policy_mask_threshold (off-policy sequence mask; leave it None)",
-        ),
-        (args.use_adaptive_entropy, "use_adaptive_entropy (a static entropy_coef is supported)"),
-        (
-            args.beta != 0.0 and args.use_bias_correction_kl,
-            "use_bias_correction_kl=True with beta != 0 (set use_bias_correction_kl=False)",
-        ),
-    ]
+def fused_loss_applies(args: GRPOConfig, aux_loss_enabled: bool = False) -> bool:
+    """Whether :func:`entropy_kernels.policy_loss` expresses the loss these options ask for;
+    otherwise ``GTPOTrainer`` runs ``GRPOTrainer._compute_loss`` on the fused scoring."""
+    return (
+        args.loss_type in LOSS_TYPE_AGGREGATION
+        and args.importance_sampling_level == "token"
+        and args.delta is None
+        and args.top_entropy_quantile == 1.0
+        and args.off_policy_mask_threshold is None
+        and not args.use_adaptive_entropy
+        and not (args.beta != 0.0 and args.use_bias_correction_kl)
+        and not aux_loss_enabled
+    )
 
 
 class GTPOTrainer(GRPOTrainer):
@@ -192,11 +181,9 @@ class GTPOTrainer(GRPOTrainer):
         if not isinstance(args, GTPOConfig):
             raise TypeError(f"GTPOTrainer needs a GTPOConfig, got {type(args).__name__}.")
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "GTPOTrainer's fused loss does not support the MoE router auxiliary loss: set "
-                "router_aux_loss_coef=0.0."
-            )
+        self._fused_loss = fused_loss_applies(args, self.aux_loss_enabled)
+        # Set while GRPOTrainer._compute_loss runs: its scoring is then the fused op.
+        self._fused_scoring = False
         base_model = self.model.get_base_model() if is_peft_model(self.model) else self.model
         # Models that accept logits_to_keep project only the completion positions through the head.
         self._accepts_logits_to_keep = (
@@ -208,6 +195,10 @@ class GTPOTrainer(GRPOTrainer):
 
     def _completion_logits(self, model, inputs: dict) -> torch.Tensor:
         """``[B, T, V]`` logits predicting the completion tokens: a strided view, never a copy."""
+        return self._completion_logits_and_aux_loss(model, inputs)[0]
+
+    def _completion_logits_and_aux_loss(self, model, inputs: dict, aux_loss: bool = False):
+        """The completion logits and (``aux_loss=True``) the MoE router loss of the same pass."""
         completion_ids = inputs["completion_ids"]
         logits_to_keep = completion_ids.size(1)
         model_inputs = {
@@ -216,14 +207,23 @@ class GTPOTrainer(GRPOTrainer):
             "use_cache": False,
         }
         model_inputs.update({k: inputs[k] for k in EXTRA_MODEL_INPUTS if inputs.get(k) is not None})
+        if aux_loss:
+            model_inputs["output_router_logits"] = True
         if self._accepts_logits_to_keep:
             # One more position than the completion: logits at t predict the token at t + 1.
             model_inputs["logits_to_keep"] = logits_to_keep + 1
         with self.accelerator.autocast():
-            logits = model(**model_inputs).logits
-        return logits[:, -logits_to_keep - 1 : -1]
+            output = model(**model_inputs)
+        logits = output.logits[:, -logits_to_keep - 1 : -1]
+        return logits, output.aux_loss if aux_loss else None
 
     def _compute_loss(self, model, inputs):
+        if not self._fused_loss:
+            self._fused_scoring = True
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._fused_scoring = False
         completion_ids = inputs["completion_ids"]
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
@@ -280,6 +280,47 @@ class GTPOTrainer(GRPOTrainer):
 
         self._log_metrics(mode, out.metrics)
         return loss
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """TRL's scoring, by the fused op while ``GRPOTrainer._compute_loss`` runs for options
+        the fused loss does not express (differentiable log-probs and entropy)."""
+        if not self._fused_scoring:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+        prompt_length = input_ids.size(1) - logits_to_keep
+        completion_ids = input_ids[:, prompt_length:]
+        inputs = {
+            **{k: v for k, v in model_inputs.items() if k in EXTRA_MODEL_INPUTS},
+            "prompt_ids": input_ids[:, :prompt_length],
+            "prompt_mask": attention_mask[:, :prompt_length],
+            # Positions TRL does not score (padding) get log-prob and entropy 0, as in TRL.
+            "completion_ids": completion_ids,
+            "completion_mask": attention_mask[:, prompt_length:],
+        }
+        logits, aux_loss = self._completion_logits_and_aux_loss(model, inputs, compute_aux_loss)
+        labels = completion_ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        logprobs, entropy = entropy_kernels.logprobs_and_entropy(
+            logits, labels, temperature=self.temperature
+        )
+        return logprobs, entropy if compute_entropy else None, aux_loss
 
     def _token_mean_normalizer(self, inputs, mask, mode, accumulation) -> float | None:
         """The denominator GRPOTrainer divides the summed token losses by, for token-mean types."""

@@ -17,8 +17,16 @@ What it provides:
   ``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=entropy_kernels.integrations.verl.install``.
 - :func:`logprobs_from_logits` / :func:`entropy_from_logits`: drop-ins for the functions of
   ``verl.utils.torch_functional`` of the same names.
-- :func:`fused_policy_loss`: ``compute_policy_loss_vanilla`` + ``agg_loss`` from logits, by
-  :func:`entropy_kernels.policy_loss`, for code that holds the logits.
+- :func:`fused_policy_loss`: verl's policy loss of ``config.policy_loss.loss_mode`` from logits,
+  for code that holds the logits: ``"vanilla"`` (``compute_policy_loss_vanilla`` +
+  ``agg_loss``) by the fused :func:`entropy_kernels.policy_loss`; every other registered mode
+  (``gspo``, ``sapo``, ``gpg``, ``clip_cov``, ``kl_cov``, ``geo_mean``, ``cispo``, ``dro``,
+  ``dppo_tv``, ``dppo_kl``, ``bypass_mode`` and any a user registers) by verl's own
+  ``get_policy_loss_fn(loss_mode)`` on log-probs from the fused scoring op.
+
+The actor that :func:`install` patches computes its loss with verl's own
+``get_policy_loss_fn(loss_mode)``: only its scoring is replaced, so every ``loss_mode`` keeps
+verl's maths.
 
 Importing this module never imports verl.
 """
@@ -194,7 +202,12 @@ def fused_policy_loss(
     temperature: float = 1.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``compute_policy_loss_vanilla`` (with its ``agg_loss``) from logits.
+    """verl's policy loss of ``config.policy_loss.loss_mode`` (default ``"vanilla"``) from logits.
+
+    ``"vanilla"`` (``compute_policy_loss_vanilla`` with its ``agg_loss``) is fused; any other
+    mode is verl's registered function, ``get_policy_loss_fn(loss_mode)``, called with the
+    (differentiable) log-probs of the fused scoring op and these arguments: its numbers,
+    metrics and random draws (``clip_cov`` / ``kl_cov`` use torch's global generator) are verl's.
 
     Args:
         logits: ``[B, T, V]`` logits predicting the ``T`` response tokens (verl scales by the
@@ -208,9 +221,26 @@ def fused_policy_loss(
             ``loss_agg_mode`` of verl 0.9 is supported, ``"token-sum"`` included.
 
     Returns:
-        ``(pg_loss, metrics)`` with verl's ``actor/pg_clipfrac``, ``actor/ppo_kl`` and
-        ``actor/pg_clipfrac_lower``.
+        ``(pg_loss, metrics)``; for ``"vanilla"`` verl's ``actor/pg_clipfrac``,
+        ``actor/ppo_kl`` and ``actor/pg_clipfrac_lower``, otherwise the mode's own metrics.
     """
+    loss_mode = _loss_mode(config)
+    if loss_mode != "vanilla":
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+        loss_fn = get_policy_loss_fn(loss_mode)
+        log_prob, _ = entropy_kernels.logprobs_and_entropy(
+            logits, tokens, temperature=temperature, backend=backend
+        )
+        return loss_fn(
+            old_log_prob,
+            log_prob,
+            advantages,
+            response_mask,
+            loss_agg_mode,
+            config,
+            rollout_is_weights,
+        )
     clip = config.clip_ratio
     clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
     clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
@@ -249,6 +279,14 @@ def fused_policy_loss(
         ),
     }
     return loss, metrics
+
+
+def _loss_mode(config) -> str:
+    """``config.policy_loss.loss_mode``, as verl's actor reads it (``"vanilla"`` when unset)."""
+    policy_loss = getattr(config, "policy_loss", None)
+    if policy_loss is None:
+        return "vanilla"
+    return policy_loss.get("loss_mode", "vanilla")
 
 
 def _aggregation(

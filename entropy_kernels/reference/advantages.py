@@ -12,8 +12,14 @@ import math
 
 import torch
 
-from ..advantages import GRPO_SCALES, NORMALIZE_MODES, SCOPES, WHITENING_EPS
 from .core import logprobs_and_entropy, policy_loss
+
+# The option values and whitening constant of the spec (algorithms.md), restated here: the
+# reference imports nothing from the library (tests check that these match it).
+NORMALIZE_MODES = ("separate", "joint", "none")
+SCOPES = ("batch", "group")
+GRPO_SCALES = ("std", "none")
+WHITENING_EPS = 1e-8
 
 __all__ = [
     "grpo_advantages",
@@ -118,8 +124,9 @@ def gtpo_token_rewards(
 ) -> torch.Tensor:
     """Eq. 3 (success rows) and Eq. 5 (failure rows): shaped rewards [B, T] float64."""
     success = _successes(rewards, success_threshold)
+    seq_len = entropy.shape[-1]  # also for an empty batch
     rewards, entropy, active = _inputs(rewards, entropy, mask)
-    batch, seq_len = len(rewards), len(entropy[0]) if entropy else 0
+    batch = len(rewards)
     r = [[0.0] * seq_len for _ in range(batch)]
     for rows in group_rows(groups, batch):
         for t in range(seq_len):
