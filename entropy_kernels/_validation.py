@@ -102,15 +102,21 @@ def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> torch
             "logits must have unit stride in the vocabulary (last) dimension, got strides "
             f"{tuple(logits.stride())}; leading dimensions may have any strides"
         )
+    return check_tokens(tokens, "logits", logits)
+
+
+def check_tokens(tokens: torch.Tensor, name: str, scored: torch.Tensor) -> torch.Tensor:
+    """Integer ``tokens`` with the leading shape of ``scored [..., V or H]``, on its device;
+    returned as int32 / int64 (narrower or unsigned dtypes widened to int64)."""
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+    if tuple(tokens.shape) != tuple(scored.shape[:-1]):
         raise ValueError(
-            f"tokens must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+            f"tokens must have the leading shape of {name} {tuple(scored.shape[:-1])}, "
             f"got {tuple(tokens.shape)}"
         )
-    if tokens.device != logits.device:
-        raise ValueError(f"tokens must be on {logits.device} like logits, got {tokens.device}")
+    if tokens.device != scored.device:
+        raise ValueError(f"tokens must be on {scored.device} like {name}, got {tokens.device}")
     if tokens.dtype in (torch.int32, torch.int64):
         return tokens
     return tokens.to(torch.int64)

@@ -1,9 +1,12 @@
 """Policy-gradient objectives besides the PPO clip, each defined once in torch on ``[B, T]``.
 
-:func:`entropy_kernels.policy_loss` takes ``objective=`` (a name or an :class:`Objective`). The
-plain ``"clip"`` objective is the fused kernel's; any other objective or option here takes the
-two-pass route: a scoring pass (log-probs and entropy), this module's ``[B, T]`` maths under
-autograd, and the scoring op's gradient kernel in the backward.
+:func:`entropy_kernels.policy_loss` takes ``objective=`` (a name or an :class:`Objective`).
+Token-local objectives (``clip`` with or without ``delta``, ``cispo``, ``sapo``, ``gpg``, on
+token ratios, without masks) are fused on the Triton backend: the kernel writes their
+derivative in the forward pass, as for the clip. The others need a reduction across tokens
+first and take the two-pass route: a scoring pass (log-probs and entropy), this module's
+``[B, T]`` maths under autograd, and the scoring op's gradient kernel in the backward. The
+torch backend runs every objective through this module's maths.
 
 Notation, per active token ``t`` of sequence ``i``: ``A`` the advantage, ``l = clamp(logp -
 old, -20, 20)``, ``r = exp(l)``, ``n_i`` the active tokens of ``i``, ``sg`` stop-gradient,
@@ -22,7 +25,8 @@ Ratio levels (``ratio_level``), for ``clip``, ``cispo`` and ``sapo``:
 Objectives (``name``); the per-token loss, before masks, KL, entropy bonus and aggregation:
 
 - ``"clip"``: PPO (Schulman et al. 2017): ``max(-A u, -A clip(r, 1 - eps_low, 1 + eps_high))``
-  with ``u = min(r, delta)`` under TRL's two-sided clipping ``delta`` (else ``u = r``).
+  with ``u = min(r, delta)`` under TRL's two-sided clipping ``delta`` (INTELLECT-2, arXiv
+  2505.07291; else ``u = r``).
 - ``"cispo"``: CISPO (MiniMax-M1, arXiv 2506.13585): ``-sg(clip(r, 1 - eps_low, 1 + eps_high))
   A logp`` (verl's ``cispo``); ``cispo_two_sided=False`` drops the lower bound: TRL's
   ``cispo``, whose bound ``epsilon_high`` is ``1 + clip_high``.
@@ -32,9 +36,10 @@ Objectives (``name``); the per-token loss, before masks, KL, entropy bonus and a
 - ``"geo_mean"``: GMPO (arXiv 2507.20673), verl's ``geo_mean``: ``-A exp(sum_t c / n_i)`` with
   ``c = sign(A) min(sign(A) l, sign(A) clip(l, -eps_low, eps_high))``: the clip acts on each
   token's log-ratio, then the geometric mean of the sequence's ratios.
-- ``"vespo"``: VESPO as TRL 1.16's ``vespo``: ``-sg(phi_i) A logp``, ``phi(w) = exp(lambda +
-  k log w - lambda w)`` of the sequence ratio ``w_i = exp(clamp(sum_t l, log 1e-8, 20))``, with
-  ``(k, lambda)`` the ``vespo_*_pos`` pair where ``A >= 0``, else the ``vespo_*_neg`` pair.
+- ``"vespo"``: VESPO (arXiv 2602.10693) as TRL 1.16's ``vespo``: ``-sg(phi_i) A logp``,
+  ``phi(w) = exp(lambda + k log w - lambda w)`` of the sequence ratio
+  ``w_i = exp(clamp(sum_t l, log 1e-8, 20))``, with ``(k, lambda)`` the ``vespo_*_pos`` pair
+  where ``A >= 0``, else the ``vespo_*_neg`` pair.
 - ``"clip_cov"``: Clip-Cov (Cui et al. 2025, arXiv 2505.22617), verl's ``clip_cov``: the
   ``"clip"`` loss with the gradient cut (loss 0) at ``max(int(cov_fraction N), 1)`` tokens
   drawn at random (torch's global generator, as verl) among the active, unclipped tokens
@@ -45,14 +50,15 @@ Objectives (``name``); the per-token loss, before masks, KL, entropy bonus and a
   largest covariance.
 
 Token masks (any objective): ``off_policy_threshold`` (DeepSeek-V3.2's off-policy sequence
-masking, TRL's ``off_policy_mask_threshold``) zeroes the loss of negative-advantage tokens of
-sequences whose mean ``old - sg(logp)`` exceeds it; ``entropy_quantile = q < 1`` (the 80/20
-rule of Wang et al. 2025, arXiv 2506.01939, TRL's ``top_entropy_quantile``) keeps the loss
-of active tokens whose entropy is at least the ``1 - q`` quantile of the active entropies.
+masking, arXiv 2512.02556, TRL's ``off_policy_mask_threshold``) zeroes the loss of
+negative-advantage tokens of sequences whose mean ``old - sg(logp)`` exceeds it;
+``entropy_quantile = q < 1`` (the 80/20 rule of Wang et al. 2025, arXiv 2506.01939, TRL's
+``top_entropy_quantile``) keeps the loss of active tokens whose entropy is at least the
+``1 - q`` quantile of the active entropies.
 Both act on the objective's term only (not on the KL term or the entropy bonus).
 
-Aggregations are ``policy_loss``'s. TRL's ``luspo`` is ``"clip"`` with
-``aggregation="seq-mean-token-sum"``.
+Aggregations are ``policy_loss``'s. TRL's ``luspo`` (LUSPO, arXiv 2602.05261) is ``"clip"``
+with ``aggregation="seq-mean-token-sum"`` (TRL averages over every sequence, empty ones too).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ import torch
 
 OBJECTIVES = ("clip", "cispo", "sapo", "gpg", "geo_mean", "vespo", "clip_cov", "kl_cov")
 RATIO_LEVELS = ("token", "sequence", "sequence-token")
+# The token-local objectives the fused kernel differentiates in registers, by kernel code.
+OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "gpg": 3}
 # Objectives whose ratio is their own (per token or their own sequence form).
 _TOKEN_LEVEL_ONLY = ("gpg", "geo_mean", "vespo", "clip_cov", "kl_cov")
 # The log of VESPO's lower bound on the sequence ratio (TRL's log(1e-8)).
@@ -156,8 +164,11 @@ class Objective:
         bounds = self.clip_cov_bounds
         _check(
             "clip_cov_bounds",
-            len(bounds) == 2 and all(map(_is_number, bounds)) and bounds[0] < bounds[1],
-            "(low, high) numbers with low < high",
+            isinstance(bounds, tuple)
+            and len(bounds) == 2
+            and all(map(_is_number, bounds))
+            and bounds[0] < bounds[1],
+            "a tuple (low, high) of numbers with low < high",
             bounds,
         )
         _check(
@@ -177,8 +188,19 @@ class Objective:
 
     @property
     def is_plain_clip(self) -> bool:
-        """Whether this is the fused kernel's objective (PPO clip on token ratios, no masks)."""
+        """Whether this is the PPO clip on token ratios, without delta or masks."""
         return self == Objective()
+
+    @property
+    def is_token_local(self) -> bool:
+        """Whether each token's loss depends on that token alone: the fused kernel's objectives
+        (a sequence ratio, a mask or a selection needs a reduction across tokens first)."""
+        return (
+            self.name in OBJECTIVE_CODES
+            and self.ratio_level == "token"
+            and self.entropy_quantile == 1.0
+            and self.off_policy_threshold is None
+        )
 
 
 def as_objective(objective: str | Objective) -> Objective:

@@ -22,7 +22,7 @@ from ._validation import (
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
-from .objectives import Objective, as_objective, objective_loss
+from .objectives import OBJECTIVE_CODES, Objective, as_objective, objective_loss
 from .scoring import ScoringOptions, score
 
 AGGREGATIONS = (
@@ -273,7 +273,13 @@ def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Te
 def _fused_policy_loss(
     logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
 ):
-    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together."""
+    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together,
+    for the plain clip or a token-local ``options.objective``."""
+    objective = options.objective or Objective()
+    # CISPO without its lower bound: clip(r, 1 - 1, ...) = min(r, ...) since r > 0.
+    kernel_clip_low = options.clip_low
+    if objective.name == "cispo" and not objective.cispo_two_sided:
+        kernel_clip_low = 1.0
     weights = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
     token_advantages = advantages.float()
     if token_advantages.dim() == 1:
@@ -290,11 +296,15 @@ def _fused_policy_loss(
         as_float(ref_logprobs) if options.kl_coef != 0.0 else None,
         scoring.temperature,
         scoring.ignore_index,
-        float(options.clip_low),
+        float(kernel_clip_low),
         float(options.clip_high),
         None if options.dual_clip is None else float(options.dual_clip),
         float(options.kl_coef),
         float(options.entropy_coef),
+        OBJECTIVE_CODES[objective.name],
+        None if objective.delta is None else float(objective.delta),
+        float(objective.sapo_temperature_pos),
+        float(objective.sapo_temperature_neg),
     )
     if scoring.inplace_backward and not torch.compiler.is_compiling():
         logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
@@ -438,8 +448,10 @@ def policy_loss(
             ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
             :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
             ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
-            the plain clip takes the two-pass route (scoring pass, torch maths, gradient
-            kernel). ``dual_clip`` applies to ``"clip"`` only.
+            the token-local objectives (``clip`` with or without ``delta``, ``cispo``,
+            ``sapo``, ``gpg``, on token ratios, without masks: fused on Triton like the clip)
+            takes the two-pass route (scoring pass, torch maths, gradient kernel).
+            ``dual_clip`` applies to ``"clip"`` only.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -521,10 +533,11 @@ def policy_loss_core(
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
     companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
-    # The fused kernel computes the plain clip only, and its gradient reaches only the logits.
+    # The fused kernel computes token-local objectives only (a sequence ratio, a mask or a
+    # selection needs a reduction across tokens first), and its gradient reaches only the logits.
     if (
         fused is not None
-        and options.objective is None
+        and (options.objective is None or options.objective.is_token_local)
         and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions)
     ):
         out = fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options)

@@ -5,8 +5,10 @@
 - ``_compute_loss``: the model's logits at the completion positions go, as a strided view, into
   :func:`entropy_kernels.policy_loss`, which computes the clipped surrogate, the k3 KL term and
   the entropy bonus in one pass over the vocabulary. With ``advantage_shaping="grpo"`` the loss
-  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo`` and
-  ``dr_grpo``, including gradient accumulation and vLLM importance-sampling correction.
+  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo``,
+  ``dr_grpo``, ``luspo`` (with or without ``delta``), ``cispo`` and ``sapo`` (objectives of
+  :mod:`entropy_kernels.objectives`, fused like the clip on the Triton backend), including
+  gradient accumulation and vLLM importance-sampling correction.
 - ``_generate_and_score_completions`` (``"gtpo"`` / ``"grpo_s"`` only): after TRL has generated
   and rewarded the completions, a no-grad scoring pass of the policy over the generation batch
   (:func:`entropy_kernels.logprobs_and_entropy`) yields the rollout entropy, and the advantages
@@ -26,11 +28,11 @@ model's dtype (the fused op then adds no float32 ``[B, T, V]`` temporary). Under
 
 Every other ``GRPOConfig`` option of TRL 1.16 is accepted; the loss is then TRL's own
 ``GRPOTrainer._compute_loss`` (its maths, its metrics), served with log-probs and entropy from
-the fused scoring op instead of TRL's LM head: ``loss_type`` ``cispo`` / ``sapo`` / ``luspo`` /
-``vespo``, ``importance_sampling_level="sequence"`` (GSPO), ``delta``, ``top_entropy_quantile <
-1``, ``off_policy_mask_threshold``, ``use_adaptive_entropy``, ``use_bias_correction_kl=True``
-with ``beta != 0``, and the MoE router auxiliary loss. :func:`fused_loss_applies` tells which
-path a configuration takes.
+the fused scoring op instead of TRL's LM head: ``loss_type="vespo"``,
+``importance_sampling_level="sequence"`` (GSPO), ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, ``use_adaptive_entropy``, ``use_bias_correction_kl=True`` with
+``beta != 0``, the MoE router auxiliary loss, ``cispo`` with ``epsilon_high < 1``.
+:func:`fused_loss_applies` tells which path a configuration takes.
 """
 
 from __future__ import annotations
@@ -45,18 +47,25 @@ from trl.models.utils import disable_gradient_checkpointing
 
 import entropy_kernels
 from entropy_kernels.advantages import group_layout, success_outcomes, uniform_group_rows
+from entropy_kernels.objectives import Objective
 
 ADVANTAGE_SHAPINGS = ("gtpo", "grpo_s", "grpo")
 ADVANTAGE_NORMALIZE = ("zero-filled", "separate", "joint", "none")
 ADVANTAGE_SCOPES = ("batch", "group")
 
-# TRL loss_type -> policy_loss aggregation (api.md). dapo / bnpo / dr_grpo differ in the normaliser.
+# TRL loss_type -> policy_loss aggregation (api.md). dapo / bnpo / dr_grpo / cispo differ in the
+# normaliser; luspo sums each sequence's tokens.
 LOSS_TYPE_AGGREGATION = {
     "dapo": "token-mean",
     "bnpo": "token-mean",
     "dr_grpo": "token-mean",
+    "cispo": "token-mean",
     "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "luspo": "seq-mean-token-sum",
 }
+# Loss types that are the PPO clip (with TRL's delta); cispo and sapo are their own objectives.
+CLIP_LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo", "luspo")
 
 # Model inputs TRL forwards besides input_ids / attention_mask (multimodal models).
 EXTRA_MODEL_INPUTS = (
@@ -152,13 +161,30 @@ class GTPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
 
 
+def trl_objective(args: GRPOConfig) -> Objective:
+    """The objective of :mod:`entropy_kernels.objectives` that TRL's ``loss_type`` (token level)
+    computes: TRL's cispo bounds the ratio by ``epsilon_high`` alone (``1 + clip_high``)."""
+    if args.loss_type == "cispo":
+        return Objective("cispo", cispo_two_sided=False)
+    if args.loss_type == "sapo":
+        return Objective(
+            "sapo",
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+        )
+    # TRL applies delta to the clip loss types only.
+    return Objective(delta=args.delta)
+
+
 def fused_loss_applies(args: GRPOConfig, aux_loss_enabled: bool = False) -> bool:
     """Whether :func:`entropy_kernels.policy_loss` expresses the loss these options ask for;
     otherwise ``GTPOTrainer`` runs ``GRPOTrainer._compute_loss`` on the fused scoring."""
     return (
         args.loss_type in LOSS_TYPE_AGGREGATION
         and args.importance_sampling_level == "token"
-        and args.delta is None
+        and (args.delta is None or args.delta > 0)
+        # TRL's cispo bound epsilon_high is 1 + clip_high (clip_high >= 0).
+        and (args.loss_type != "cispo" or args.epsilon_high >= 1.0)
         and args.top_entropy_quantile == 1.0
         and args.off_policy_mask_threshold is None
         and not args.use_adaptive_entropy
@@ -245,6 +271,7 @@ class GTPOTrainer(GRPOTrainer):
         active_tokens = max(int(mask.sum()), 1)
         aggregation = LOSS_TYPE_AGGREGATION[self.loss_type]
         normalizer = self._token_mean_normalizer(inputs, mask, mode, accumulation)
+        clip_high = self.epsilon_high - 1.0 if self.loss_type == "cispo" else self.epsilon_high
         entropy_coef = 0.0
         if aggregation == "token-mean":
             entropy_coef = self.entropy_coef * normalizer / (active_tokens * accumulation)
@@ -258,15 +285,16 @@ class GTPOTrainer(GRPOTrainer):
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             clip_low=self.epsilon_low,
-            clip_high=self.epsilon_high,
+            clip_high=clip_high,
             kl_coef=self.beta,
             entropy_coef=entropy_coef,
             temperature=self.temperature,
             aggregation=aggregation,
             normalizer=normalizer,
+            objective=trl_objective(self.args),
         )
         loss = out.loss
-        if aggregation == "seq-mean-token-mean":
+        if aggregation != "token-mean":
             # TRL averages over all B sequences (empty ones count 0), policy_loss over non-empty.
             nonempty = int(mask.any(dim=1).sum())
             loss = loss * (nonempty / mask.size(0)) / accumulation
@@ -278,7 +306,10 @@ class GTPOTrainer(GRPOTrainer):
                 )
                 loss = loss - self.entropy_coef * entropy.sum() / active_tokens / accumulation
 
-        self._log_metrics(mode, out.metrics)
+        metrics = out.metrics
+        if self.loss_type not in CLIP_LOSS_TYPES:  # TRL logs no clip ratios for cispo / sapo
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("clip_")}
+        self._log_metrics(mode, metrics)
         return loss
 
     def _get_per_token_logps_and_entropies(
@@ -324,7 +355,7 @@ class GTPOTrainer(GRPOTrainer):
 
     def _token_mean_normalizer(self, inputs, mask, mode, accumulation) -> float | None:
         """The denominator GRPOTrainer divides the summed token losses by, for token-mean types."""
-        if self.loss_type == "dapo":
+        if self.loss_type in ("dapo", "cispo"):
             # num_items_in_batch: active tokens of the whole generation batch, all processes.
             num_items = inputs["num_items_in_batch"].clamp(min=1.0).item()
             normalizer = num_items / self.accelerator.num_processes

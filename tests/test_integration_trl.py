@@ -197,7 +197,7 @@ def reward_mixed_outcomes(completions, **kwargs):
     return [float(i % 2) for i in range(len(completions))]
 
 
-def run_trainer(model_dir, tmp_path, reward_funcs=None, **options):
+def run_trainer(model_dir, tmp_path, reward_funcs=None, max_steps=2, **options):
     if reward_funcs is None:
         # Entropy shaping filters uniform groups (its default): give it groups of both outcomes.
         shaped = options.get("advantage_shaping", "gtpo") != "grpo"
@@ -207,7 +207,7 @@ def run_trainer(model_dir, tmp_path, reward_funcs=None, **options):
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=8,
-        max_steps=2,
+        max_steps=max_steps,
         learning_rate=2e-3,
         use_cpu=True,
         bf16=False,
@@ -285,53 +285,83 @@ def test_entropy_shaping_trains(model_dir, tmp_path, shaping):
     assert f"{shaping}/filtered_fraction" in trainer.state.log_history[0]
 
 
-# Options the fused loss does not express: GRPOTrainer's own loss on the fused scoring, checked
-# against GRPOTrainer with its own scoring on every micro-batch (on- and off-policy). Grouped so
-# that each option runs at least once, each with entropy shaping or TRL's advantages.
-TRL_MATHS_CASES = {
-    "cispo-gspo-entropy_quantile-gtpo": dict(
-        loss_type="cispo",
-        importance_sampling_level="sequence",
-        top_entropy_quantile=0.5,
-        epsilon_high=5.0,
-        advantage_shaping="gtpo",
+# Options beyond the clip. Fused: objectives of entropy_kernels.objectives; the others run
+# GRPOTrainer's own loss on the fused scoring. Either way checked against GRPOTrainer with its
+# own scoring on every micro-batch (on- and off-policy). Grouped so that each option runs at
+# least once, each with entropy shaping or TRL's advantages. Case -> (options, fused).
+OBJECTIVE_CASES = {
+    "cispo-gspo-entropy_quantile-gtpo": (
+        dict(
+            loss_type="cispo",
+            importance_sampling_level="sequence",
+            top_entropy_quantile=0.5,
+            epsilon_high=5.0,
+            advantage_shaping="gtpo",
+        ),
+        False,
     ),
-    "sapo-off_policy_mask-bias_corrected_kl": dict(
-        loss_type="sapo",
-        off_policy_mask_threshold=0.05,
-        beta=0.04,
-        use_bias_correction_kl=True,
-        advantage_shaping="grpo",
+    "sapo-off_policy_mask-bias_corrected_kl": (
+        dict(
+            loss_type="sapo",
+            off_policy_mask_threshold=0.05,
+            beta=0.04,
+            use_bias_correction_kl=True,
+            advantage_shaping="grpo",
+        ),
+        False,
     ),
-    "vespo-adaptive_entropy-grpo_s": dict(
-        loss_type="vespo",
-        use_adaptive_entropy=True,
-        entropy_coef=0.01,
-        entropy_target=10.0,
-        advantage_shaping="grpo_s",
+    "vespo-adaptive_entropy-grpo_s": (
+        dict(
+            loss_type="vespo",
+            use_adaptive_entropy=True,
+            entropy_coef=0.01,
+            entropy_target=10.0,
+            advantage_shaping="grpo_s",
+        ),
+        False,
     ),
-    "luspo-delta-gtpo": dict(loss_type="luspo", delta=1.1, advantage_shaping="gtpo"),
+    "luspo-delta-gtpo": (
+        dict(loss_type="luspo", delta=1.1, entropy_coef=0.01, advantage_shaping="gtpo"),
+        True,
+    ),
+    "cispo-grpo_s": (
+        dict(loss_type="cispo", epsilon_high=1.1, beta=0.04, advantage_shaping="grpo_s"),
+        True,
+    ),
+    "sapo-gtpo": (
+        dict(
+            loss_type="sapo",
+            sapo_temperature_neg=1.5,
+            entropy_coef=0.01,
+            advantage_shaping="gtpo",
+        ),
+        True,
+    ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(TRL_MATHS_CASES))
-def test_other_options_run_trl_loss_on_fused_scoring(model_dir, tmp_path, case):
+@pytest.mark.parametrize("case", sorted(OBJECTIVE_CASES))
+def test_objectives_equal_trl_loss(model_dir, tmp_path, case):
+    options, fused = OBJECTIVE_CASES[case]
     trainer, initial = run_trainer(
-        model_dir, tmp_path, gradient_accumulation_steps=2, **TRL_MATHS_CASES[case]
+        model_dir, tmp_path, gradient_accumulation_steps=2, max_steps=1, **options
     )
-    assert not trainer._fused_loss
-    assert trainer.checked_batches == 4
-    # Each check runs our loss twice (on- and off-policy), each with one fused scoring pass.
-    assert trainer.fused_scoring_calls == 2 * trainer.checked_batches
+    assert trainer._fused_loss == fused
+    assert trainer.checked_batches == 2
+    # Each check runs our loss twice (on- and off-policy), each with one fused scoring pass
+    # when GRPOTrainer's own loss computes it.
+    assert trainer.fused_scoring_calls == (0 if fused else 2 * trainer.checked_batches)
     params = list(trainer.model.parameters())
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p, p0) for p, p0 in zip(params, initial, strict=True))
 
 
 def test_moe_router_loss_runs_trl_loss_on_fused_scoring(moe_model_dir, tmp_path):
-    trainer, _ = run_trainer(moe_model_dir, tmp_path, loss_type="dapo", advantage_shaping="gtpo")
+    trainer, _ = run_trainer(
+        moe_model_dir, tmp_path, loss_type="dapo", advantage_shaping="gtpo", max_steps=1
+    )
     assert trainer.aux_loss_enabled and not trainer._fused_loss
-    assert trainer.fused_scoring_calls == 2 * trainer.checked_batches == 4
+    assert trainer.fused_scoring_calls == 2 * trainer.checked_batches == 2
     assert "aux_loss" in trainer.state.log_history[0]
 
 

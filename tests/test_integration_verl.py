@@ -247,7 +247,7 @@ def loss_inputs(seed=0, batch=4, seq=7, vocab=13):
     logits = torch.randn(batch, seq, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    old = logp + 0.4 * torch.randn(batch, seq, generator=generator)
+    old = (logp + 0.4 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
     advantages = torch.randn(batch, seq, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     mask[1] = False  # an empty response
@@ -393,6 +393,26 @@ def test_fused_policy_loss_honours_every_loss_mode(verl, loss_mode, loss_agg_mod
         loss_agg_mode,
         config,
         weights,
+    )
+
+
+@pytest.mark.parametrize("loss_mode", ["cispo", "sapo", "gpg"])
+def test_token_local_modes_are_fused(verl, loss_mode):
+    """cispo / sapo / gpg run policy_loss's fused objectives (here the Triton kernel, run by the
+    interpreter), not verl's function, with verl's numbers; modes that need a reduction across
+    tokens run verl's own function."""
+    config = actor_config(verl, {"loss_mode": loss_mode}, **BATCH_INFO["global"])
+    assert adapter._fused_objective(loss_mode, config) is not None
+    for other in ("gspo", "clip_cov", "geo_mean"):
+        assert adapter._fused_objective(other, actor_config(verl, {"loss_mode": other})) is None
+    logits, tokens, old, advantages, mask, weights = loss_inputs(seed=9, batch=3, seq=4)
+    assert_fused_equals_verl(
+        verl.core_algos.get_policy_loss_fn(loss_mode),
+        (logits, tokens, old, advantages, mask),
+        "token-mean",
+        config,
+        weights,
+        backend="triton",
     )
 
 

@@ -25,7 +25,7 @@ def loss_inputs(seed=0, batch=4, seq=6, vocab=11, per_token_advantages=True):
     logits = torch.randn(batch, seq, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    old = logp + 0.3 * torch.randn(batch, seq, generator=generator)
+    old = (logp + 0.3 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
     shape = (batch, seq) if per_token_advantages else (batch,)
     advantages = torch.randn(shape, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.25
@@ -237,6 +237,7 @@ def test_two_pass_route_matches_float64_autograd(batch, seq, vocab, seed, name):
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     old = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]
     old = (old + 0.3 * torch.randn(batch, seq, generator=generator).double()).float()
+    old = old.clamp(max=0.0)  # log-probabilities, as validate checks
     objective = Objective(name)
     options = dict(clip_low=0.2, clip_high=0.28, entropy_coef=0.01, objective=objective)
 
@@ -334,6 +335,7 @@ def test_bad_objective_raises(objective, match):
         (dict(vespo_lambda_pos=float("nan")), "vespo_lambda_pos"),
         (dict(cov_fraction=0.0), "cov_fraction"),
         (dict(clip_cov_bounds=(5.0, 1.0)), "clip_cov_bounds"),
+        (dict(clip_cov_bounds=1.0), "clip_cov_bounds"),
         (dict(kl_cov_coef=-1.0), "kl_cov_coef"),
         (dict(entropy_quantile=0.0), "entropy_quantile"),
         (dict(entropy_quantile=1.5), "entropy_quantile"),
@@ -388,3 +390,98 @@ def test_loss_modules_validate_the_objective():
         ek.GRPOSLoss(objective="nope")
     with pytest.raises(ValueError, match="dual_clip"):
         ek.GTPOLoss(objective="gpg", dual_clip=2.0)
+
+
+TOKEN_LOCAL = [
+    Objective(),
+    Objective(delta=1.15),
+    Objective("cispo"),
+    Objective("cispo", cispo_two_sided=False),
+    Objective("sapo", sapo_temperature_pos=0.7, sapo_temperature_neg=1.6),
+    Objective("gpg"),
+]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 5),
+    vocab=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+    objective=st.sampled_from(TOKEN_LOCAL),
+    kl=st.booleans(),
+    aggregation=st.sampled_from(["token-mean", "seq-mean-token-mean"]),
+)
+def test_fused_kernel_derivative_matches_autograd(
+    batch, seq, vocab, seed, objective, kl, aggregation
+):
+    """Token-local objectives on the fused Triton path (derivative written by the kernel, run by
+    the interpreter) against autograd through the objective's torch definition."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, seq, vocab, generator=generator) * 2
+    tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    old = (logp + 0.3 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
+    ref = (logp + 0.2 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
+    advantages = torch.randn(batch, seq, generator=generator)
+    mask = torch.rand(batch, seq, generator=generator) > 0.3
+    options = dict(
+        old_logprobs=old,
+        ref_logprobs=ref if kl else None,
+        kl_coef=0.05 if kl else 0.0,
+        entropy_coef=0.01,
+        clip_high=0.28,
+        dual_clip=2.0 if objective.name == "clip" else None,
+        aggregation=aggregation,
+        objective=objective,
+    )
+    results = {}
+    for backend in ("torch", "triton"):
+        leaf = logits.clone().requires_grad_(True)
+        out = ek.policy_loss(leaf * 1.0, tokens, advantages, mask, backend=backend, **options)
+        out.loss.backward()
+        results[backend] = out, leaf.grad
+    fused_out = results["triton"][0]
+    assert type(fused_out.loss.grad_fn).__name__ == "_LossWithGradientBackward"
+    torch.testing.assert_close(fused_out.loss, results["torch"][0].loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-4, atol=1e-6)
+    assert fused_out.metrics.keys() == results["torch"][0].metrics.keys()
+
+
+def test_non_local_objectives_are_not_fused():
+    logits, tokens, old, advantages, mask = loss_inputs(batch=2, seq=3)
+    for objective in (Objective(ratio_level="sequence"), Objective("vespo")):
+        leaf = logits.clone().requires_grad_(True)
+        out = ek.policy_loss(
+            leaf * 1.0,
+            tokens,
+            advantages,
+            mask,
+            old_logprobs=old,
+            backend="triton",
+            objective=objective,
+        )
+        assert type(out.loss.grad_fn).__name__ != "_LossWithGradientBackward"
+
+
+def test_linear_losses_take_the_objective():
+    """The hidden-state losses run the same objectives as the logits ones."""
+    generator = torch.Generator().manual_seed(12)
+    hidden = torch.randn(4, 5, 8, generator=generator)
+    weight = torch.randn(11, 8, generator=generator) * 0.5
+    _, tokens, old, advantages, mask = loss_inputs(seed=12, batch=4, seq=5)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    objective = Objective("sapo", ratio_level="sequence-token", off_policy_threshold=0.0)
+    logits = hidden @ weight.T
+    got = ek.linear_policy_loss(
+        hidden, weight, tokens, advantages, mask, old_logprobs=old, objective=objective
+    )
+    want = ek.policy_loss(logits, tokens, advantages, mask, old_logprobs=old, objective=objective)
+    torch.testing.assert_close(got.loss, want.loss, **VALUE_TOL)
+    got = ek.linear_gtpo_loss(
+        hidden, weight, tokens, rewards, mask, 2, old_logprobs=old, objective="gpg"
+    )
+    want = ek.gtpo_loss(logits, tokens, rewards, mask, 2, old_logprobs=old, objective="gpg")
+    torch.testing.assert_close(got.loss, want.loss, **VALUE_TOL)
+    with pytest.raises(ValueError, match="objective"):
+        ek.linear_grpo_s_loss(hidden, weight, tokens, rewards, mask, 2, objective="nope")

@@ -16,7 +16,7 @@ from .core import logprobs_and_entropy, policy_loss
 
 # The option values and whitening constant of the spec (algorithms.md), restated here: the
 # reference imports nothing from the library (tests check that these match it).
-NORMALIZE_MODES = ("separate", "joint", "none")
+NORMALIZE_MODES = ("zero-filled", "separate", "joint", "none")
 SCOPES = ("batch", "group")
 GRPO_SCALES = ("std", "none")
 WHITENING_EPS = 1e-8
@@ -200,7 +200,9 @@ def gtpo_advantages(
         for scope_rows, field_rows in whitened:
             tokens = [(i, t) for i in scope_rows for t in range(seq_len) if active[i][t]]
             if len(tokens) < 2:
-                continue  # no variance: these tokens keep advantage 0
+                for i, t in tokens:  # no variance: advantage 0, but NaN stays NaN
+                    advantages[i, t] = 0.0 * r[i, t]
+                continue
             field = set(field_rows)
             values = [r[i, t].item() if i in field else 0.0 for i, t in tokens]
             mean, var = _mean(values), _unbiased_var(values)
