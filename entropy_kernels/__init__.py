@@ -4,6 +4,7 @@ and the entropy-weighted advantages of GTPO and GRPO-S (arXiv 2508.04349)."""
 from .advantages import grpo_advantages, grpo_s_advantages, gtpo_advantages
 from .gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
 from .modules import PolicyLoss
+from .packing import packed_shift_labels
 from .policy_loss import PolicyLossOutput, policy_loss
 from .scoring import logprobs_and_entropy
 
@@ -20,5 +21,6 @@ __all__ = [
     "gtpo_advantages",
     "gtpo_loss",
     "logprobs_and_entropy",
+    "packed_shift_labels",
     "policy_loss",
 ]
