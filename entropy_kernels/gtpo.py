@@ -31,6 +31,7 @@ from .advantages import (
     gtpo_advantages,
     success_outcomes,
 )
+from .parallel import score_shard, vocab_shard
 from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
@@ -39,7 +40,7 @@ from .policy_loss import (
     policy_loss,
     without_ignored_tokens,
 )
-from .scoring import ScoringOptions, score
+from .scoring import ScoringOptions
 
 __all__ = [
     "GTPOShaping",
@@ -175,6 +176,7 @@ def _entropy_shaped_loss(
     inplace_backward: bool,
     validate: bool,
     backend: str,
+    tp_group,
 ) -> PolicyLossOutput:
     check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
@@ -196,12 +198,13 @@ def _entropy_shaped_loss(
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
+    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        check_token_range(tokens, shard.total, -100)
     # Tokens equal to -100 are inactive for the shaping as for the loss.
     mask = without_ignored_tokens(mask, tokens)
 
-    if old_entropy is not None:
+    if old_entropy is not None and shard.group is None:
         # The advantages need no pass over the logits: policy_loss reads them once (on Triton
         # its fused kernel also writes the gradient in that pass).
         shaping_entropy = old_entropy.detach()
@@ -221,8 +224,8 @@ def _entropy_shaped_loss(
         )
     else:
         scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
-        logprobs, entropy = score(logits, tokens, scoring)
-        shaping_entropy = entropy.detach()
+        logprobs, entropy = score_shard(logits, tokens, scoring, shard)
+        shaping_entropy = (entropy if old_entropy is None else old_entropy).detach()
         advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,
@@ -267,6 +270,7 @@ def gtpo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    tp_group=None,
 ) -> PolicyLossOutput:
     """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
     clipped surrogate (Eq. 7), in one pass over the logits.
@@ -287,6 +291,7 @@ def gtpo_loss(
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
             (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
+        tp_group: vocabulary-parallel process group, as in :func:`entropy_kernels.policy_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -308,6 +313,7 @@ def gtpo_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
+        tp_group=tp_group,
     )
 
 
@@ -336,6 +342,7 @@ def grpo_s_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    tp_group=None,
 ) -> PolicyLossOutput:
     """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
     active token of the row, in the clipped surrogate (Eq. 7), in one pass over the logits.
@@ -346,7 +353,7 @@ def grpo_s_loss(
         beta1, beta2, success_threshold, eps: as in :func:`entropy_kernels.grpo_s_advantages`
             (defaults 1.0, 0.1, 0.0, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
-        normalizer, inplace_backward, validate, backend: as in :func:`gtpo_loss`.
+        normalizer, inplace_backward, validate, backend, tp_group: as in :func:`gtpo_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -368,11 +375,18 @@ def grpo_s_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
+        tp_group=tp_group,
     )
 
 
 # Keyword options of the one-call losses that are neither shaping nor surrogate options.
-_CALL_OPTIONS = {"temperature": 1.0, "inplace_backward": False, "validate": True, "backend": "auto"}
+_CALL_OPTIONS = {
+    "temperature": 1.0,
+    "inplace_backward": False,
+    "validate": True,
+    "backend": "auto",
+    "tp_group": None,
+}
 
 
 def _checked_options(shaping_type: type, options: dict) -> dict:

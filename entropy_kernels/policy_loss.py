@@ -21,7 +21,8 @@ from ._validation import (
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
-from .scoring import ScoringOptions, score
+from .parallel import score_shard, vocab_shard
+from .scoring import ScoringOptions
 
 AGGREGATIONS = (
     "token-mean",
@@ -368,6 +369,7 @@ def policy_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    tp_group=None,
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy-gradient loss straight from logits.
 
@@ -397,6 +399,9 @@ def policy_loss(
             forward call). Logits must then be an op's output, not a leaf requiring grad.
         validate: check token range (one host sync).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        tp_group: process group over which the vocabulary is sharded (``logits`` is this
+            rank's ``[..., V_r]`` shard, ``tokens`` global ids); every rank gets the loss,
+            values and metrics of the unsharded call and its shard's gradient. None: unsharded.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -423,8 +428,9 @@ def policy_loss(
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
+    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+        check_token_range(tokens, shard.total, -100)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     if flat_tokens:
         # [N, V] is the token-mean loss of one sequence of N tokens.
@@ -434,7 +440,12 @@ def policy_loss(
         )
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
-    fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
+    fused = (
+        backend == "triton"
+        and shard.group is None
+        and logits.requires_grad
+        and torch.is_grad_enabled()
+    )
     # The fused kernel's gradient reaches only the logits.
     companions = (advantages, old_logprobs, ref_logprobs, normalizer)
     if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
@@ -442,7 +453,7 @@ def policy_loss(
             logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
         )
     else:
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = score_shard(logits, tokens, scoring, shard)
         out = loss_from_logprobs(
             logprobs,
             entropy,

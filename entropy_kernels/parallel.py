@@ -1,0 +1,168 @@
+"""Vocabulary-parallel (tensor-parallel) scoring: each rank holds a contiguous vocabulary shard.
+
+Rank ``r`` of ``tp_group`` holds the logits of the global columns ``[offset_r, offset_r + V_r)``
+(``offset_r``: the sum of ``V`` over lower ranks, learned with one ``all_gather`` of ``V_r``).
+The existing local kernels score each shard on its own: per row they return the shard's row max
+``m_r`` (logit units), log-normaliser ``l_r = log sum_shard exp((x - m_r) / T)`` and entropy
+``H_r``, plus the token's log-prob on the rank that owns the token. With the global row max
+``M = max_r m_r`` and ``d_r = l_r + (m_r - M) / T`` (the log of the shard's mass relative to
+``exp(M / T)``):
+
+    S = sum_r exp(d_r)        lse = M / T + log S
+    H = log S - sum_r exp(d_r) (d_r - H_r) / S
+    log p_token = (x_token - M) / T - log S,   where (x_token - M) / T = log p_r + d_r (owner)
+
+So a call communicates one all-reduce (max) of ``N`` floats and one (sum) of ``3 N`` floats,
+never a vocabulary-sized tensor. Every rank ends with the full-vocabulary log-probs and
+entropy. The backward needs no communication: each rank runs the local backward kernel on its
+shard with the global ``(M, log S)`` in place of the local normaliser, the global entropy, and a
+token that is outside the shard (no one-hot, row not zeroed) on the rows it does not own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .scoring import ScoringOptions, score, scoring_backward, scoring_backward_, scoring_forward
+
+# Local token codes: the local kernels treat LOCAL_IGNORE as ignore_index (row not read, zero
+# gradient) and NOT_OWNED as an out-of-range token (statistics computed, no one-hot). Neither can
+# collide with a local column, which is never negative.
+LOCAL_IGNORE = -1
+NOT_OWNED = -2
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's columns ``[offset, offset + size)`` of a vocabulary of ``total`` entries.
+
+    ``group`` is None for an unsharded call (``offset = 0``, ``size = total``).
+    """
+
+    group: Any
+    offset: int
+    size: int
+    total: int
+
+
+def vocab_shard(vocab_size: int, device: torch.device, tp_group) -> VocabShard:
+    """This rank's shard of the vocabulary: one ``all_gather`` of the local sizes.
+
+    ``tp_group=None`` is the unsharded case and communicates nothing.
+    """
+    if tp_group is None:
+        return VocabShard(None, 0, vocab_size, vocab_size)
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("tp_group needs an initialised torch.distributed process group")
+    if not isinstance(tp_group, dist.ProcessGroup):
+        raise ValueError(
+            f"tp_group must be a torch.distributed ProcessGroup or None, got {type(tp_group)}"
+        )
+    rank = dist.get_rank(tp_group)
+    if rank < 0:
+        raise ValueError("tp_group must be a process group that this process belongs to")
+    world = dist.get_world_size(tp_group)
+    local = torch.tensor([vocab_size], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=tp_group)
+    sizes = [int(size) for size in torch.cat(gathered).tolist()]
+    return VocabShard(tp_group, sum(sizes[:rank]), vocab_size, sum(sizes))
+
+
+def score_shard(
+    logits: torch.Tensor, tokens: torch.Tensor, options: ScoringOptions, shard: VocabShard
+):
+    """Differentiable full-vocabulary ``(logprobs, entropy)`` for validated arguments.
+
+    Without a group this is the local scoring op; with one, the vocabulary-parallel path.
+    """
+    if shard.group is None:
+        return score(logits, tokens, options)
+    return _ParallelScoring.apply(logits, tokens, options, shard)
+
+
+def _local_tokens(tokens: torch.Tensor, options: ScoringOptions, shard: VocabShard):
+    """``(local_tokens, ignored)``: shard columns where this rank owns the token, else a code."""
+    ignored = tokens == options.ignore_index
+    local = tokens - shard.offset
+    owned = (local >= 0) & (local < shard.size) & ~ignored
+    codes = torch.where(ignored, LOCAL_IGNORE, NOT_OWNED).to(tokens.dtype)
+    return torch.where(owned, local, codes), ignored, owned
+
+
+def _combine(local_logprobs, local_entropy, normaliser, owned, options, group):
+    """Global ``(logprobs, entropy, normaliser)`` from each shard's per-row statistics.
+
+    ``normaliser`` is ``[2, rows]`` (row max, log-normaliser): the local one in, the global
+    ``(M, log S)`` out, which the local backward kernel reads in place of its own.
+    """
+    dist = torch.distributed
+    inv_temperature = 1.0 / options.temperature
+    row_max, log_norm = normaliser
+    # A shard whose row is all -inf holds no mass there: its row max must not count.
+    peak = torch.where(log_norm == -math.inf, -math.inf, row_max)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    peak = torch.where(peak == -math.inf, 0.0, peak)
+    shard_log_mass = log_norm + (row_max - peak) * inv_temperature
+    mass = shard_log_mass.exp()
+    # An empty shard (mass 0) has a NaN entropy (0 / 0) that must not count; NaN mass propagates.
+    spread = torch.where(mass == 0.0, 0.0, mass * (shard_log_mass - local_entropy))
+    token_term = torch.where(owned, local_logprobs + shard_log_mass, 0.0)
+    stats = torch.stack([mass, spread, token_term])
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    total_mass, total_spread, token_logit = stats
+    log_total = total_mass.log()
+    entropy = log_total - total_spread / total_mass
+    return token_logit - log_total, entropy, torch.stack([peak, log_total])
+
+
+class _ParallelScoring(torch.autograd.Function):
+    """Vocabulary-parallel ``(logprobs, entropy)``; the gradient is this rank's shard only."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, options: ScoringOptions, shard: VocabShard):
+        local_tokens, ignored, owned = _local_tokens(tokens, options, shard)
+        local_logprobs, local_entropy, normaliser = scoring_forward(
+            logits,
+            local_tokens,
+            options.temperature,
+            LOCAL_IGNORE,
+            options.backend,
+            options.inplace_backward,
+        )
+        ignored, owned = ignored.reshape(-1), owned.reshape(-1)
+        logprobs, entropy, normaliser = _combine(
+            local_logprobs.reshape(-1),
+            local_entropy.reshape(-1),
+            normaliser,
+            owned,
+            options,
+            shard.group,
+        )
+        # A token outside [0, V_total) (only with validate=False) has no owner: NaN.
+        in_range = (tokens.reshape(-1) >= 0) & (tokens.reshape(-1) < shard.total)
+        logprobs = torch.where(in_range, logprobs, math.nan)
+        logprobs = logprobs.masked_fill_(ignored, 0.0).view(tokens.shape)
+        entropy = entropy.masked_fill_(ignored, 0.0).view(tokens.shape)
+        ctx.save_for_backward(logits, local_tokens, normaliser, entropy)
+        ctx.options = options
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
+            return None, None, None, None
+        logits, local_tokens, normaliser, entropy = ctx.saved_tensors
+        options: ScoringOptions = ctx.options
+        args = (local_tokens, normaliser, entropy.reshape(-1), grad_logprobs, grad_entropy)
+        consts = (options.temperature, LOCAL_IGNORE, options.backend)
+        if options.inplace_backward and not torch.compiler.is_compiling():
+            scoring_backward_(logits, *args, *consts)
+            return logits, None, None, None
+        return scoring_backward(logits, *args, *consts), None, None, None
