@@ -86,39 +86,86 @@ def score_shard(
     return _ParallelScoring.apply(logits, tokens, options, shard)
 
 
-def _local_tokens(tokens: torch.Tensor, options: ScoringOptions, shard: VocabShard):
-    """``(local_tokens, ignored)``: shard columns where this rank owns the token, else a code."""
+@dataclass(frozen=True)
+class ShardRows:
+    """One shard's per-row statistics from the local forward kernel (rows flattened).
+
+    ``local_tokens``: shard columns where this rank owns the token, else ``LOCAL_IGNORE`` /
+    ``NOT_OWNED``; ``normaliser``: ``[2, rows]`` local row max (logit units) and log-normaliser.
+    """
+
+    local_tokens: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    normaliser: torch.Tensor
+    owned: torch.Tensor
+    ignored: torch.Tensor
+
+
+def shard_rows(logits, tokens, options: ScoringOptions, shard: VocabShard) -> ShardRows:
+    """Run the local forward kernel on this shard with shard-local token codes."""
     ignored = tokens == options.ignore_index
     local = tokens - shard.offset
     owned = (local >= 0) & (local < shard.size) & ~ignored
     codes = torch.where(ignored, LOCAL_IGNORE, NOT_OWNED).to(tokens.dtype)
-    return torch.where(owned, local, codes), ignored, owned
+    local_tokens = torch.where(owned, local, codes)
+    logprobs, entropy, normaliser = scoring_forward(
+        logits,
+        local_tokens,
+        options.temperature,
+        LOCAL_IGNORE,
+        options.backend,
+        options.inplace_backward,
+    )
+    return ShardRows(
+        local_tokens,
+        logprobs.reshape(-1),
+        entropy.reshape(-1),
+        normaliser,
+        owned.reshape(-1),
+        ignored.reshape(-1),
+    )
 
 
-def _combine(local_logprobs, local_entropy, normaliser, owned, options, group):
-    """Global ``(logprobs, entropy, normaliser)`` from each shard's per-row statistics.
-
-    ``normaliser`` is ``[2, rows]`` (row max, log-normaliser): the local one in, the global
-    ``(M, log S)`` out, which the local backward kernel reads in place of its own.
-    """
-    dist = torch.distributed
-    inv_temperature = 1.0 / options.temperature
-    row_max, log_norm = normaliser
+def shard_peak(rows: ShardRows) -> torch.Tensor:
+    """This shard's candidate for the global row max ``M`` (reduced with max over ranks)."""
+    row_max, log_norm = rows.normaliser
     # A shard whose row is all -inf holds no mass there: its row max must not count.
-    peak = torch.where(log_norm == -math.inf, -math.inf, row_max)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    peak = torch.where(peak == -math.inf, 0.0, peak)
-    shard_log_mass = log_norm + (row_max - peak) * inv_temperature
+    return torch.where(log_norm == -math.inf, -math.inf, row_max)
+
+
+def finite_peak(peak: torch.Tensor) -> torch.Tensor:
+    """The reduced max, 0 on rows that are -inf everywhere (as the local kernels centre them)."""
+    return torch.where(peak == -math.inf, 0.0, peak)
+
+
+def shard_sums(rows: ShardRows, peak: torch.Tensor, options: ScoringOptions) -> torch.Tensor:
+    """``[3, rows]``: this shard's ``exp(d_r)``, ``exp(d_r) (d_r - H_r)`` and owned token term.
+
+    Summed over ranks they give ``S``, ``S (log S - H)`` and ``(x_token - M) / T``.
+    """
+    row_max, log_norm = rows.normaliser
+    shard_log_mass = log_norm + (row_max - peak) * (1.0 / options.temperature)
     mass = shard_log_mass.exp()
     # An empty shard (mass 0) has a NaN entropy (0 / 0) that must not count; NaN mass propagates.
-    spread = torch.where(mass == 0.0, 0.0, mass * (shard_log_mass - local_entropy))
-    token_term = torch.where(owned, local_logprobs + shard_log_mass, 0.0)
-    stats = torch.stack([mass, spread, token_term])
-    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    total_mass, total_spread, token_logit = stats
+    spread = torch.where(mass == 0.0, 0.0, mass * (shard_log_mass - rows.entropy))
+    token_term = torch.where(rows.owned, rows.logprobs + shard_log_mass, 0.0)
+    return torch.stack([mass, spread, token_term])
+
+
+def global_rows(sums, peak, tokens, rows: ShardRows, shard: VocabShard):
+    """Full-vocabulary ``(logprobs, entropy)`` shaped like ``tokens``, and the global normaliser
+    ``[2, rows]`` ``(M, log S)`` that the local backward kernel reads in place of its own."""
+    total_mass, total_spread, token_logit = sums
     log_total = total_mass.log()
     entropy = log_total - total_spread / total_mass
-    return token_logit - log_total, entropy, torch.stack([peak, log_total])
+    # A token outside [0, V_total) (only with validate=False) has no owner: NaN.
+    flat_tokens = tokens.reshape(-1)
+    in_range = (flat_tokens >= 0) & (flat_tokens < shard.total)
+    logprobs = torch.where(in_range, token_logit - log_total, math.nan)
+    logprobs = logprobs.masked_fill_(rows.ignored, 0.0).view(tokens.shape)
+    entropy = entropy.masked_fill_(rows.ignored, 0.0).view(tokens.shape)
+    return logprobs, entropy, torch.stack([peak, log_total])
 
 
 class _ParallelScoring(torch.autograd.Function):
@@ -126,30 +173,15 @@ class _ParallelScoring(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, options: ScoringOptions, shard: VocabShard):
-        local_tokens, ignored, owned = _local_tokens(tokens, options, shard)
-        local_logprobs, local_entropy, normaliser = scoring_forward(
-            logits,
-            local_tokens,
-            options.temperature,
-            LOCAL_IGNORE,
-            options.backend,
-            options.inplace_backward,
-        )
-        ignored, owned = ignored.reshape(-1), owned.reshape(-1)
-        logprobs, entropy, normaliser = _combine(
-            local_logprobs.reshape(-1),
-            local_entropy.reshape(-1),
-            normaliser,
-            owned,
-            options,
-            shard.group,
-        )
-        # A token outside [0, V_total) (only with validate=False) has no owner: NaN.
-        in_range = (tokens.reshape(-1) >= 0) & (tokens.reshape(-1) < shard.total)
-        logprobs = torch.where(in_range, logprobs, math.nan)
-        logprobs = logprobs.masked_fill_(ignored, 0.0).view(tokens.shape)
-        entropy = entropy.masked_fill_(ignored, 0.0).view(tokens.shape)
-        ctx.save_for_backward(logits, local_tokens, normaliser, entropy)
+        dist = torch.distributed
+        rows = shard_rows(logits, tokens, options, shard)
+        peak = shard_peak(rows)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=shard.group)
+        peak = finite_peak(peak)
+        sums = shard_sums(rows, peak, options)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
+        logprobs, entropy, normaliser = global_rows(sums, peak, tokens, rows, shard)
+        ctx.save_for_backward(logits, rows.local_tokens, normaliser, entropy)
         ctx.options = options
         ctx.set_materialize_grads(False)
         return logprobs, entropy

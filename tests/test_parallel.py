@@ -16,13 +16,27 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import entropy_kernels as ek
 from entropy_kernels import reference
-from entropy_kernels.parallel import vocab_shard
+from entropy_kernels.parallel import (
+    LOCAL_IGNORE,
+    VocabShard,
+    finite_peak,
+    global_rows,
+    shard_peak,
+    shard_rows,
+    shard_sums,
+    vocab_shard,
+)
+from entropy_kernels.scoring import ScoringOptions, scoring_backward
 
 VALUE_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+# One unit in the last place of the gradient dtype: the kernel rounds its float32 gradient once.
+ROUNDED_GRAD_TOL = {torch.float32: GRAD_TOL, torch.bfloat16: dict(rtol=2**-7, atol=1e-5)}
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "entropy_kernels.parallel"]
 LOSSES = ("policy_loss", "PolicyLoss in place", "gtpo_loss", "GRPOSLoss old_entropy")
 METRIC_NAMES = ("clip_fraction", "approx_kl", "entropy", "kl", "success_advantage_mean")
@@ -201,6 +215,10 @@ def check_edges(run, group, sizes):
     run.check("NaN row", bool(torch.isnan(entropy[0, 1])) and bool(torch.isnan(logp[0, 1])))
     run.check("other rows finite", int(torch.isnan(entropy).sum()) == 1)
     run.check("ignored row is 0", float(logp[1, -1]) == 0.0 == float(entropy[1, -1]))
+    empty = local[:0].requires_grad_()
+    logp, entropy = ek.logprobs_and_entropy(empty, tokens[:0], tp_group=group, backend=run.backend)
+    (logp.sum() + entropy.sum()).backward()
+    run.check("empty batch", logp.shape == (0, tokens.shape[1]) and empty.grad.shape == empty.shape)
     # A token of another shard is valid; one past the whole vocabulary is not.
     tokens[0, 0] = sum(sizes) - 1
     ek.logprobs_and_entropy(local, tokens, tp_group=group, backend=run.backend)
@@ -281,3 +299,80 @@ def test_tp_group_must_be_a_process_group():
     logits, tokens = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="tp_group"):
         ek.logprobs_and_entropy(logits, tokens, tp_group="not a group")
+
+
+def combined_by_hand(logits, tokens, sizes, options, grads):
+    """The collectives done by hand over shards of one tensor: max and sum over a list."""
+    total, parts, rows = sum(sizes), [], []
+    for rank, size in enumerate(sizes):
+        offset = sum(sizes[:rank])
+        parts.append(logits[..., offset : offset + size])
+        shard = VocabShard(None, offset, size, total)
+        rows.append(shard_rows(parts[-1], tokens, options, shard))
+    peak = finite_peak(torch.stack([shard_peak(shard) for shard in rows]).amax(0))
+    sums = torch.stack([shard_sums(shard, peak, options) for shard in rows]).sum(0)
+    logprobs, entropy, normaliser = global_rows(sums, peak, tokens, rows[0], shard)
+    consts = (options.temperature, LOCAL_IGNORE, options.backend)
+    grad = [
+        scoring_backward(part, shard.local_tokens, normaliser, entropy.reshape(-1), *grads, *consts)
+        for part, shard in zip(parts, rows, strict=True)
+    ]
+    return logprobs, entropy, torch.cat(grad, -1)
+
+
+SPLITS = dict(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 4),
+    sizes=st.lists(st.sampled_from([1, 2, 7, 255, 257]), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    temperature=st.sampled_from([1.0, 0.6, 1.7]),
+    neg_inf_fraction=st.sampled_from([0.0, 0.3]),
+    empty_shard=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+@settings(max_examples=12)
+@given(**SPLITS)
+def test_shard_statistics_combine_torch(**case):
+    check_combination("torch", **case)
+
+
+# The interpreter takes about a second per example: fewer of them.
+@settings(max_examples=5)
+@given(**SPLITS)
+def test_shard_statistics_combine_triton(**case):
+    check_combination("triton", **case)
+
+
+def check_combination(
+    backend, batch, seq, sizes, dtype, temperature, neg_inf_fraction, empty_shard, seed
+):
+    """Any split of the vocabulary gives the float64 truth of the whole (values and gradient)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    logits = torch.randn(batch, seq, total, generator=generator) * 4.0
+    logits = logits.masked_fill(
+        torch.rand(logits.shape, generator=generator) < neg_inf_fraction, -math.inf
+    )
+    tokens = torch.randint(0, total, (batch, seq), generator=generator)
+    if empty_shard and len(sizes) > 1:  # the first shard holds no mass on the first row
+        logits[0, 0, : sizes[0]] = -math.inf
+        tokens[0, 0] = total - 1
+    logits.scatter_(-1, tokens.unsqueeze(-1), torch.randn(batch, seq, 1, generator=generator))
+    tokens[-1, -1] = -100
+    logits = logits.to(dtype)
+    grads = torch.randn(2, batch * seq, generator=generator)
+
+    options = ScoringOptions(temperature, -100, backend)
+    logprobs, entropy, grad = combined_by_hand(logits, tokens, sizes, options, grads)
+
+    exact = logits.double().requires_grad_()
+    want_logp, want_entropy = reference.logprobs_and_entropy(exact, tokens, temperature=temperature)
+    (want_logp.reshape(-1) * grads[0] + want_entropy.reshape(-1) * grads[1]).sum().backward()
+    torch.testing.assert_close(logprobs.double(), want_logp.detach(), **VALUE_TOL)
+    torch.testing.assert_close(entropy.double(), want_entropy.detach(), **VALUE_TOL)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(
+        grad.float(), exact.grad.to(dtype).float(), **ROUNDED_GRAD_TOL[dtype]
+    )
