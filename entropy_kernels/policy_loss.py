@@ -400,8 +400,9 @@ def policy_loss(
         validate: check token range (one host sync).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         tp_group: process group over which the vocabulary is sharded (``logits`` is this
-            rank's ``[..., V_r]`` shard, ``tokens`` global ids); every rank gets the loss,
-            values and metrics of the unsharded call and its shard's gradient. None: unsharded.
+            rank's ``[..., V_r]`` shard; ``tokens``, global ids, and the other arguments are the
+            same on every rank); every rank gets the loss, values and metrics of the unsharded
+            call and its shard's gradient. None (default): unsharded.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -440,12 +441,8 @@ def policy_loss(
         )
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
-    fused = (
-        backend == "triton"
-        and shard.group is None
-        and logits.requires_grad
-        and torch.is_grad_enabled()
-    )
+    fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
+    fused = fused and shard.group is None  # the fused kernel needs the whole vocabulary
     # The fused kernel's gradient reaches only the logits.
     companions = (advantages, old_logprobs, ref_logprobs, normalizer)
     if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):

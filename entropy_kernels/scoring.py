@@ -479,9 +479,9 @@ def logprobs_and_entropy(
             With ``validate=False`` an out-of-range token yields NaN; nothing is read out of bounds.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
         tp_group: a ``torch.distributed`` process group over which the vocabulary is sharded in
-            rank order (``logits`` is this rank's ``[..., V_r]`` shard, ``tokens`` are global
-            ids); every rank gets the full-vocabulary results and its shard's gradient
-            (:mod:`entropy_kernels.parallel`). None (default): the vocabulary is not sharded.
+            rank order (``logits`` is this rank's ``[..., V_r]`` shard, ``tokens`` the same
+            global ids on every rank); every rank gets the full-vocabulary results and its
+            shard's gradient (:mod:`entropy_kernels.parallel`). None (default): not sharded.
 
     Returns:
         ``(logprobs, entropy)``, float32 tensors shaped like ``tokens``:
