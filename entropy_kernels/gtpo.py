@@ -27,17 +27,20 @@ from .advantages import (
     check_eps,
     check_groups,
     check_rewards,
+    group_layout,
     grpo_s_advantages,
     gtpo_advantages,
     success_outcomes,
+    uniform_group_rows,
 )
-from .parallel import score_shard, vocab_shard
+from .parallel import vocab_shard
 from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
     check_inplace_backward,
+    logits_scorers,
     loss_from_logprobs,
-    policy_loss,
+    policy_loss_core,
     without_ignored_tokens,
 )
 from .scoring import ScoringOptions
@@ -63,9 +66,10 @@ class GTPOShaping:
     alpha1: float = 1.0
     alpha2: float = 0.1
     success_threshold: float = 0.0
-    normalize: str = "separate"
+    normalize: str = "zero-filled"
     scope: str = "batch"
     eps: float = 1e-6
+    filter_groups: bool = True
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE_MODES:
@@ -85,6 +89,7 @@ class GTPOShaping:
             success_threshold=self.success_threshold,
             normalize=self.normalize,
             scope=self.scope,
+            filter_groups=self.filter_groups,
             eps=self.eps,
             backend=backend,
         )
@@ -98,6 +103,7 @@ class GRPOSShaping:
     beta2: float = 0.1
     success_threshold: float = 0.0
     eps: float = 1e-6
+    filter_groups: bool = True
 
     def __post_init__(self):
         check_eps(self.eps)
@@ -111,6 +117,7 @@ class GRPOSShaping:
             beta1=self.beta1,
             beta2=self.beta2,
             success_threshold=self.success_threshold,
+            filter_groups=self.filter_groups,
             eps=self.eps,
             backend=backend,
         )
@@ -122,6 +129,7 @@ def advantage_metrics(
     entropy: torch.Tensor,
     mask: torch.Tensor | None,
     success_threshold: float = 0.0,
+    filtered_rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Advantage statistics over active tokens, as 0-dim float32 tensors (no host sync).
 
@@ -130,8 +138,9 @@ def advantage_metrics(
     with `rewards > success_threshold`, failure rows the others. Returns
     `success_advantage_mean` / `_std` and `failure_advantage_mean` / `_std` (unbiased std over
     the set's active tokens), `success_entropy` / `failure_entropy` (mean entropy over the
-    set's active tokens), and `success_fraction` (of rows). A float mask counts its nonzero
-    positions, unweighted. An empty set gives 0.
+    set's active tokens), `success_fraction` and `filtered_fraction` (of rows; `filtered_rows`
+    [B] bool marks the rows that `filter_groups` removed, None for none). A float mask counts
+    its nonzero positions, unweighted. An empty set gives 0.
     """
     with torch.no_grad():
         # Classified as the shaping does (a NaN or infinite reward is no success).
@@ -156,7 +165,13 @@ def advantage_metrics(
             metrics[f"{name}_advantage_mean"] = mean
             metrics[f"{name}_advantage_std"] = torch.sqrt(var)
             metrics[f"{name}_entropy"] = torch.where(tokens, entropy, 0.0).sum() / size
-        metrics["success_fraction"] = success.sum(dtype=torch.float32) / max(success.shape[0], 1)
+        rows = max(success.shape[0], 1)
+        metrics["success_fraction"] = success.sum(dtype=torch.float32) / rows
+        metrics["filtered_fraction"] = (
+            torch.zeros((), device=success.device)
+            if filtered_rows is None
+            else filtered_rows.sum(dtype=torch.float32) / rows
+        )
     return metrics
 
 
@@ -181,6 +196,28 @@ def _entropy_shaped_loss(
     check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
+    companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
+    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
+    check_inplace_backward(logits, inplace_backward)
+    backend = resolve_backend(backend, logits.device)
+    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
+    if validate:
+        check_token_range(tokens, shard.total, -100)
+    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    return shaped_loss_core(
+        logits_scorers(logits, scoring, shard),
+        tokens,
+        (checked_rewards, *companions[1:]),
+        shaping,
+        loss_options,
+        backend,
+    )
+
+
+def check_shaped_loss_inputs(
+    tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs, options, temperature
+) -> torch.Tensor:
+    """Checks of the one-call losses' ``[B, T]`` / ``[B]`` companions; the checked rewards."""
     check_positive_float("temperature", temperature)
     shape, device = tuple(tokens.shape), tokens.device
     checked_rewards = check_rewards(rewards)
@@ -194,39 +231,33 @@ def _entropy_shaped_loss(
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
-    if loss_options.kl_coef != 0.0 and ref_logprobs is None:
+    if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
-    check_inplace_backward(logits, inplace_backward)
-    backend = resolve_backend(backend, logits.device)
-    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
-    if validate:
-        check_token_range(tokens, shard.total, -100)
+    return checked_rewards
+
+
+def shaped_loss_core(
+    scorers, tokens, companions, shaping, loss_options: LossOptions, backend: str
+) -> PolicyLossOutput:
+    """The one-call loss of validated arguments; ``scorers`` as in ``policy_loss_core``.
+
+    ``companions``: ``(checked rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)``.
+    """
+    rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs = companions
     # Tokens equal to -100 are inactive for the shaping as for the loss.
     mask = without_ignored_tokens(mask, tokens)
-
-    if old_entropy is not None and shard.group is None:
-        # The advantages need no pass over the logits: policy_loss reads them once (on Triton
-        # its fused kernel also writes the gradient in that pass).
+    if old_entropy is not None:
+        # The advantages need no pass over the scored tensor: the loss reads it once (on Triton
+        # the fused kernel of the logits path also writes the gradient in that pass).
         shaping_entropy = old_entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
-        out = policy_loss(
-            logits,
-            tokens,
-            advantages,
-            mask,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            **{field.name: getattr(loss_options, field.name) for field in fields(loss_options)},
-            temperature=temperature,
-            inplace_backward=inplace_backward,
-            validate=False,
-            backend=backend,
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
+        out = policy_loss_core(
+            scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options
         )
     else:
-        scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
-        logprobs, entropy = score_shard(logits, tokens, scoring, shard)
-        shaping_entropy = (entropy if old_entropy is None else old_entropy).detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
+        logprobs, entropy = scorers[0](tokens)
+        shaping_entropy = entropy.detach()
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,
             entropy,
@@ -236,10 +267,16 @@ def _entropy_shaped_loss(
             ref_logprobs=ref_logprobs,
             options=loss_options,
         )
-    metrics = advantage_metrics(
-        advantages, checked_rewards, shaping_entropy, mask, shaping.success_threshold
+    filtered_rows = None
+    if shaping.filter_groups:
+        outcomes = success_outcomes(rewards, shaping.success_threshold)
+        filtered_rows = uniform_group_rows(
+            outcomes, group_layout(groups, rewards.shape[0], rewards.device)
+        )
+    threshold = shaping.success_threshold
+    out.metrics.update(
+        advantage_metrics(advantages, rewards, shaping_entropy, mask, threshold, filtered_rows)
     )
-    out.metrics.update(metrics)
     return out
 
 
@@ -256,8 +293,9 @@ def gtpo_loss(
     alpha1: float = 1.0,
     alpha2: float = 0.1,
     success_threshold: float = 0.0,
-    normalize: str = "separate",
+    normalize: str = "zero-filled",
     scope: str = "batch",
+    filter_groups: bool = True,
     eps: float = 1e-6,
     clip_low: float = 0.2,
     clip_high: float = PAPER_CLIP_HIGH,
@@ -284,9 +322,9 @@ def gtpo_loss(
         old_entropy: `[B, T]` rollout-policy entropy to shape from (the paper's setting);
             None shapes from this pass's entropy. Either way it is detached.
         ref_logprobs: `[B, T]`, required when `kl_coef != 0`.
-        alpha1, alpha2, success_threshold, normalize, scope, eps: as in
-            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "separate",
-            "batch", 1e-6). Under `normalize="separate"` the alphas cancel.
+        alpha1, alpha2, success_threshold, normalize, scope, filter_groups, eps: as in
+            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "zero-filled",
+            "batch", True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
@@ -302,7 +340,9 @@ def gtpo_loss(
         rewards,
         mask,
         groups,
-        shaping=GTPOShaping(alpha1, alpha2, success_threshold, normalize, scope, eps),
+        shaping=GTPOShaping(
+            alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
+        ),
         loss_options=LossOptions(
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
         ),
@@ -330,6 +370,7 @@ def grpo_s_loss(
     beta1: float = 1.0,
     beta2: float = 0.1,
     success_threshold: float = 0.0,
+    filter_groups: bool = True,
     eps: float = 1e-6,
     clip_low: float = 0.2,
     clip_high: float = PAPER_CLIP_HIGH,
@@ -350,8 +391,8 @@ def grpo_s_loss(
     Args:
         logits, tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs: as in
             :func:`gtpo_loss`.
-        beta1, beta2, success_threshold, eps: as in :func:`entropy_kernels.grpo_s_advantages`
-            (defaults 1.0, 0.1, 0.0, 1e-6).
+        beta1, beta2, success_threshold, filter_groups, eps: as in
+            :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
         normalizer, inplace_backward, validate, backend, tp_group: as in :func:`gtpo_loss`.
 
@@ -364,7 +405,7 @@ def grpo_s_loss(
         rewards,
         mask,
         groups,
-        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps),
+        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
         ),
