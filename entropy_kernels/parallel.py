@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .linear_scoring import LinearOptions, linear_forward, linear_gradients
 from .scoring import ScoringOptions, score, scoring_backward, scoring_backward_, scoring_forward
 
 # Local token codes: the local kernels treat LOCAL_IGNORE as ignore_index (row not read, zero
@@ -83,7 +84,68 @@ def score_shard(
     """
     if shard.group is None:
         return score(logits, tokens, options)
-    return _ParallelScoring.apply(logits, tokens, options, shard)
+    return _ParallelScoring.apply(_LogitsShard(options), tokens, shard, logits)
+
+
+def linear_score_shard(hidden, weight, bias, tokens, options: LinearOptions):
+    """Vocabulary-parallel ``(logprobs, entropy)`` of ``hidden @ weight.T + bias``.
+
+    ``weight`` / ``bias`` hold this rank's rows; the hidden gradient is summed over the group.
+    """
+    return _ParallelScoring.apply(
+        _LinearShard(options), tokens, options.shard, hidden, weight, bias
+    )
+
+
+@dataclass(frozen=True)
+class _LogitsShard:
+    """The local scoring op on a ``[..., V_r]`` logits shard."""
+
+    options: ScoringOptions
+
+    def forward(self, tensors, local_tokens):
+        (logits,) = tensors
+        options = self.options
+        return scoring_forward(
+            logits,
+            local_tokens,
+            options.temperature,
+            LOCAL_IGNORE,
+            options.backend,
+            options.inplace_backward,
+        )
+
+    def backward(self, tensors, local_tokens, normaliser, entropy, grads, needs, group):
+        (logits,) = tensors
+        options = self.options
+        args = (local_tokens, normaliser, entropy.reshape(-1), *grads)
+        consts = (options.temperature, LOCAL_IGNORE, options.backend)
+        if options.inplace_backward and not torch.compiler.is_compiling():
+            scoring_backward_(logits, *args, *consts)
+            return (logits,)
+        return (scoring_backward(logits, *args, *consts),)
+
+
+@dataclass(frozen=True)
+class _LinearShard:
+    """The local linear op on this rank's ``[V_r, H]`` weight (and ``[V_r]`` bias) rows."""
+
+    options: LinearOptions
+
+    def _local(self) -> LinearOptions:
+        return LinearOptions(self.options.temperature, LOCAL_IGNORE, self.options.backend)
+
+    def forward(self, tensors, local_tokens):
+        logprobs, entropy, normaliser = linear_forward(*tensors, local_tokens, self._local())
+        return logprobs, entropy, normaliser
+
+    def backward(self, tensors, local_tokens, normaliser, entropy, grads, needs, group):
+        saved = (*tensors, local_tokens, normaliser, entropy)
+        grad_hidden, grad_weight, grad_bias = linear_gradients(saved, *grads, needs, self._local())
+        if grad_hidden is not None:
+            # hidden is replicated: its gradient is the sum of every shard's part.
+            torch.distributed.all_reduce(grad_hidden, group=group)
+        return grad_hidden, grad_weight, grad_bias
 
 
 @dataclass(frozen=True)
@@ -102,21 +164,14 @@ class ShardRows:
     ignored: torch.Tensor
 
 
-def shard_rows(logits, tokens, options: ScoringOptions, shard: VocabShard) -> ShardRows:
-    """Run the local forward kernel on this shard with shard-local token codes."""
-    ignored = tokens == options.ignore_index
+def shard_rows(local_op, tensors, tokens, shard: VocabShard) -> ShardRows:
+    """Run the local forward (``local_op.forward``) on this shard with shard-local token codes."""
+    ignored = tokens == local_op.options.ignore_index
     local = tokens - shard.offset
     owned = (local >= 0) & (local < shard.size) & ~ignored
     codes = torch.where(ignored, LOCAL_IGNORE, NOT_OWNED).to(tokens.dtype)
     local_tokens = torch.where(owned, local, codes)
-    logprobs, entropy, normaliser = scoring_forward(
-        logits,
-        local_tokens,
-        options.temperature,
-        LOCAL_IGNORE,
-        options.backend,
-        options.inplace_backward,
-    )
+    logprobs, entropy, normaliser = local_op.forward(tensors, local_tokens)
     return ShardRows(
         local_tokens,
         logprobs.reshape(-1),
@@ -139,7 +194,7 @@ def finite_peak(peak: torch.Tensor) -> torch.Tensor:
     return torch.where(peak == -math.inf, 0.0, peak)
 
 
-def shard_sums(rows: ShardRows, peak: torch.Tensor, options: ScoringOptions) -> torch.Tensor:
+def shard_sums(rows: ShardRows, peak: torch.Tensor, options) -> torch.Tensor:
     """``[3, rows]``: this shard's ``exp(d_r)``, ``exp(d_r) (d_r - H_r)`` and owned token term.
 
     Summed over ranks they give ``S``, ``S (log S - H)`` and ``(x_token - M) / T``.
@@ -169,32 +224,37 @@ def global_rows(sums, peak, tokens, rows: ShardRows, shard: VocabShard):
 
 
 class _ParallelScoring(torch.autograd.Function):
-    """Vocabulary-parallel ``(logprobs, entropy)``; the gradient is this rank's shard only."""
+    """Vocabulary-parallel ``(logprobs, entropy)`` around a local op (``_LogitsShard`` or
+    ``_LinearShard``): each rank's tensors get their gradient, the sharded ones their shard's."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, options: ScoringOptions, shard: VocabShard):
+    def forward(ctx, local_op, tokens, shard: VocabShard, *tensors):
         dist = torch.distributed
-        rows = shard_rows(logits, tokens, options, shard)
+        rows = shard_rows(local_op, tensors, tokens, shard)
         peak = shard_peak(rows)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=shard.group)
         peak = finite_peak(peak)
-        sums = shard_sums(rows, peak, options)
+        sums = shard_sums(rows, peak, local_op.options)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
         logprobs, entropy, normaliser = global_rows(sums, peak, tokens, rows, shard)
-        ctx.save_for_backward(logits, rows.local_tokens, normaliser, entropy)
-        ctx.options = options
+        ctx.save_for_backward(*tensors, rows.local_tokens, normaliser, entropy)
+        ctx.local_op, ctx.group = local_op, shard.group
         ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
-            return None, None, None, None
-        logits, local_tokens, normaliser, entropy = ctx.saved_tensors
-        options: ScoringOptions = ctx.options
-        args = (local_tokens, normaliser, entropy.reshape(-1), grad_logprobs, grad_entropy)
-        consts = (options.temperature, LOCAL_IGNORE, options.backend)
-        if options.inplace_backward and not torch.compiler.is_compiling():
-            scoring_backward_(logits, *args, *consts)
-            return logits, None, None, None
-        return scoring_backward(logits, *args, *consts), None, None, None
+        needs = tuple(ctx.needs_input_grad[3:])
+        if not any(needs) or (grad_logprobs is None and grad_entropy is None):
+            return (None,) * (3 + len(needs))
+        *tensors, local_tokens, normaliser, entropy = ctx.saved_tensors
+        grads = ctx.local_op.backward(
+            tensors,
+            local_tokens,
+            normaliser,
+            entropy,
+            (grad_logprobs, grad_entropy),
+            needs,
+            ctx.group,
+        )
+        return (None, None, None, *grads)

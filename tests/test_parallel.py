@@ -24,6 +24,7 @@ from entropy_kernels import reference
 from entropy_kernels.parallel import (
     LOCAL_IGNORE,
     VocabShard,
+    _LogitsShard,
     finite_peak,
     global_rows,
     shard_peak,
@@ -39,6 +40,7 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 ROUNDED_GRAD_TOL = {torch.float32: GRAD_TOL, torch.bfloat16: dict(rtol=2**-7, atol=1e-5)}
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "entropy_kernels.parallel"]
 LOSSES = ("policy_loss", "PolicyLoss in place", "gtpo_loss", "GRPOSLoss old_entropy")
+LINEAR = ("linear_logprobs_and_entropy", "linear_policy_loss", "linear_gtpo_loss")
 METRIC_NAMES = ("clip_fraction", "approx_kl", "entropy", "kl", "success_advantage_mean")
 
 
@@ -179,6 +181,54 @@ def check_losses(run, group, sizes, seed, names):
         run.close(f"{name} gradient", local.grad, full.grad[..., low:high], GRAD_TOL)
 
 
+def check_linear(run, group, sizes, seed, names):
+    """The linear functions with a weight (and bias) shard; hidden's gradient is the full one."""
+    generator = torch.Generator().manual_seed(seed)
+    total, size = sum(sizes), 6
+    hidden = torch.randn(4, 3, size, generator=generator)
+    weight = torch.randn(total, size, generator=generator)
+    bias = torch.randn(total, generator=generator)
+    tokens = torch.randint(0, total, (4, 3), generator=generator)
+    tokens[0, -1] = -100
+    rewards, advantages = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.randn(4, generator=generator)
+    low, high = split(sizes, run.rank)
+    calls = {
+        "linear_logprobs_and_entropy": lambda h, w, b, **tp: ek.linear_logprobs_and_entropy(
+            h, w, tokens, bias=b, temperature=0.9, backend=run.backend, **tp
+        ),
+        "linear_policy_loss": lambda h, w, b, **tp: ek.linear_policy_loss(
+            h, w, tokens, advantages, bias=b, entropy_coef=0.1, backend=run.backend, **tp
+        ),
+        "linear_gtpo_loss": lambda h, w, b, **tp: ek.linear_gtpo_loss(
+            h, w, tokens, rewards, None, 2, bias=b, entropy_coef=0.1, backend=run.backend, **tp
+        ),
+    }
+    for name in names:
+        call = calls[name]
+        inputs_full = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        inputs_local = [
+            hidden.clone().requires_grad_(),
+            weight[low:high].clone().requires_grad_(),
+            bias[low:high].clone().requires_grad_(),
+        ]
+        out, want = call(*inputs_local, tp_group=group), call(*inputs_full)
+        if isinstance(out, tuple):
+            run.close(f"{name} logprobs", out[0], want[0])
+            run.close(f"{name} entropy", out[1], want[1])
+            loss, want_loss = (out[0] + out[1] * 0.5).sum(), (want[0] + want[1] * 0.5).sum()
+        else:
+            run.close(f"{name} loss", out.loss, want.loss)
+            run.close(f"{name} entropy", out.entropy, want.entropy)
+            loss, want_loss = out.loss, want.loss
+        loss.backward()
+        want_loss.backward()
+        local_hidden, local_weight, local_bias = (t.grad for t in inputs_local)
+        full_hidden, full_weight, full_bias = (t.grad for t in inputs_full)
+        run.close(f"{name} hidden gradient", local_hidden, full_hidden, GRAD_TOL)
+        run.close(f"{name} weight gradient", local_weight, full_weight[low:high], GRAD_TOL)
+        run.close(f"{name} bias gradient", local_bias, full_bias[low:high], GRAD_TOL)
+
+
 def counting(run, name, collective):
     def wrapper(tensor_or_list, *args, **kwargs):
         tensors = args[0] if name == "all_gather" else tensor_or_list
@@ -259,6 +309,8 @@ def worker(rank, world, init_file, sizes_per_seed, results):
                 check_scoring(run, dist.group.WORLD, sizes, seed, temperature=0.7 + seed % 3 / 2)
             names = LOSSES[:2] if interpreted else LOSSES
             check_losses(run, dist.group.WORLD, sizes_per_seed[0][1], 11, names)
+            names = LINEAR[:1] if interpreted else LINEAR
+            check_linear(run, dist.group.WORLD, sizes_per_seed[0][1], 5, names)
             if not interpreted:
                 check_communication(run, dist.group.WORLD, sizes_per_seed[0][1])
             check_edges(run, dist.group.WORLD, sizes_per_seed[-1][1])
@@ -308,7 +360,7 @@ def combined_by_hand(logits, tokens, sizes, options, grads):
         offset = sum(sizes[:rank])
         parts.append(logits[..., offset : offset + size])
         shard = VocabShard(None, offset, size, total)
-        rows.append(shard_rows(parts[-1], tokens, options, shard))
+        rows.append(shard_rows(_LogitsShard(options), (parts[-1],), tokens, shard))
     peak = finite_peak(torch.stack([shard_peak(shard) for shard in rows]).amax(0))
     sums = torch.stack([shard_sums(shard, peak, options) for shard in rows]).sum(0)
     logprobs, entropy, normaliser = global_rows(sums, peak, tokens, rows[0], shard)
