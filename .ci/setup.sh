@@ -15,4 +15,10 @@ constraints=$(mktemp)
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 pip install -q -c "$constraints" -e ".[test,bench,dev,trl]"
 pip install -q --no-deps "openrlhf==0.11.2"
+# Triton < 3.7's interpreter (the CPU test path) fails on NumPy >= 2.4 (3.6.0: checked).
+python - 2>/dev/null <<'EOF' && pip install -q -c "$constraints" "numpy<2.4"
+import importlib.metadata as metadata, sys
+version = tuple(int(part) for part in metadata.version("triton").split(".")[:2])
+sys.exit(0 if version < (3, 7) else 1)
+EOF
 rm -f "$constraints"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
 import math
+import os
 
 import torch
 
@@ -16,11 +20,60 @@ def check_backend(backend: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` means the Triton kernels on CUDA and the chunked PyTorch path elsewhere."""
+    """``"auto"`` means the Triton kernels on CUDA and the chunked PyTorch path elsewhere.
+
+    ``"triton"`` needs the triton package, and on CPU tensors its interpreter
+    (``TRITON_INTERPRET=1``): otherwise a ValueError here rather than an error from deep
+    inside Triton.
+    """
     check_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and _has_triton() else "torch"
+    if backend == "triton":
+        if not _has_triton():
+            raise ValueError(
+                "backend='triton' needs the triton package, which is not installed; use "
+                "backend='torch' or 'auto'"
+            )
+        if device.type == "cpu" and not _triton_interpreter_on():
+            raise ValueError(
+                "backend='triton' on CPU tensors runs only under Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before triton is imported); use backend='torch' or "
+                "'auto' on CPU, or move the tensors to a GPU"
+            )
+        if device.type == "cpu" and _old_interpreter_with_new_numpy():
+            raise ValueError(
+                "backend='triton' on CPU tensors: the interpreter of Triton < 3.7 fails with "
+                "NumPy >= 2.4; install numpy<2.4 (or Triton >= 3.7), or use backend='torch'"
+            )
     return backend
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # blocked by an import hook, or a broken entry
+        return False
+
+
+@functools.cache
+def _old_interpreter_with_new_numpy() -> bool:
+    """Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 rejects
+    (checked: Triton 3.6.0 fails with NumPy 2.4.6, passes with 2.3.5 and 2.2.6)."""
+
+    def major_minor(package: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in importlib.metadata.version(package).split(".")[:2])
+
+    try:
+        return major_minor("triton") < (3, 7) and major_minor("numpy") >= (2, 4)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+
+
+def _triton_interpreter_on() -> bool:
+    """Triton's own reading of ``TRITON_INTERPRET`` ("1", "true", "on", any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
 def check_positive_float(name: str, value: float) -> None:
@@ -30,7 +83,10 @@ def check_positive_float(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Shapes, dtypes and devices of ``logits [..., V]`` and ``tokens``; returns the tokens as
+    int32 / int64 (other integer dtypes, e.g. uint8 or int16, are widened to int64: a copy of
+    a few bytes per token, so that every backend indexes and compares them alike)."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(tokens, torch.Tensor):
@@ -46,32 +102,95 @@ def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
             "logits must have unit stride in the vocabulary (last) dimension, got strides "
             f"{tuple(logits.stride())}; leading dimensions may have any strides"
         )
+    return check_tokens(tokens, "logits", logits)
+
+
+def check_tokens(tokens: torch.Tensor, name: str, scored: torch.Tensor) -> torch.Tensor:
+    """Integer ``tokens`` with the leading shape of ``scored [..., V or H]``, on its device;
+    returned as int32 / int64 (narrower or unsigned dtypes widened to int64)."""
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+    if tuple(tokens.shape) != tuple(scored.shape[:-1]):
         raise ValueError(
-            f"tokens must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+            f"tokens must have the leading shape of {name} {tuple(scored.shape[:-1])}, "
             f"got {tuple(tokens.shape)}"
         )
-    if tokens.device != logits.device:
-        raise ValueError(f"tokens must be on {logits.device} like logits, got {tokens.device}")
+    if tokens.device != scored.device:
+        raise ValueError(f"tokens must be on {scored.device} like {name}, got {tokens.device}")
+    if tokens.dtype in (torch.int32, torch.int64):
+        return tokens
+    return tokens.to(torch.int64)
 
 
-def check_token_range(tokens: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Tokens must lie in [0, V) or equal ignore_index (one reduction and one host sync).
+def check_values(
+    tokens: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int,
+    mask: torch.Tensor | None = None,
+    log_probs: dict[str, torch.Tensor | None] | None = None,
+    non_negative: dict[str, torch.Tensor | None] | None = None,
+) -> None:
+    """The checks that read tensor values, with one host sync for all of them (``validate``).
 
-    Skipped while torch.compile traces (a host sync would break the graph); the kernels never
-    read out of bounds, and an out-of-range token yields NaN.
+    Tokens must lie in [0, V) or equal ignore_index; a float ``mask`` holds weights >= 0;
+    ``log_probs`` (e.g. old / reference log-probs) are <= 0 and ``non_negative`` tensors (an
+    entropy) >= 0 at active positions (token not ignored, mask nonzero). NaN passes (it is
+    padding at inactive positions and propagates elsewhere). Skipped while torch.compile
+    traces (a host sync would break the graph); the kernels never read out of bounds, and an
+    out-of-range token yields NaN.
     """
-    if tokens.numel() == 0 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return
     valid = ((tokens >= 0) & (tokens < vocab_size)) | (tokens == ignore_index)
-    if not bool(valid.all()):
-        bad = tokens[~valid][0].item()
+    failures = [((~valid).any(), None)]
+    active = tokens != ignore_index
+    if mask is not None and mask.dtype != torch.bool:
+        failures.append(((mask < 0).any(), "mask weights must be >= 0 (bool or non-negative)"))
+        active = active & (mask != 0)
+    elif mask is not None:
+        active = active & mask
+    for name, values in (log_probs or {}).items():
+        if values is not None:
+            bad = ((values > 0) & active).any()
+            failures.append(
+                (
+                    bad,
+                    f"{name} must be log-probabilities (<= 0) at active positions, "
+                    "found a positive value (probabilities instead of log-probs?)",
+                )
+            )
+    for name, values in (non_negative or {}).items():
+        if values is not None:
+            bad = ((values < 0) & active).any()
+            failures.append(
+                (bad, f"{name} must be >= 0 at active positions, found a negative value")
+            )
+    flags = torch.stack([flag for flag, _ in failures]).tolist()
+    if flags[0]:
         raise ValueError(
             f"tokens must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {bad}"
+            f"found {tokens[~valid][0].item()}"
         )
+    for flag, (_, message) in zip(flags[1:], failures[1:], strict=True):
+        if flag:
+            raise ValueError(message)
+
+
+def check_mask_dtype(mask: torch.Tensor | None) -> None:
+    if isinstance(mask, torch.Tensor) and mask.is_complex():
+        raise ValueError(f"mask must be a bool or real tensor, got dtype {mask.dtype}")
+
+
+def check_shaping_constant(name: str, value: float) -> None:
+    """``alpha2`` / ``beta2``: a finite number >= 0 (a negative one inverts the shaping)."""
+    if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_threshold(value: float) -> None:
+    """``success_threshold``: a real number, not NaN (every row would then be a failure)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"success_threshold must be a real number (not NaN), got {value!r}")
 
 
 def check_companion(name: str, value: torch.Tensor | None, shape: tuple, device) -> None:

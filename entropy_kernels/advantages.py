@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import resolve_backend
-from .kernels import advantage_shaping as kernels
+from ._validation import check_shaping_constant, check_threshold, resolve_backend
+from .kernels import LazyModule
+
+# Triton is imported on the first kernel launch, not with the package.
+kernels = LazyModule(".advantage_shaping")
 
 NORMALIZE_MODES = ("zero-filled", "separate", "joint", "none")
 SCOPES = ("batch", "group")
@@ -368,6 +371,8 @@ def gtpo_advantages(
     _check_choice("normalize", normalize, NORMALIZE_MODES)
     _check_choice("scope", scope, SCOPES)
     check_eps(eps)
+    check_shaping_constant("alpha2", alpha2)
+    check_threshold(success_threshold)
     layout = group_layout(groups, batch, device)
     backend = resolve_backend(backend, device)
     outcomes = success_outcomes(rewards, success_threshold)
@@ -574,6 +579,8 @@ def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     batch, device = rewards.shape[0], rewards.device
     entropy, mask = check_token_inputs(entropy, mask, batch, device)
     check_eps(eps)
+    check_shaping_constant("beta2", beta2)
+    check_threshold(success_threshold)
     layout = group_layout(_groups_of_nonempty_rows(groups, entropy, mask), batch, device)
     outcomes = success_outcomes(rewards, success_threshold)
     # r = +-base + s, where s keeps the precision that base would round away (kernel module).

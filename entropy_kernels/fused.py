@@ -28,7 +28,8 @@ def _launch(
     """Run the kernel; ``target`` None allocates the gradient. Returns (logprobs, entropy, grad)."""
     from .kernels.policy_loss_fused import policy_loss_fused_kernel
 
-    temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, entropy_coef = constants
+    temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, entropy_coef = constants[:7]
+    objective, delta, sapo_tau_pos, sapo_tau_neg = constants[7:]
     source, token_view, logits_layout, tokens_layout = row_layouts(logits, tokens)
     vocab_size = source.shape[-1]
     if target is None:
@@ -66,7 +67,12 @@ def _launch(
             kl_coef,
             entropy_coef,
             LOG_RATIO_LIMIT,
+            float(delta or 0.0),
+            sapo_tau_pos,
+            sapo_tau_neg,
             BLOCK_V=config.block_v,
+            OBJECTIVE=objective,
+            HAS_DELTA=delta is not None,
             HAS_DUAL_CLIP=dual_clip is not None,
             ROUND_BF16_BY_HAND=round_bf16_by_hand(target),
             **config.launch_options(),
@@ -89,13 +95,20 @@ def policy_loss_fused(
     dual_clip: Optional[float],
     kl_coef: float,
     entropy_coef: float,
+    objective: int,
+    delta: Optional[float],
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logprobs, entropy, dlogits)``; all ``[B, T]`` companions float32 and contiguous.
 
     ``loss_weight`` is ``d loss / d per_token_loss``; ``ref_logprobs`` is None unless the KL
-    term is on. ``dlogits`` is a new contiguous tensor in the logits' dtype.
+    term is on. ``objective`` is a code of ``objectives.OBJECTIVE_CODES`` (a token-local
+    objective); ``delta`` and the SAPO temperatures are its options. ``dlogits`` is a new
+    contiguous tensor in the logits' dtype.
     """
     constants = (temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, entropy_coef)
+    constants += (objective, delta, sapo_tau_pos, sapo_tau_neg)
     companions = (token_advantages, loss_weight, old_logprobs, ref_logprobs)
     return _launch(None, logits, tokens, *companions, constants)
 
@@ -121,9 +134,14 @@ def policy_loss_fused_(
     dual_clip: Optional[float],
     kl_coef: float,
     entropy_coef: float,
+    objective: int,
+    delta: Optional[float],
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`policy_loss_fused`, with ``dlogits`` written over the logits."""
     constants = (temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, entropy_coef)
+    constants += (objective, delta, sapo_tau_pos, sapo_tau_neg)
     companions = (token_advantages, loss_weight, old_logprobs, ref_logprobs)
     source = row_layouts(logits, tokens)[0]
     logprobs, entropy, grad = _launch(source, logits, tokens, *companions, constants)

@@ -15,10 +15,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._validation import (
+    check_backend,
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_shaping_constant,
+    check_threshold,
+    check_values,
     resolve_backend,
 )
 from .advantages import (
@@ -33,6 +37,7 @@ from .advantages import (
     success_outcomes,
     uniform_group_rows,
 )
+from .objectives import Objective
 from .parallel import vocab_shard
 from .policy_loss import (
     LossOptions,
@@ -77,6 +82,8 @@ class GTPOShaping:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         check_eps(self.eps)
+        check_shaping_constant("alpha2", self.alpha2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return gtpo_advantages(
@@ -107,6 +114,8 @@ class GRPOSShaping:
 
     def __post_init__(self):
         check_eps(self.eps)
+        check_shaping_constant("beta2", self.beta2)
+        check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
         return grpo_s_advantages(
@@ -193,7 +202,7 @@ def _entropy_shaped_loss(
     backend: str,
     tp_group,
 ) -> PolicyLossOutput:
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
@@ -202,7 +211,8 @@ def _entropy_shaped_loss(
     backend = resolve_backend(backend, logits.device)
     shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
-        check_token_range(tokens, shard.total, -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, shard.total, -100, mask, log_probs, {"old_entropy": old_entropy})
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     return shaped_loss_core(
         logits_scorers(logits, scoring, shard),
@@ -228,6 +238,7 @@ def check_shaped_loss_inputs(
         )
     check_groups(groups, shape[0], device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
@@ -308,6 +319,7 @@ def gtpo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
     tp_group=None,
 ) -> PolicyLossOutput:
     """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
@@ -329,6 +341,8 @@ def gtpo_loss(
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
             (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
+        objective: as in :func:`entropy_kernels.policy_loss` (default ``"clip"``, Eq. 7): GTPO
+            advantages under CISPO, GSPO's sequence ratio, SAPO...
         tp_group: vocabulary-parallel process group, as in :func:`entropy_kernels.policy_loss`.
 
     Returns:
@@ -344,7 +358,14 @@ def gtpo_loss(
             alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
         ),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -383,6 +404,7 @@ def grpo_s_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
     tp_group=None,
 ) -> PolicyLossOutput:
     """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
@@ -394,7 +416,8 @@ def grpo_s_loss(
         beta1, beta2, success_threshold, filter_groups, eps: as in
             :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
-        normalizer, inplace_backward, validate, backend, tp_group: as in :func:`gtpo_loss`.
+        normalizer, inplace_backward, validate, backend, objective, tp_group: as in
+            :func:`gtpo_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -407,7 +430,14 @@ def grpo_s_loss(
         groups,
         shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
-            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+            clip_low,
+            clip_high,
+            dual_clip,
+            kl_coef,
+            entropy_coef,
+            aggregation,
+            normalizer,
+            objective,
         ),
         old_logprobs=old_logprobs,
         old_entropy=old_entropy,
@@ -451,7 +481,7 @@ def _checked_options(shaping_type: type, options: dict) -> dict:
     if "temperature" in options:
         check_positive_float("temperature", options["temperature"])
     if "backend" in options:
-        resolve_backend(options["backend"], torch.device("cpu"))
+        check_backend(options["backend"])
     return dict(options)
 
 

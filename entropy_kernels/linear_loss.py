@@ -19,6 +19,7 @@ from .gtpo import (
     check_shaped_loss_inputs,
     shaped_loss_core,
 )
+from .linear_fused import linear_fused_loss
 from .linear_scoring import check_linear_inputs, linear_options, linear_score
 from .policy_loss import (
     LossOptions,
@@ -58,13 +59,19 @@ def _split_options(options: dict, shaping_type: type | None):
 
 
 def _linear_scorers(hidden, weight, bias, options):
-    """``(scorer, None)`` for the loss cores: the linear op has no fused loss kernel."""
+    """``(scorer, fused)`` for the loss cores; ``fused`` (torch backend, with a gradient to
+    compute) forms the gradient in the forward pass (:mod:`entropy_kernels.linear_fused`)."""
     rows = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
 
     def scorer(tokens):
         return linear_score(rows, weight, bias, tokens, options)
 
-    return scorer, None
+    differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    if options.backend != "torch" or not (differentiable and torch.is_grad_enabled()):
+        return scorer, None
+    if options.shard is not None:  # the fused loss needs the whole vocabulary
+        return scorer, None
+    return scorer, linear_fused_loss(rows, weight, bias, options)
 
 
 def linear_policy_loss(
@@ -98,11 +105,23 @@ def linear_policy_loss(
     """
     tensors, _, options, call = _split_options(policy_loss_options, None)
     old_logprobs, ref_logprobs = tensors
-    check_linear_inputs(hidden, weight, bias, tokens)
+    tokens = check_linear_inputs(hidden, weight, bias, tokens)
     check_loss_rows("hidden", "H", tuple(hidden.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     temperature, validate, backend, tp_group = call
-    scoring = linear_options(hidden, weight, tokens, temperature, -100, validate, backend, tp_group)
+    log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+    scoring = linear_options(
+        hidden,
+        weight,
+        tokens,
+        temperature,
+        -100,
+        validate,
+        backend,
+        tp_group,
+        mask=mask,
+        log_probs=log_probs,
+    )
     scorers = _linear_scorers(hidden, weight, bias, scoring)
     return policy_loss_core(scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options)
 
@@ -111,12 +130,24 @@ def _linear_shaped_loss(hidden, weight, bias, tokens, rewards, mask, groups, opt
     tensors, shaping, loss_options, call = _split_options(options, shaping)
     temperature, validate, backend, tp_group = call
     old_logprobs, old_entropy, ref_logprobs = tensors
-    check_linear_inputs(hidden, weight, bias, tokens)
+    tokens = check_linear_inputs(hidden, weight, bias, tokens)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (rows are grouped), got {tuple(hidden.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
     checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
-    scoring = linear_options(hidden, weight, tokens, temperature, -100, validate, backend, tp_group)
+    scoring = linear_options(
+        hidden,
+        weight,
+        tokens,
+        temperature,
+        -100,
+        validate,
+        backend,
+        tp_group,
+        mask=mask,
+        log_probs={"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
+        non_negative={"old_entropy": old_entropy},
+    )
     return shaped_loss_core(
         _linear_scorers(hidden, weight, bias, scoring),
         tokens,

@@ -14,7 +14,12 @@ pass over the tiles per row block) and ``"triton"`` (``tl.dot`` tiles, determini
 kernel per row block for the hidden gradient, one per vocabulary block for the weight and bias
 gradients, no atomics; see :mod:`entropy_kernels.kernels.linear_fwd`). Logits are accumulated
 in float32 whatever the input dtype and never rounded to it; gradients of half-precision inputs
-are accumulated in float32 and rounded once.
+are accumulated in float32 and rounded once. (The torch backend's weight gradient of half
+inputs is a float32 ``[V, H]`` accumulator; the Triton kernels accumulate in float32 buffers of
+the gradients' shapes.)
+
+The linear losses on the torch backend skip the recomputation when they can: see
+:mod:`entropy_kernels.linear_fused`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import LOGIT_DTYPES, check_positive_float, check_token_range, resolve_backend
+from ._validation import (
+    LOGIT_DTYPES,
+    check_positive_float,
+    check_tokens,
+    check_values,
+    resolve_backend,
+)
 from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
@@ -43,8 +54,9 @@ class LinearOptions:
     shard: Any = None
 
 
-def check_linear_inputs(hidden, weight, bias, tokens) -> None:
-    """Types, dtypes, shapes and devices of ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``."""
+def check_linear_inputs(hidden, weight, bias, tokens) -> torch.Tensor:
+    """Types, dtypes, shapes and devices of ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``;
+    the tokens as int32 / int64."""
     for name, value in (("hidden", hidden), ("weight", weight), ("tokens", tokens)):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -72,21 +84,14 @@ def check_linear_inputs(hidden, weight, bias, tokens) -> None:
             raise ValueError(f"{name} must be on {hidden.device} like hidden, got {value.device}")
     if bias is not None and tuple(bias.shape) != (vocab_size,):
         raise ValueError(f"bias must have shape ({vocab_size},) like weight's V, got {bias.shape}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-    if tuple(tokens.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"tokens must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(tokens.shape)}"
-        )
-    if tokens.device != hidden.device:
-        raise ValueError(f"tokens must be on {hidden.device} like hidden, got {tokens.device}")
+    return check_tokens(tokens, "hidden", hidden)
 
 
 def linear_options(
-    hidden, weight, tokens, temperature, ignore_index, validate, backend, tp_group=None
+    hidden, weight, tokens, temperature, ignore_index, validate, backend, tp_group=None, **checks
 ):
-    """The remaining checks of a public call (after :func:`check_linear_inputs`)."""
+    """The remaining checks of a public call (after :func:`check_linear_inputs`);
+    ``checks``: the mask / log-prob / entropy keywords of ``check_values``."""
     from .parallel import vocab_shard  # builds on this module
 
     check_positive_float("temperature", temperature)
@@ -95,7 +100,7 @@ def linear_options(
     backend = resolve_backend(backend, hidden.device)
     shard = vocab_shard(weight.shape[0], hidden.device, tp_group)
     if validate:
-        check_token_range(tokens, shard.total, ignore_index)
+        check_values(tokens, shard.total, ignore_index, **checks)
     return LinearOptions(
         float(temperature), ignore_index, backend, None if shard.group is None else shard
     )
@@ -116,7 +121,7 @@ def hidden_rows(hidden: torch.Tensor, tokens: torch.Tensor):
 # Torch backend
 
 
-def _logit_tile(hidden_f32, weight, bias, start, stop):
+def logit_block(hidden_f32, weight, bias, start, stop):
     """``hidden @ weight[start:stop].T + bias[start:stop]`` in float32, ``[rows, stop - start]``."""
     block = weight[start:stop].float()
     if bias is None:
@@ -124,8 +129,11 @@ def _logit_tile(hidden_f32, weight, bias, start, stop):
     return torch.addmm(bias[start:stop].float(), hidden_f32, block.T)
 
 
-def _torch_rows_forward(hidden_f32, tokens, weight, bias, options: LinearOptions):
-    """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``."""
+def _torch_rows_forward(hidden_f32, tokens, weight, bias, masked: bool, options: LinearOptions):
+    """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
+
+    ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped.
+    """
     rows, vocab_size = hidden_f32.shape[0], weight.shape[0]
     inv_temperature = 1.0 / options.temperature
     row_max = hidden_f32.new_full((rows,), float("-inf"))
@@ -134,7 +142,7 @@ def _torch_rows_forward(hidden_f32, tokens, weight, bias, options: LinearOptions
     token_logit = hidden_f32.new_full((rows,), float("nan"))
     for start in range(0, vocab_size, TILE_VOCAB):
         stop = min(start + TILE_VOCAB, vocab_size)
-        logits = _logit_tile(hidden_f32, weight, bias, start, stop)
+        logits = logit_block(hidden_f32, weight, bias, start, stop)
         in_tile = (tokens >= start) & (tokens < stop)
         index = (tokens - start).clamp(0, stop - start - 1).long().unsqueeze(-1)
         token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
@@ -145,9 +153,11 @@ def _torch_rows_forward(hidden_f32, tokens, weight, bias, options: LinearOptions
         recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
         sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
         sum_exp = rescale * sum_exp
-        z = logits.sub_(shift.unsqueeze(-1)).mul_(inv_temperature)
-        # -inf logits (a -inf bias) become the most negative float: exp gives 0 and 0 * z = 0.
-        z.clamp_min_(torch.finfo(torch.float32).min)
+        z = logits.sub_(shift.unsqueeze(-1))
+        if inv_temperature != 1.0:
+            z *= inv_temperature
+        if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
+            z.clamp_min_(torch.finfo(torch.float32).min)
         exp_z = z.exp()
         sum_exp += exp_z.sum(-1)
         sum_exp_z += torch.linalg.vecdot(exp_z, z)
@@ -172,6 +182,7 @@ def _torch_forward(hidden, weight, bias, tokens, options: LinearOptions):
     logprobs = torch.empty(shape, device=hidden.device)
     entropy = torch.empty(shape, device=hidden.device)
     normaliser = torch.empty((2, *shape), device=hidden.device)
+    masked = bias is not None and bool(torch.isneginf(bias).any())
     for outer, inner in row_chunks(layout, TILE_ROWS):
         block = rows[outer, inner]
         chunk_shape = block.shape[:-1]
@@ -180,6 +191,7 @@ def _torch_forward(hidden, weight, bias, tokens, options: LinearOptions):
             token_rows[outer, inner].reshape(-1),
             weight,
             bias,
+            masked,
             options,
         )
         logprobs[outer, inner] = outputs[0].view(chunk_shape)
@@ -202,7 +214,7 @@ def _torch_rows_backward(hidden_f32, tokens, weight, bias, saved, grads, accumul
         # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
         tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
         grad = _torch_chunk_backward(
-            _logit_tile(hidden_f32, weight, bias, start, stop), tile_tokens, *saved, *grads, scoring
+            logit_block(hidden_f32, weight, bias, start, stop), tile_tokens, *saved, *grads, scoring
         )
         if grad_hidden_rows is not None:
             grad_hidden_rows.addmm_(grad, weight[start:stop].float())
@@ -392,7 +404,7 @@ def linear_logprobs_and_entropy(
         float32. Differentiable with respect to hidden, weight and bias; no ``[..., V]`` tensor
         is allocated (memory above inputs, outputs and gradients is a few fixed-size tiles).
     """
-    check_linear_inputs(hidden, weight, bias, tokens)
+    tokens = check_linear_inputs(hidden, weight, bias, tokens)
     options = linear_options(
         hidden, weight, tokens, temperature, ignore_index, validate, backend, tp_group
     )

@@ -16,11 +16,13 @@ from torch.autograd.function import once_differentiable
 from ._validation import (
     check_companion,
     check_logits_and_tokens,
+    check_mask_dtype,
     check_positive_float,
-    check_token_range,
+    check_values,
     resolve_backend,
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
+from .objectives import OBJECTIVE_CODES, Objective, as_objective, objective_loss
 from .parallel import VocabShard, score_shard, vocab_shard
 from .scoring import ScoringOptions
 
@@ -56,8 +58,15 @@ class LossOptions:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     normalizer: float | torch.Tensor | None = None
+    # A name or Objective of entropy_kernels.objectives; stored as None for the plain clip
+    # (the fused kernel's), an Objective otherwise.
+    objective: str | Objective | None = None
 
     def __post_init__(self):
+        chosen = as_objective("clip" if self.objective is None else self.objective)
+        if self.dual_clip is not None and chosen.name != "clip":
+            raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
+        object.__setattr__(self, "objective", None if chosen.is_plain_clip else chosen)
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"clip_low must lie in [0, 1), got {self.clip_low!r}")
         if not self.clip_high >= 0.0:
@@ -126,7 +135,10 @@ def loss_from_logprobs(
     """The surrogate loss from differentiable ``[B, T]`` log-probs and entropy (validated inputs).
 
     ``advantages`` is ``[B]`` or ``[B, T]``; ``mask`` is ``[B, T]`` bool/float or None.
+    ``options.objective`` (None: the PPO clip) replaces the clipped surrogate by
+    :func:`entropy_kernels.objectives.objective_loss`.
     """
+    objective = options.objective
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     weights = torch.ones_like(logprobs) if mask is None else mask.to(torch.float32)
@@ -149,7 +161,19 @@ def loss_from_logprobs(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - options.clip_low, 1.0 + options.clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    if objective is None:
+        per_token = torch.maximum(unclipped, clipped)
+    else:
+        per_token, indicators = objective_loss(
+            logprobs,
+            entropy,
+            old,
+            advantages,
+            active.float(),
+            options.clip_low,
+            options.clip_high,
+            objective,
+        )
     negative = advantages < 0
     if options.dual_clip is not None:
         dual_bound = -advantages * options.dual_clip
@@ -189,6 +213,11 @@ def loss_from_logprobs(
         }
         if kl is not None:
             metrics["kl"] = _masked_mean(kl.detach(), weights, total)
+        if objective is not None:
+            for name, indicator in indicators.items():
+                metrics[f"objective_{name}_fraction"] = _masked_mean(
+                    indicator.float(), weights, total
+                )
     # The scored values themselves, at every position.
     return PolicyLossOutput(loss, *scored, metrics)
 
@@ -245,7 +274,13 @@ def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Te
 def _fused_policy_loss(
     logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
 ):
-    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together."""
+    """Triton path: one kernel computes log-probs, entropy and ``d loss / d logits`` together,
+    for the plain clip or a token-local ``options.objective``."""
+    objective = options.objective or Objective()
+    # CISPO without its lower bound: clip(r, 1 - 1, ...) = min(r, ...) since r > 0.
+    kernel_clip_low = options.clip_low
+    if objective.name == "cispo" and not objective.cispo_two_sided:
+        kernel_clip_low = 1.0
     weights = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
     token_advantages = advantages.float()
     if token_advantages.dim() == 1:
@@ -262,11 +297,15 @@ def _fused_policy_loss(
         as_float(ref_logprobs) if options.kl_coef != 0.0 else None,
         scoring.temperature,
         scoring.ignore_index,
-        float(options.clip_low),
+        float(kernel_clip_low),
         float(options.clip_high),
         None if options.dual_clip is None else float(options.dual_clip),
         float(options.kl_coef),
         float(options.entropy_coef),
+        OBJECTIVE_CODES[objective.name],
+        None if objective.delta is None else float(objective.delta),
+        float(objective.sapo_temperature_pos),
+        float(objective.sapo_temperature_neg),
     )
     if scoring.inplace_backward and not torch.compiler.is_compiling():
         logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
@@ -347,6 +386,7 @@ def check_loss_inputs(
         raise ValueError(f"advantages must be a floating tensor, got dtype {advantages.dtype}")
     check_companion("advantages", advantages, advantages.shape, device)
     check_companion("mask", mask, shape, device)
+    check_mask_dtype(mask)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
     if options.kl_coef != 0.0 and ref_logprobs is None:
@@ -372,6 +412,7 @@ def policy_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    objective: str | Objective = "clip",
     tp_group=None,
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy-gradient loss straight from logits.
@@ -383,7 +424,7 @@ def policy_loss(
         tokens: ``[B, T]`` integer tokens whose log-probs are scored; ``-100`` marks ignored
             positions (never active, zero gradient).
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
-        mask: ``[B, T]`` bool or float (weights), None for all active.
+        mask: ``[B, T]`` bool or non-negative float weights, None for all active.
         old_logprobs: ``[B, T]`` log-probs of the behaviour policy; None is on-policy
             (``ratio = exp(logp - logp.detach())``).
         ref_logprobs: ``[B, T]`` reference-policy log-probs, required when ``kl_coef != 0``.
@@ -400,8 +441,19 @@ def policy_loss(
         inplace_backward: the gradient overwrites the logits' storage (saves one ``[B, T, V]``
             buffer, destroys the caller's logits: on the fused Triton path already during the
             forward call). Logits must then be an op's output, not a leaf requiring grad.
-        validate: check token range (one host sync).
+        validate: check, in one host sync, that tokens lie in ``[0, V)`` (or are -100), that
+            mask weights are ``>= 0`` and that ``old_logprobs`` / ``ref_logprobs`` are
+            ``<= 0`` at active positions (NaN passes and propagates).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        objective: ``"clip"`` (the default, fused on the Triton backend) or another objective of
+            :mod:`entropy_kernels.objectives` (``"cispo"``, ``"sapo"``, ``"gpg"``,
+            ``"geo_mean"``, ``"vespo"``, ``"clip_cov"``, ``"kl_cov"``), or an
+            :class:`~entropy_kernels.objectives.Objective` with its options (GSPO's sequence
+            ratio, TRL's ``delta``, the entropy-quantile and off-policy masks...). Anything but
+            the token-local objectives (``clip`` with or without ``delta``, ``cispo``,
+            ``sapo``, ``gpg``, on token ratios, without masks: fused on Triton like the clip)
+            takes the two-pass route (scoring pass, torch maths, gradient kernel).
+            ``dual_clip`` applies to ``"clip"`` only.
         tp_group: process group over which the vocabulary is sharded (``logits`` is this
             rank's ``[..., V_r]`` shard; ``tokens``, global ids, and the other arguments are the
             same on every rank); every rank gets the loss, values and metrics of the unsharded
@@ -414,10 +466,10 @@ def policy_loss(
     Returns:
         :class:`PolicyLossOutput`. A batch without active tokens has loss 0 and zero gradient.
     """
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
     options = LossOptions(
-        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer, objective
     )
     check_loss_rows("logits", "V", tuple(logits.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
@@ -425,7 +477,8 @@ def policy_loss(
     backend = resolve_backend(backend, logits.device)
     shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
-        check_token_range(tokens, shard.total, -100)
+        log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+        check_values(tokens, shard.total, -100, mask, log_probs)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
     return policy_loss_core(
@@ -488,8 +541,12 @@ def policy_loss_core(
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
     companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
-    if fused is not None and not any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in companions
+    # The fused kernel computes token-local objectives only (a sequence ratio, a mask or a
+    # selection needs a reduction across tokens first), and its gradient reaches only the logits.
+    if (
+        fused is not None
+        and (options.objective is None or options.objective.is_token_local)
+        and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions)
     ):
         out = fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     else:

@@ -21,7 +21,7 @@ import torch
 from ._validation import (
     check_logits_and_tokens,
     check_positive_float,
-    check_token_range,
+    check_values,
     resolve_backend,
 )
 from .kernel_config import launch_config, round_bf16_by_hand
@@ -494,15 +494,15 @@ def logprobs_and_entropy(
         log-sum-exp, so no ``[..., V]`` float32 tensor is ever stored. ``-inf`` logits are masked
         vocabulary entries (probability 0, no NaN); NaN or +inf logits give NaN.
     """
-    check_logits_and_tokens(logits, tokens)
+    tokens = check_logits_and_tokens(logits, tokens)
     check_positive_float("temperature", temperature)
-    if not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = resolve_backend(backend, logits.device)
     from .parallel import score_shard, vocab_shard  # builds on this module's ops
 
     shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
-        check_token_range(tokens, shard.total, ignore_index)
+        check_values(tokens, shard.total, ignore_index)
     options = ScoringOptions(float(temperature), ignore_index, backend)
     return score_shard(logits, tokens, options, shard)

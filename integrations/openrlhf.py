@@ -18,8 +18,13 @@ What it provides:
   Patches apply when OpenRLHF itself imports the patched modules (rollout workers stay free of
   DeepSpeed imports) and :func:`uninstall` reverts them.
 
-- :class:`FusedPolicyLoss`: ``openrlhf.models.loss.PolicyLoss`` computed from logits by
-  :func:`entropy_kernels.policy_loss`, for training loops that hold the logits.
+- :class:`FusedPolicyLoss`: ``openrlhf.models.loss.PolicyLoss`` computed from logits, for
+  training loops that hold the logits: ``policy_loss_type="ppo"`` by the fused
+  :func:`entropy_kernels.policy_loss`, ``"gspo"`` by OpenRLHF's own ``PolicyLoss`` on log-probs
+  from the fused scoring op.
+
+The actor that :func:`install` patches keeps OpenRLHF's own ``PolicyLoss``: only its scoring is
+replaced, so every ``policy_loss_type`` keeps OpenRLHF's maths.
 
 Importing this module never imports OpenRLHF.
 """
@@ -58,6 +63,8 @@ _FORWARD_WITH_ENTROPY = "entropy_kernels_forward_with_entropy"
 # Per-batch list of old entropies on the experience maker while a rollout batch is scored.
 _OLD_ENTROPY = "_entropy_kernels_old_entropy"
 _ADVANTAGES = ("gtpo", "grpo_s")
+#: OpenRLHF 0.11's ``policy_loss_type`` values: "ppo" is fused, "gspo" runs OpenRLHF's maths.
+POLICY_LOSS_TYPES = ("ppo", "gspo")
 
 _patches = Patches()
 
@@ -390,7 +397,8 @@ class FusedPolicyLoss(torch.nn.Module):
     ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` normalisation) and the
     train/rollout importance-sampling correction (``is_correction_*``: its non-negative
     per-token weight is folded into the advantages, which is exact for the clipped surrogate).
-    ``policy_loss_type="gspo"`` (a per-sequence ratio) raises ``ValueError``.
+    ``policy_loss_type="gspo"`` (a per-sequence ratio) is OpenRLHF's own ``PolicyLoss`` on the
+    differentiable log-probs of the fused scoring op (OpenRLHF's numbers and outputs).
 
     Args:
         temperature: divides the logits inside the kernel (OpenRLHF's actor scales its logits
@@ -414,10 +422,9 @@ class FusedPolicyLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if policy_loss_type != "ppo":
+        if policy_loss_type not in POLICY_LOSS_TYPES:
             raise ValueError(
-                f"policy_loss_type={policy_loss_type!r} is not supported by the fused loss "
-                "(GSPO's ratio is a per-sequence geometric mean); use OpenRLHF's PolicyLoss"
+                f"policy_loss_type must be one of {POLICY_LOSS_TYPES}, got {policy_loss_type!r}"
             )
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
@@ -443,6 +450,7 @@ class FusedPolicyLoss(torch.nn.Module):
         self.is_correction_mode = is_correction_mode
         self.is_correction_gating = is_correction_gating
         self.is_correction_threshold = tuple(is_correction_threshold)
+        self.policy_loss_type = policy_loss_type
         self.temperature = temperature
         self.backend = backend
 
@@ -485,6 +493,18 @@ class FusedPolicyLoss(torch.nn.Module):
             ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)`` as ``PolicyLoss``; the
             last two are None without importance-sampling correction.
         """
+        if self.policy_loss_type != "ppo":
+            return self._openrlhf_loss(
+                logits,
+                tokens,
+                old_log_probs,
+                advantages,
+                action_mask,
+                rollout_log_probs,
+                dp_size,
+                batch_num_tokens,
+                global_batch_size,
+            )
         vllm_kl = is_filter_ratio = None
         shaped = advantages
         if self.is_correction_level != "off":
@@ -528,6 +548,26 @@ class FusedPolicyLoss(torch.nn.Module):
         clip_ratio = _masked_mean(torch.lt(surr2, surr1).float(), action_mask)
         ppo_kl = _masked_mean(-log_ratio, action_mask)
         return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+    def _openrlhf_loss(self, logits, tokens, *args):
+        """OpenRLHF's ``PolicyLoss`` with these options, on the fused log-probs."""
+        from openrlhf.models.loss import PolicyLoss
+
+        loss = PolicyLoss(
+            self.clip_eps_low,
+            self.clip_eps_high,
+            self.dual_clip,
+            self.token_level_loss,
+            self.policy_loss_type,
+            self.is_correction_level,
+            self.is_correction_mode,
+            self.is_correction_gating,
+            self.is_correction_threshold,
+        )
+        log_probs, _ = entropy_kernels.logprobs_and_entropy(
+            logits, tokens, temperature=self.temperature, backend=self.backend
+        )
+        return loss(log_probs, *args)
 
     @torch.no_grad()
     def _is_correction(self, old_log_probs, rollout_log_probs, action_mask):

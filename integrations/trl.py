@@ -5,8 +5,10 @@
 - ``_compute_loss``: the model's logits at the completion positions go, as a strided view, into
   :func:`entropy_kernels.policy_loss`, which computes the clipped surrogate, the k3 KL term and
   the entropy bonus in one pass over the vocabulary. With ``advantage_shaping="grpo"`` the loss
-  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo`` and
-  ``dr_grpo``, including gradient accumulation and vLLM importance-sampling correction.
+  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo``,
+  ``dr_grpo``, ``luspo`` (with or without ``delta``), ``cispo`` and ``sapo`` (objectives of
+  :mod:`entropy_kernels.objectives`, fused like the clip on the Triton backend), including
+  gradient accumulation and vLLM importance-sampling correction.
 - ``_generate_and_score_completions`` (``"gtpo"`` / ``"grpo_s"`` only): after TRL has generated
   and rewarded the completions, a no-grad scoring pass of the policy over the generation batch
   (:func:`entropy_kernels.logprobs_and_entropy`) yields the rollout entropy, and the advantages
@@ -24,10 +26,13 @@ them in float32; this adapter materialises the completion logits ``[B, T + 1, V]
 model's dtype (the fused op then adds no float32 ``[B, T, V]`` temporary). Under bf16, set
 ``cast_lm_head_to_fp32=True`` for logits, hence losses, identical to TRL's.
 
-Not supported (``ValueError`` at construction): ``loss_type`` ``cispo`` / ``sapo`` / ``luspo`` /
-``vespo``, ``importance_sampling_level="sequence"``, ``delta``, ``top_entropy_quantile < 1``,
+Every other ``GRPOConfig`` option of TRL 1.16 is accepted; the loss is then TRL's own
+``GRPOTrainer._compute_loss`` (its maths, its metrics), served with log-probs and entropy from
+the fused scoring op instead of TRL's LM head: ``loss_type="vespo"``,
+``importance_sampling_level="sequence"`` (GSPO), ``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, ``use_adaptive_entropy``, ``use_bias_correction_kl=True`` with
-``beta != 0``, and the MoE router auxiliary loss (``router_aux_loss_coef != 0`` on a MoE model).
+``beta != 0``, the MoE router auxiliary loss, ``cispo`` with ``epsilon_high < 1``.
+:func:`fused_loss_applies` tells which path a configuration takes.
 """
 
 from __future__ import annotations
@@ -42,18 +47,25 @@ from trl.models.utils import disable_gradient_checkpointing
 
 import entropy_kernels
 from entropy_kernels.advantages import group_layout, success_outcomes, uniform_group_rows
+from entropy_kernels.objectives import Objective
 
 ADVANTAGE_SHAPINGS = ("gtpo", "grpo_s", "grpo")
 ADVANTAGE_NORMALIZE = ("zero-filled", "separate", "joint", "none")
 ADVANTAGE_SCOPES = ("batch", "group")
 
-# TRL loss_type -> policy_loss aggregation (api.md). dapo / bnpo / dr_grpo differ in the normaliser.
+# TRL loss_type -> policy_loss aggregation (api.md). dapo / bnpo / dr_grpo / cispo differ in the
+# normaliser; luspo sums each sequence's tokens.
 LOSS_TYPE_AGGREGATION = {
     "dapo": "token-mean",
     "bnpo": "token-mean",
     "dr_grpo": "token-mean",
+    "cispo": "token-mean",
     "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "luspo": "seq-mean-token-sum",
 }
+# Loss types that are the PPO clip (with TRL's delta); cispo and sapo are their own objectives.
+CLIP_LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo", "luspo")
 
 # Model inputs TRL forwards besides input_ids / attention_mask (multimodal models).
 EXTRA_MODEL_INPUTS = (
@@ -92,8 +104,8 @@ class GTPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the advantage shaping of GTPO / GRPO-S (see ``algorithms.md``).
 
     Everything else has ``GRPOConfig``'s meaning and default, except ``use_bias_correction_kl``,
-    which defaults to ``False`` here (the fused loss uses the plain k3 KL term). Options the fused
-    loss does not implement raise ``ValueError`` here (listed in the module docstring).
+    which defaults to ``False`` here (the fused loss uses the plain k3 KL term; ``True`` runs
+    TRL's own loss on the fused scoring). Every option is accepted (see the module docstring).
     """
 
     advantage_shaping: str = field(
@@ -132,7 +144,10 @@ class GTPOConfig(GRPOConfig):
     )
     use_bias_correction_kl: bool = field(
         default=False,
-        metadata={"help": "Not supported by the fused loss; must stay False when beta != 0."},
+        metadata={
+            "help": "TRL's bias-corrected KL (k3 times the ratio). True with beta != 0 runs TRL's "
+            "loss on the fused scoring instead of the fused loss."
+        },
     )
 
     def __post_init__(self):
@@ -144,38 +159,38 @@ class GTPOConfig(GRPOConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        unsupported = [message for applies, message in _unsupported_options(self) if applies]
-        if unsupported:
-            raise ValueError(
-                "GTPOTrainer's fused loss does not support: " + "; ".join(unsupported) + "."
-            )
 
 
-def _unsupported_options(args: GRPOConfig) -> list[tuple[bool, str]]:
-    return [
-        (
-            args.loss_type not in LOSS_TYPE_AGGREGATION,
-            f"loss_type={args.loss_type!r} (use one of {tuple(LOSS_TYPE_AGGREGATION)})",
-        ),
-        (
-            args.importance_sampling_level != "token",
-            f"importance_sampling_level={args.importance_sampling_level!r} (GSPO; use 'token')",
-        ),
-        (args.delta is not None, "delta (two-sided clipping; leave it None)"),
-        (
-            args.top_entropy_quantile != 1.0,
-            "top_entropy_quantile < 1.0 (high-entropy token mask; leave it 1.0)",
-        ),
-        (
-            args.off_policy_mask_threshold is not None,
-            "off_policy_mask_threshold (off-policy sequence mask; leave it None)",
-        ),
-        (args.use_adaptive_entropy, "use_adaptive_entropy (a static entropy_coef is supported)"),
-        (
-            args.beta != 0.0 and args.use_bias_correction_kl,
-            "use_bias_correction_kl=True with beta != 0 (set use_bias_correction_kl=False)",
-        ),
-    ]
+def trl_objective(args: GRPOConfig) -> Objective:
+    """The objective of :mod:`entropy_kernels.objectives` that TRL's ``loss_type`` (token level)
+    computes: TRL's cispo bounds the ratio by ``epsilon_high`` alone (``1 + clip_high``)."""
+    if args.loss_type == "cispo":
+        return Objective("cispo", cispo_two_sided=False)
+    if args.loss_type == "sapo":
+        return Objective(
+            "sapo",
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+        )
+    # TRL applies delta to the clip loss types only.
+    return Objective(delta=args.delta)
+
+
+def fused_loss_applies(args: GRPOConfig, aux_loss_enabled: bool = False) -> bool:
+    """Whether :func:`entropy_kernels.policy_loss` expresses the loss these options ask for;
+    otherwise ``GTPOTrainer`` runs ``GRPOTrainer._compute_loss`` on the fused scoring."""
+    return (
+        args.loss_type in LOSS_TYPE_AGGREGATION
+        and args.importance_sampling_level == "token"
+        and (args.delta is None or args.delta > 0)
+        # TRL's cispo bound epsilon_high is 1 + clip_high (clip_high >= 0).
+        and (args.loss_type != "cispo" or args.epsilon_high >= 1.0)
+        and args.top_entropy_quantile == 1.0
+        and args.off_policy_mask_threshold is None
+        and not args.use_adaptive_entropy
+        and not (args.beta != 0.0 and args.use_bias_correction_kl)
+        and not aux_loss_enabled
+    )
 
 
 class GTPOTrainer(GRPOTrainer):
@@ -192,11 +207,9 @@ class GTPOTrainer(GRPOTrainer):
         if not isinstance(args, GTPOConfig):
             raise TypeError(f"GTPOTrainer needs a GTPOConfig, got {type(args).__name__}.")
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "GTPOTrainer's fused loss does not support the MoE router auxiliary loss: set "
-                "router_aux_loss_coef=0.0."
-            )
+        self._fused_loss = fused_loss_applies(args, self.aux_loss_enabled)
+        # Set while GRPOTrainer._compute_loss runs: its scoring is then the fused op.
+        self._fused_scoring = False
         base_model = self.model.get_base_model() if is_peft_model(self.model) else self.model
         # Models that accept logits_to_keep project only the completion positions through the head.
         self._accepts_logits_to_keep = (
@@ -208,6 +221,10 @@ class GTPOTrainer(GRPOTrainer):
 
     def _completion_logits(self, model, inputs: dict) -> torch.Tensor:
         """``[B, T, V]`` logits predicting the completion tokens: a strided view, never a copy."""
+        return self._completion_logits_and_aux_loss(model, inputs)[0]
+
+    def _completion_logits_and_aux_loss(self, model, inputs: dict, aux_loss: bool = False):
+        """The completion logits and (``aux_loss=True``) the MoE router loss of the same pass."""
         completion_ids = inputs["completion_ids"]
         logits_to_keep = completion_ids.size(1)
         model_inputs = {
@@ -216,14 +233,23 @@ class GTPOTrainer(GRPOTrainer):
             "use_cache": False,
         }
         model_inputs.update({k: inputs[k] for k in EXTRA_MODEL_INPUTS if inputs.get(k) is not None})
+        if aux_loss:
+            model_inputs["output_router_logits"] = True
         if self._accepts_logits_to_keep:
             # One more position than the completion: logits at t predict the token at t + 1.
             model_inputs["logits_to_keep"] = logits_to_keep + 1
         with self.accelerator.autocast():
-            logits = model(**model_inputs).logits
-        return logits[:, -logits_to_keep - 1 : -1]
+            output = model(**model_inputs)
+        logits = output.logits[:, -logits_to_keep - 1 : -1]
+        return logits, output.aux_loss if aux_loss else None
 
     def _compute_loss(self, model, inputs):
+        if not self._fused_loss:
+            self._fused_scoring = True
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._fused_scoring = False
         completion_ids = inputs["completion_ids"]
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
@@ -245,6 +271,7 @@ class GTPOTrainer(GRPOTrainer):
         active_tokens = max(int(mask.sum()), 1)
         aggregation = LOSS_TYPE_AGGREGATION[self.loss_type]
         normalizer = self._token_mean_normalizer(inputs, mask, mode, accumulation)
+        clip_high = self.epsilon_high - 1.0 if self.loss_type == "cispo" else self.epsilon_high
         entropy_coef = 0.0
         if aggregation == "token-mean":
             entropy_coef = self.entropy_coef * normalizer / (active_tokens * accumulation)
@@ -258,15 +285,16 @@ class GTPOTrainer(GRPOTrainer):
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             clip_low=self.epsilon_low,
-            clip_high=self.epsilon_high,
+            clip_high=clip_high,
             kl_coef=self.beta,
             entropy_coef=entropy_coef,
             temperature=self.temperature,
             aggregation=aggregation,
             normalizer=normalizer,
+            objective=trl_objective(self.args),
         )
         loss = out.loss
-        if aggregation == "seq-mean-token-mean":
+        if aggregation != "token-mean":
             # TRL averages over all B sequences (empty ones count 0), policy_loss over non-empty.
             nonempty = int(mask.any(dim=1).sum())
             loss = loss * (nonempty / mask.size(0)) / accumulation
@@ -278,12 +306,56 @@ class GTPOTrainer(GRPOTrainer):
                 )
                 loss = loss - self.entropy_coef * entropy.sum() / active_tokens / accumulation
 
-        self._log_metrics(mode, out.metrics)
+        metrics = out.metrics
+        if self.loss_type not in CLIP_LOSS_TYPES:  # TRL logs no clip ratios for cispo / sapo
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("clip_")}
+        self._log_metrics(mode, metrics)
         return loss
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """TRL's scoring, by the fused op while ``GRPOTrainer._compute_loss`` runs for options
+        the fused loss does not express (differentiable log-probs and entropy)."""
+        if not self._fused_scoring:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+        prompt_length = input_ids.size(1) - logits_to_keep
+        completion_ids = input_ids[:, prompt_length:]
+        inputs = {
+            **{k: v for k, v in model_inputs.items() if k in EXTRA_MODEL_INPUTS},
+            "prompt_ids": input_ids[:, :prompt_length],
+            "prompt_mask": attention_mask[:, :prompt_length],
+            # Positions TRL does not score (padding) get log-prob and entropy 0, as in TRL.
+            "completion_ids": completion_ids,
+            "completion_mask": attention_mask[:, prompt_length:],
+        }
+        logits, aux_loss = self._completion_logits_and_aux_loss(model, inputs, compute_aux_loss)
+        labels = completion_ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        logprobs, entropy = entropy_kernels.logprobs_and_entropy(
+            logits, labels, temperature=self.temperature
+        )
+        return logprobs, entropy if compute_entropy else None, aux_loss
 
     def _token_mean_normalizer(self, inputs, mask, mode, accumulation) -> float | None:
         """The denominator GRPOTrainer divides the summed token losses by, for token-mean types."""
-        if self.loss_type == "dapo":
+        if self.loss_type in ("dapo", "cispo"):
             # num_items_in_batch: active tokens of the whole generation batch, all processes.
             num_items = inputs["num_items_in_batch"].clamp(min=1.0).item()
             normalizer = num_items / self.accelerator.num_processes

@@ -17,8 +17,17 @@ What it provides:
   ``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=entropy_kernels.integrations.verl.install``.
 - :func:`logprobs_from_logits` / :func:`entropy_from_logits`: drop-ins for the functions of
   ``verl.utils.torch_functional`` of the same names.
-- :func:`fused_policy_loss`: ``compute_policy_loss_vanilla`` + ``agg_loss`` from logits, by
-  :func:`entropy_kernels.policy_loss`, for code that holds the logits.
+- :func:`fused_policy_loss`: verl's policy loss of ``config.policy_loss.loss_mode`` from logits,
+  for code that holds the logits: the token-local modes ``"vanilla"``
+  (``compute_policy_loss_vanilla`` + ``agg_loss``), ``"cispo"``, ``"gpg"`` and ``"sapo"`` by
+  the fused :func:`entropy_kernels.policy_loss` (their objectives); every other registered
+  mode (``gspo``, ``clip_cov``, ``kl_cov``, ``geo_mean``, ``dro``, ``dppo_tv``, ``dppo_kl``,
+  ``bypass_mode`` and any a user registers) by verl's own ``get_policy_loss_fn(loss_mode)``
+  on log-probs from the fused scoring op.
+
+The actor that :func:`install` patches computes its loss with verl's own
+``get_policy_loss_fn(loss_mode)``: only its scoring is replaced, so every ``loss_mode`` keeps
+verl's maths.
 
 Importing this module never imports verl.
 """
@@ -33,6 +42,7 @@ import numpy as np
 import torch
 
 import entropy_kernels
+from entropy_kernels.objectives import Objective
 
 from ._patching import Patches
 
@@ -194,7 +204,14 @@ def fused_policy_loss(
     temperature: float = 1.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``compute_policy_loss_vanilla`` (with its ``agg_loss``) from logits.
+    """verl's policy loss of ``config.policy_loss.loss_mode`` (default ``"vanilla"``) from logits.
+
+    ``"vanilla"`` (``compute_policy_loss_vanilla`` with its ``agg_loss``), ``"cispo"``,
+    ``"gpg"`` and ``"sapo"`` are fused (verl's sapo always aggregates ``seq-mean-token-mean``,
+    and so does this); any other mode is verl's registered function,
+    ``get_policy_loss_fn(loss_mode)``, called with the (differentiable) log-probs of the fused
+    scoring op and these arguments: its numbers, metrics and random draws (``clip_cov`` uses
+    torch's global generator) are verl's.
 
     Args:
         logits: ``[B, T, V]`` logits predicting the ``T`` response tokens (verl scales by the
@@ -208,16 +225,37 @@ def fused_policy_loss(
             ``loss_agg_mode`` of verl 0.9 is supported, ``"token-sum"`` included.
 
     Returns:
-        ``(pg_loss, metrics)`` with verl's ``actor/pg_clipfrac``, ``actor/ppo_kl`` and
-        ``actor/pg_clipfrac_lower``.
+        ``(pg_loss, metrics)``: verl's metrics of the mode (for ``"vanilla"``
+        ``actor/pg_clipfrac``, ``actor/ppo_kl`` and ``actor/pg_clipfrac_lower``).
     """
+    loss_mode = _loss_mode(config)
+    objective = _fused_objective(loss_mode, config)
+    if objective is None:
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+        loss_fn = get_policy_loss_fn(loss_mode)
+        log_prob, _ = entropy_kernels.logprobs_and_entropy(
+            logits, tokens, temperature=temperature, backend=backend
+        )
+        return loss_fn(
+            old_log_prob,
+            log_prob,
+            advantages,
+            response_mask,
+            loss_agg_mode,
+            config,
+            rollout_is_weights,
+        )
     clip = config.clip_ratio
     clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
     clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
-    dual_clip = config.get("clip_ratio_c", 3.0)
+    dual_clip = config.get("clip_ratio_c", 3.0) if loss_mode == "vanilla" else None
+    if loss_mode == "sapo":  # verl's sapo aggregates so whatever loss_agg_mode says
+        loss_agg_mode = "seq-mean-token-mean"
     aggregation, normalizer, scale = _aggregation(
         loss_agg_mode, response_mask, **getattr(config, "global_batch_info", {})
     )
+    # The weights scale each token's loss: for these objectives, exactly their advantage's.
     shaped = advantages if rollout_is_weights is None else advantages * rollout_is_weights
     out = entropy_kernels.policy_loss(
         logits,
@@ -232,23 +270,63 @@ def fused_policy_loss(
         aggregation=aggregation,
         normalizer=normalizer,
         backend=backend,
+        objective=objective,
     )
     loss = out.loss if scale is None else out.loss * scale
-    # verl's metrics, from the log-probs of the same pass and the advantages it was given.
-    mask = response_mask.float()
-    log_ratio = (out.logprobs - old_log_prob).clamp(-20.0, 20.0)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    bound = -advantages * dual_clip
-    metrics = {
-        "actor/pg_clipfrac": _masked_mean(clipped > unclipped, mask),
-        "actor/ppo_kl": _masked_mean(-log_ratio, mask),
-        "actor/pg_clipfrac_lower": _masked_mean(
-            (torch.maximum(unclipped, clipped) > bound) & (advantages < 0), mask
-        ),
-    }
+    metrics = _verl_metrics(
+        loss_mode,
+        out.logprobs,
+        old_log_prob,
+        advantages,
+        response_mask.float(),
+        (clip_low, clip_high, dual_clip),
+    )
     return loss, metrics
+
+
+def _fused_objective(loss_mode: str, config) -> Objective | None:
+    """The objective of ``policy_loss`` that computes verl's ``loss_mode``; None for the modes
+    that are not token-local (or options ``Objective`` refuses): verl's own function runs."""
+    if loss_mode in ("vanilla", "cispo", "gpg"):
+        return Objective("clip" if loss_mode == "vanilla" else loss_mode)
+    tau_pos, tau_neg = getattr(config, "tau_pos", None), getattr(config, "tau_neg", None)
+    if loss_mode == "sapo" and all(
+        isinstance(t, (int, float)) and 0 < t < float("inf") for t in (tau_pos, tau_neg)
+    ):
+        return Objective("sapo", sapo_temperature_pos=tau_pos, sapo_temperature_neg=tau_neg)
+    return None
+
+
+def _verl_metrics(loss_mode, logprobs, old_log_prob, advantages, mask, clips) -> dict:
+    """verl's metrics of ``loss_mode``, from the log-probs of the fused pass and the advantages
+    it was given (before the rollout weights)."""
+    if loss_mode == "gpg":
+        return {}
+    clip_low, clip_high, dual_clip = clips
+    log_ratio = (logprobs - old_log_prob).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
+    metrics = {"actor/ppo_kl": _masked_mean(-log_ratio, mask)}
+    if loss_mode == "vanilla":
+        unclipped, clipped = -advantages * ratio, -advantages * clipped_ratio
+        bound = -advantages * dual_clip
+        metrics["actor/pg_clipfrac"] = _masked_mean(clipped > unclipped, mask)
+        metrics["actor/pg_clipfrac_lower"] = _masked_mean(
+            (torch.maximum(unclipped, clipped) > bound) & (advantages < 0), mask
+        )
+    else:
+        clipfrac = _masked_mean(ratio != clipped_ratio, mask) if loss_mode == "cispo" else 0.0
+        metrics["actor/pg_clipfrac"] = clipfrac
+        metrics["actor/pg_clipfrac_lower"] = 0.0
+    return metrics
+
+
+def _loss_mode(config) -> str:
+    """``config.policy_loss.loss_mode``, as verl's actor reads it (``"vanilla"`` when unset)."""
+    policy_loss = getattr(config, "policy_loss", None)
+    if policy_loss is None:
+        return "vanilla"
+    return policy_loss.get("loss_mode", "vanilla")
 
 
 def _aggregation(

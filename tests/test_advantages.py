@@ -941,3 +941,11 @@ def test_infinite_inputs_propagate(backend):
         ref.gtpo_advantages(rewards, entropy, None, 2, normalize="none"),
         equal_nan=True,
     )
+
+
+def test_reference_names_the_same_choices():
+    # The reference restates the option names (it imports only torch): keep them in step.
+    from entropy_kernels import advantages
+
+    for name in ("NORMALIZE_MODES", "SCOPES", "GRPO_SCALES", "WHITENING_EPS"):
+        assert getattr(ref, name) == getattr(advantages, name), name

@@ -20,6 +20,7 @@ PLOTS = ("time-vs-vocab", "time-vs-tokens", "memory-vs-vocab", "memory-vs-tokens
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    pytest.importorskip("matplotlib", reason="the plots need the 'bench' extra")
     out_dir = tmp_path_factory.mktemp("bench")
     # One thread: the shapes are tiny and CI runners are shared.
     command = [sys.executable, str(RUN), "--quick", "--device", "cpu", "--threads", "1"]

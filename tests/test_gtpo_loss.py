@@ -61,9 +61,9 @@ def make_batch(seed, n_groups, group_size, seq_len, vocab, id_groups, mask_kind,
         mask = None
     elif mask_kind == "float":
         mask = mask.float()
-    old_logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[
-        ..., 0
-    ] + 0.3 * torch.randn(batch, seq_len, generator=gen)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    # Perturbed log-probs stay log-probs (<= 0): the losses reject positive ones.
+    old_logprobs = (logprobs + 0.3 * torch.randn(batch, seq_len, generator=gen)).clamp_max(0.0)
     old_entropy = torch.rand(batch, seq_len, generator=gen) * 3.0
     groups = group_size
     if id_groups:

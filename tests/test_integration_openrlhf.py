@@ -299,11 +299,29 @@ def test_fused_policy_loss_triton_backend(openrlhf, token_level_loss):
     assert_same_outputs(fused, expected)
 
 
-def test_fused_policy_loss_rejects_gspo(openrlhf):
-    with pytest.raises(ValueError, match="gspo"):
-        adapter.FusedPolicyLoss(policy_loss_type="gspo")
-    with pytest.raises(ValueError, match="gspo"):
-        adapter.FusedPolicyLoss.from_openrlhf(openrlhf.loss.PolicyLoss(policy_loss_type="gspo"))
+@pytest.mark.parametrize("normalisation", sorted(NORMALISATIONS))
+@pytest.mark.parametrize("is_correction_level", ["off", "token"])
+def test_fused_policy_loss_gspo_is_openrlhfs(openrlhf, is_correction_level, normalisation):
+    """GSPO (per-sequence ratio): OpenRLHF's PolicyLoss on the fused log-probs."""
+    logits, tokens, old, rollout, advantages, mask = loss_inputs(seed=3)
+    reference_loss = openrlhf.loss.PolicyLoss(
+        clip_eps_low=3e-4,
+        clip_eps_high=4e-4,
+        policy_loss_type="gspo",
+        is_correction_level=is_correction_level,
+    )
+    args = (old, advantages)
+    kwargs = dict(action_mask=mask, rollout_log_probs=rollout, **NORMALISATIONS[normalisation])
+    expected = openrlhf_loss(reference_loss, logits, tokens, *args, **kwargs)
+    assert expected[1].abs().sum() > 0
+    fused_module = adapter.FusedPolicyLoss.from_openrlhf(reference_loss)
+    assert fused_module.policy_loss_type == "gspo"
+    assert_same_outputs(fused_loss(fused_module, logits, tokens, *args, **kwargs), expected)
+
+
+def test_fused_policy_loss_rejects_unknown_type(openrlhf):
+    with pytest.raises(ValueError, match="policy_loss_type"):
+        adapter.FusedPolicyLoss(policy_loss_type="grpo")
 
 
 # ---------------------------------------------------------------------------------------------

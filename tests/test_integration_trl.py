@@ -7,7 +7,13 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 import entropy_kernels  # noqa: E402
 from entropy_kernels.integrations.trl import GTPOConfig, GTPOTrainer  # noqa: E402
@@ -25,12 +31,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Qwen2 saved locally, so TRL can also load it as the reference model (beta > 0)."""
-    torch.manual_seed(0)
-    tokenizer = char_tokenizer()
-    config = Qwen2Config(
+def tiny_config(config_type, tokenizer, **options):
+    return config_type(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -45,11 +47,39 @@ def model_dir(tmp_path_factory):
         # Wider than the default 0.02, so entropies differ between tokens: with near-equal
         # entropies GTPO's whitening divides by a tiny spread and amplifies rounding.
         initializer_range=0.2,
+        **options,
     )
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+
+
+def save_tiny_model(tmp_path_factory, name, model):
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen2 saved locally, so TRL can also load it as the reference model (beta > 0)."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(tiny_config(Qwen2Config, char_tokenizer()))
+    return save_tiny_model(tmp_path_factory, "tiny-qwen2", model)
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory):
+    """A tiny Qwen2-MoE: TRL adds its router load-balancing loss to the policy loss."""
+    torch.manual_seed(0)
+    config = tiny_config(
+        Qwen2MoeConfig,
+        char_tokenizer(),
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        router_aux_loss_coef=0.05,
+    )
+    return save_tiny_model(tmp_path_factory, "tiny-qwen2-moe", Qwen2MoeForCausalLM(config))
 
 
 def reward_more_a_than_b(completions, **kwargs):
@@ -57,17 +87,37 @@ def reward_more_a_than_b(completions, **kwargs):
     return [float(c.count("a") - c.count("b")) for c in completions]
 
 
+# GRPOTrainer state its _compute_loss updates (adaptive entropy control): every loss computed
+# for a check starts from the state before the micro-batch, training goes on from the first's.
+ENTROPY_STATE = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+
+
 class CheckedGTPOTrainer(GTPOTrainer):
     """Checks, on every micro-batch, the fused loss and its gradient against GRPOTrainer's."""
 
     checked_batches = 0
     ragged_batches = 0  # batches whose completions differ in length: the normalisers then differ
+    fused_scoring_calls = 0  # scoring passes of GRPOTrainer's own loss served by the fused op
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        self.fused_scoring_calls += int(self._fused_scoring)
+        return super()._get_per_token_logps_and_entropies(*args, **kwargs)
 
     def _compute_loss(self, model, inputs):
+        before = {name: getattr(self, name) for name in ENTROPY_STATE}
         fused = super()._compute_loss(model, inputs)
+        after = {name: getattr(self, name) for name in ENTROPY_STATE}
+        try:
+            self._checks(model, inputs, fused, before)
+        finally:
+            for name, value in after.items():
+                setattr(self, name, value)
+        return fused
+
+    def _checks(self, model, inputs, fused, state):
         lengths = inputs["completion_mask"].sum(1)
         self.ragged_batches += int(bool((lengths != lengths[0]).any()))
-        self._assert_matches_trl(model, inputs, fused)
+        self._assert_matches_trl(model, inputs, fused, state)
         # The same batch off-policy, with a vLLM-style importance-sampling ratio: clipping acts.
         with torch.no_grad():
             logps, _, _ = self._get_per_token_logps_and_entropies(
@@ -79,16 +129,24 @@ class CheckedGTPOTrainer(GTPOTrainer):
         generator = torch.Generator().manual_seed(self.checked_batches)
         off_policy = {
             **inputs,
-            "old_per_token_logps": logps + 0.3 * torch.randn(logps.shape, generator=generator),
+            # Perturbed log-probs stay log-probs (<= 0): policy_loss rejects positive ones.
+            "old_per_token_logps": (
+                logps + 0.3 * torch.randn(logps.shape, generator=generator)
+            ).clamp_max(0.0),
             "importance_sampling_ratio": 2 * torch.rand(logps.shape, generator=generator),
         }
         self.use_vllm = self.vllm_importance_sampling_correction = True
         try:
-            self._assert_matches_trl(model, off_policy, super()._compute_loss(model, off_policy))
+            self._restore(state)
+            fused_off_policy = super()._compute_loss(model, off_policy)
+            self._assert_matches_trl(model, off_policy, fused_off_policy, state)
         finally:
             self.use_vllm = False
         self.checked_batches += 1
-        return fused
+
+    def _restore(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -120,7 +178,9 @@ class CheckedGTPOTrainer(GTPOTrainer):
         # float32 rounding by sqrt(1e-8): agreement to 1e-3, not to the entropy's 1e-6.
         torch.testing.assert_close(output["advantages"], expected, rtol=1e-4, atol=1e-3)
 
-    def _assert_matches_trl(self, model, inputs, fused):
+    def _assert_matches_trl(self, model, inputs, fused, state):
+        # TRL's loss with TRL's own scoring (its fused LM head), from the same controller state.
+        self._restore(state)
         expected = trl.GRPOTrainer._compute_loss(self, model, inputs)
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -130,13 +190,24 @@ class CheckedGTPOTrainer(GTPOTrainer):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def run_trainer(model_dir, tmp_path, **options):
+def reward_mixed_outcomes(completions, **kwargs):
+    # Every group (consecutive completions of one prompt) holds successes and failures, so
+    # filter_groups (the default) leaves shaped advantages to check: the tiny model's
+    # completions of one prompt are often alike, which would make any text-based reward tie.
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def run_trainer(model_dir, tmp_path, reward_funcs=None, max_steps=2, **options):
+    if reward_funcs is None:
+        # Entropy shaping filters uniform groups (its default): give it groups of both outcomes.
+        shaped = options.get("advantage_shaping", "gtpo") != "grpo"
+        reward_funcs = reward_mixed_outcomes if shaped else reward_more_a_than_b
     args = GTPOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=8,
-        max_steps=2,
+        max_steps=max_steps,
         learning_rate=2e-3,
         use_cpu=True,
         bf16=False,
@@ -151,7 +222,7 @@ def run_trainer(model_dir, tmp_path, **options):
     )
     dataset = Dataset.from_dict({"prompt": ["ab", "ba", "cab", "bc", "ca", "abc"]})
     trainer = CheckedGTPOTrainer(
-        model=model_dir, reward_funcs=reward_more_a_than_b, args=args, train_dataset=dataset
+        model=model_dir, reward_funcs=reward_funcs, args=args, train_dataset=dataset
     )
     initial = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -185,6 +256,7 @@ GRPO_CASES = {
 @pytest.mark.parametrize("loss_type", sorted(GRPO_CASES))
 def test_grpo_shaping_loss_equals_trl(model_dir, tmp_path, loss_type):
     trainer, _ = run_trainer(model_dir, tmp_path, advantage_shaping="grpo", **GRPO_CASES[loss_type])
+    assert trainer._fused_loss and trainer.fused_scoring_calls == 0
     micro_batches = 2 * trainer.args.gradient_accumulation_steps
     assert trainer.checked_batches == micro_batches
     assert trainer.ragged_batches > 0
@@ -210,21 +282,95 @@ def test_entropy_shaping_trains(model_dir, tmp_path, shaping):
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p, p0) for p, p0 in zip(params, initial, strict=True))
     assert f"{shaping}/rollout_entropy" in trainer.state.log_history[0]
+    assert f"{shaping}/filtered_fraction" in trainer.state.log_history[0]
 
 
-@pytest.mark.parametrize(
-    "option",
-    [
-        dict(loss_type="cispo"),
-        dict(importance_sampling_level="sequence"),
-        dict(top_entropy_quantile=0.2),
-        dict(delta=2.0),
-        dict(off_policy_mask_threshold=0.5),
-        dict(use_adaptive_entropy=True),
-        dict(beta=0.04, use_bias_correction_kl=True),
-        dict(advantage_shaping="gspo"),
-    ],
-)
-def test_unsupported_options_raise(tmp_path, option):
-    with pytest.raises(ValueError, match="does not support|must be one of"):
-        GTPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **option)
+# Options beyond the clip. Fused: objectives of entropy_kernels.objectives; the others run
+# GRPOTrainer's own loss on the fused scoring. Either way checked against GRPOTrainer with its
+# own scoring on every micro-batch (on- and off-policy). Grouped so that each option runs at
+# least once, each with entropy shaping or TRL's advantages. Case -> (options, fused).
+OBJECTIVE_CASES = {
+    "cispo-gspo-entropy_quantile-gtpo": (
+        dict(
+            loss_type="cispo",
+            importance_sampling_level="sequence",
+            top_entropy_quantile=0.5,
+            epsilon_high=5.0,
+            advantage_shaping="gtpo",
+        ),
+        False,
+    ),
+    "sapo-off_policy_mask-bias_corrected_kl": (
+        dict(
+            loss_type="sapo",
+            off_policy_mask_threshold=0.05,
+            beta=0.04,
+            use_bias_correction_kl=True,
+            advantage_shaping="grpo",
+        ),
+        False,
+    ),
+    "vespo-adaptive_entropy-grpo_s": (
+        dict(
+            loss_type="vespo",
+            use_adaptive_entropy=True,
+            entropy_coef=0.01,
+            entropy_target=10.0,
+            advantage_shaping="grpo_s",
+        ),
+        False,
+    ),
+    "luspo-delta-gtpo": (
+        dict(loss_type="luspo", delta=1.1, entropy_coef=0.01, advantage_shaping="gtpo"),
+        True,
+    ),
+    "cispo-grpo_s": (
+        dict(loss_type="cispo", epsilon_high=1.1, beta=0.04, advantage_shaping="grpo_s"),
+        True,
+    ),
+    "sapo-gtpo": (
+        dict(
+            loss_type="sapo",
+            sapo_temperature_neg=1.5,
+            entropy_coef=0.01,
+            advantage_shaping="gtpo",
+        ),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OBJECTIVE_CASES))
+def test_objectives_equal_trl_loss(model_dir, tmp_path, case):
+    options, fused = OBJECTIVE_CASES[case]
+    trainer, initial = run_trainer(
+        model_dir, tmp_path, gradient_accumulation_steps=2, max_steps=1, **options
+    )
+    assert trainer._fused_loss == fused
+    assert trainer.checked_batches == 2
+    # Each check runs our loss twice (on- and off-policy), each with one fused scoring pass
+    # when GRPOTrainer's own loss computes it.
+    assert trainer.fused_scoring_calls == (0 if fused else 2 * trainer.checked_batches)
+    params = list(trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(params, initial, strict=True))
+
+
+def test_moe_router_loss_runs_trl_loss_on_fused_scoring(moe_model_dir, tmp_path):
+    trainer, _ = run_trainer(
+        moe_model_dir, tmp_path, loss_type="dapo", advantage_shaping="gtpo", max_steps=1
+    )
+    assert trainer.aux_loss_enabled and not trainer._fused_loss
+    assert trainer.fused_scoring_calls == 2 * trainer.checked_batches == 2
+    assert "aux_loss" in trainer.state.log_history[0]
+
+
+def test_unknown_options_raise(tmp_path):
+    with pytest.raises(ValueError, match="must be one of"):
+        GTPOConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            advantage_shaping="gspo",
+        )

@@ -15,6 +15,7 @@ from tensordict import NonTensorStack, TensorDict  # noqa: E402
 
 import entropy_kernels  # noqa: E402
 from entropy_kernels.integrations import verl as adapter  # noqa: E402
+from entropy_kernels.objectives import Objective  # noqa: E402
 
 # api.md's float32 tolerances.
 VALUE_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -246,7 +247,7 @@ def loss_inputs(seed=0, batch=4, seq=7, vocab=13):
     logits = torch.randn(batch, seq, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    old = logp + 0.4 * torch.randn(batch, seq, generator=generator)
+    old = (logp + 0.4 * torch.randn(batch, seq, generator=generator)).clamp(max=0.0)
     advantages = torch.randn(batch, seq, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     mask[1] = False  # an empty response
@@ -254,8 +255,12 @@ def loss_inputs(seed=0, batch=4, seq=7, vocab=13):
     return logits, tokens, old, advantages, mask, weights
 
 
-def actor_config(verl, **global_batch_info):
+def actor_config(verl, policy_loss=None, actor=None, **global_batch_info):
+    """verl's FSDP actor config (frozen): ``policy_loss`` holds options of its
+    ``PolicyLossConfig``, ``actor`` other actor options."""
     config = verl.workers_config.FSDPActorConfig(
+        **(actor or {}),
+        policy_loss=verl.workers_config.PolicyLossConfig(**(policy_loss or {})),
         strategy="fsdp",
         clip_ratio_low=0.2,
         clip_ratio_high=0.28,
@@ -294,26 +299,20 @@ CASES += [
 ]
 
 
-@pytest.mark.parametrize("loss_agg_mode, rollout_is, batch_info, backend", CASES)
-def test_fused_policy_loss_matches_vanilla(verl, loss_agg_mode, rollout_is, batch_info, backend):
-    logits, tokens, old, advantages, mask, weights = loss_inputs()
-    weights = weights if rollout_is else None
-    config = actor_config(verl, **BATCH_INFO[batch_info])
-
+def assert_fused_equals_verl(loss_fn, inputs, loss_agg_mode, config, weights, backend="auto"):
+    """``fused_policy_loss`` against verl's ``loss_fn`` on float32 log_softmax log-probs: loss,
+    gradient w.r.t. the logits and metrics; both draw from torch's generator after one seed."""
+    logits, tokens, old, advantages, mask = inputs
     reference_logits = logits.clone().requires_grad_(True)
     log_prob = torch.log_softmax(reference_logits, -1).gather(-1, tokens[..., None])[..., 0]
-    expected_loss, expected_metrics = verl.core_algos.compute_policy_loss_vanilla(
-        old,
-        log_prob,
-        advantages,
-        mask,
-        loss_agg_mode=loss_agg_mode,
-        config=config,
-        rollout_is_weights=weights,
+    torch.manual_seed(11)
+    expected_loss, expected_metrics = loss_fn(
+        old, log_prob, advantages, mask, loss_agg_mode, config, weights
     )
     expected_loss.backward()
 
     fused_logits = logits.clone().requires_grad_(True)
+    torch.manual_seed(11)
     loss, metrics = adapter.fused_policy_loss(
         fused_logits,
         tokens,
@@ -326,11 +325,177 @@ def test_fused_policy_loss_matches_vanilla(verl, loss_agg_mode, rollout_is, batc
         backend=backend,
     )
     loss.backward()
+    # A loss that does not depend on the logits would make the comparison vacuous.
+    assert reference_logits.grad.abs().sum() > 0
     torch.testing.assert_close(loss, expected_loss, **VALUE_TOL)
     torch.testing.assert_close(fused_logits.grad, reference_logits.grad, **GRAD_TOL)
     assert metrics.keys() == expected_metrics.keys()
     for key, value in expected_metrics.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("loss_agg_mode, rollout_is, batch_info, backend", CASES)
+def test_fused_policy_loss_matches_vanilla(verl, loss_agg_mode, rollout_is, batch_info, backend):
+    logits, tokens, old, advantages, mask, weights = loss_inputs()
+    config = actor_config(verl, **BATCH_INFO[batch_info])
+    assert_fused_equals_verl(
+        verl.core_algos.compute_policy_loss_vanilla,
+        (logits, tokens, old, advantages, mask),
+        loss_agg_mode,
+        config,
+        weights if rollout_is else None,
+        backend,
+    )
+
+
+# Every loss_mode verl 0.9.1 registers, vanilla (the fused path, tested above) aside. Listed
+# here: importing verl while collecting would precede the setup hook the tests above check.
+LOSS_MODES = (
+    "bypass_mode",
+    "cispo",
+    "clip_cov",
+    "dppo_kl",
+    "dppo_tv",
+    "dro",
+    "geo_mean",
+    "gpg",
+    "gspo",
+    "kl_cov",
+    "sapo",
+)
+
+
+def test_loss_modes_are_verls_registry(verl):
+    assert set(LOSS_MODES) | {"vanilla"} == set(verl.core_algos.POLICY_LOSS_REGISTRY)
+
+
+# Options some modes need (verl's own defaults otherwise). clip_cov / kl_cov select tokens by
+# covariance: a wide band and large ratios, so that their selection acts on this small batch.
+MODE_OPTIONS = {
+    "dro": dict(dro_beta=0.3),
+    "clip_cov": dict(clip_cov_ratio=0.2, clip_cov_lb=-10.0, clip_cov_ub=10.0),
+    "kl_cov": dict(kl_cov_ratio=0.2, ppo_kl_coef=0.5),
+}
+
+
+@pytest.mark.parametrize("loss_agg_mode", AGG_MODES)
+@pytest.mark.parametrize("loss_mode", LOSS_MODES)
+def test_fused_policy_loss_honours_every_loss_mode(verl, loss_mode, loss_agg_mode):
+    """Every other registered mode: verl's own function on the fused log-probs, with verl's
+    numbers, gradient and metrics; clip_cov's random token selection draws from torch's global
+    generator, so under the same seed it selects the same tokens."""
+    logits, tokens, old, advantages, mask, weights = loss_inputs(seed=5)
+    policy_loss = {"loss_mode": loss_mode, **MODE_OPTIONS.get(loss_mode, {})}
+    config = actor_config(verl, policy_loss, **BATCH_INFO["global"])
+    assert_fused_equals_verl(
+        verl.core_algos.get_policy_loss_fn(loss_mode),
+        (logits, tokens, old, advantages, mask),
+        loss_agg_mode,
+        config,
+        weights,
+    )
+
+
+@pytest.mark.parametrize("loss_mode", ["cispo", "sapo", "gpg"])
+def test_token_local_modes_are_fused(verl, loss_mode):
+    """cispo / sapo / gpg run policy_loss's fused objectives (here the Triton kernel, run by the
+    interpreter), not verl's function, with verl's numbers; modes that need a reduction across
+    tokens run verl's own function."""
+    config = actor_config(verl, {"loss_mode": loss_mode}, **BATCH_INFO["global"])
+    assert adapter._fused_objective(loss_mode, config) is not None
+    for other in ("gspo", "clip_cov", "geo_mean"):
+        assert adapter._fused_objective(other, actor_config(verl, {"loss_mode": other})) is None
+    logits, tokens, old, advantages, mask, weights = loss_inputs(seed=9, batch=3, seq=4)
+    assert_fused_equals_verl(
+        verl.core_algos.get_policy_loss_fn(loss_mode),
+        (logits, tokens, old, advantages, mask),
+        "token-mean",
+        config,
+        weights,
+        backend="triton",
+    )
+
+
+# verl's loss_mode -> the same objective of entropy_kernels.policy_loss, and the aggregations it
+# honours (sapo always aggregates "seq-mean-token-mean"; geo_mean averages sequence losses).
+OBJECTIVE_MODES = {
+    "gspo": (Objective(ratio_level="sequence-token"), AGG_MODES),
+    "sapo": (
+        Objective("sapo", sapo_temperature_pos=0.9, sapo_temperature_neg=1.3),
+        ["seq-mean-token-mean"],
+    ),
+    "gpg": (Objective("gpg"), AGG_MODES),
+    "geo_mean": (Objective("geo_mean"), ["seq-mean-token-mean"]),
+    "cispo": (Objective("cispo"), AGG_MODES),
+    "clip_cov": (Objective("clip_cov", cov_fraction=0.2, clip_cov_bounds=(-10.0, 10.0)), AGG_MODES),
+    "kl_cov": (Objective("kl_cov", cov_fraction=0.2, kl_cov_coef=0.5), AGG_MODES),
+}
+OBJECTIVE_CASES = [
+    (mode, agg) for mode, (_, aggs) in sorted(OBJECTIVE_MODES.items()) for agg in aggs
+]
+
+
+@pytest.mark.parametrize("loss_mode, loss_agg_mode", OBJECTIVE_CASES)
+def test_policy_loss_objectives_match_verl(verl, loss_mode, loss_agg_mode):
+    """ek.policy_loss(objective=...) against verl's loss_mode function, with the same seed
+    (clip_cov's random selection), on log-probs of float32 log_softmax."""
+    objective, _ = OBJECTIVE_MODES[loss_mode]
+    logits, tokens, old, advantages, mask, _ = loss_inputs(seed=6)
+    mask[1, :3] = True  # geo_mean averages over every sequence, policy_loss over non-empty ones
+    config = actor_config(
+        verl,
+        {**MODE_OPTIONS.get(loss_mode, {}), "loss_mode": loss_mode},
+        {"tau_pos": 0.9, "tau_neg": 1.3},
+    )
+
+    reference_logits = logits.clone().requires_grad_(True)
+    log_prob = torch.log_softmax(reference_logits, -1).gather(-1, tokens[..., None])[..., 0]
+    torch.manual_seed(3)
+    expected, _ = verl.core_algos.get_policy_loss_fn(loss_mode)(
+        old, log_prob, advantages, mask, loss_agg_mode, config
+    )
+    expected.backward()
+
+    aggregation, normalizer, _ = adapter._aggregation(loss_agg_mode, mask)
+    got_logits = logits.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    out = entropy_kernels.policy_loss(
+        got_logits,
+        tokens,
+        advantages,
+        mask,
+        old_logprobs=old,
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation=aggregation,
+        normalizer=normalizer,
+        objective=objective,
+    )
+    out.loss.backward()
+    assert reference_logits.grad.abs().sum() > 0
+    torch.testing.assert_close(out.loss, expected, **VALUE_TOL)
+    torch.testing.assert_close(got_logits.grad, reference_logits.grad, **GRAD_TOL)
+    if loss_mode.endswith("_cov"):
+        assert 0 < out.metrics["objective_clipped_fraction"] < 1, "the selection should act"
+
+
+def test_fused_policy_loss_mode_differs_from_vanilla(verl):
+    """The issue's measurement: cispo is not the vanilla clip, and no longer computed as one."""
+    logits, tokens, old, advantages, mask, _ = loss_inputs(seed=5)
+    losses = {}
+    for mode in ("vanilla", "cispo"):
+        config = actor_config(verl, {"loss_mode": mode})
+        losses[mode], _ = adapter.fused_policy_loss(
+            logits, tokens, old, advantages, mask, config=config
+        )
+    assert not torch.allclose(losses["vanilla"], losses["cispo"])
+
+
+def test_fused_policy_loss_unknown_mode_raises(verl):
+    logits, tokens, old, advantages, mask, _ = loss_inputs()
+    config = actor_config(verl, {"loss_mode": "no-such-mode"})
+    with pytest.raises(ValueError, match="Unsupported loss mode"):
+        adapter.fused_policy_loss(logits, tokens, old, advantages, mask, config=config)
 
 
 def test_seq_mean_token_sum_norm_is_the_spec_mode(verl):

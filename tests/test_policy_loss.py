@@ -35,8 +35,10 @@ def make_batch(batch, seq, vocab, *, dtype=torch.float32, seed=0, per_token=True
     shifts = torch.tensor([-1.0, -0.4, 0.0, 0.4, 1.0], dtype=torch.float64)
     # Every row cycles through every shift, so each sign of advantage meets each ratio.
     pick = (torch.arange(seq) + torch.arange(batch).unsqueeze(-1)) % len(shifts)
-    old_logprobs = (true_logp - shifts[pick]).float()
-    ref_logprobs = (true_logp + 0.3 * torch.randn(batch, seq, generator=generator)).float()
+    # Log-probs are <= 0 (policy_loss rejects positive ones): a shift stops at 0.
+    old_logprobs = (true_logp - shifts[pick]).clamp_max(0.0).float()
+    noise = 0.3 * torch.randn(batch, seq, generator=generator)
+    ref_logprobs = (true_logp + noise).clamp_max(0.0).float()
     return logits, tokens, advantages, mask, old_logprobs, ref_logprobs
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fwd import blocks, cast_f32, logit_tile, row_offsets
+from .linear_fwd import blocks, logit_tile, row_offsets, shape_args
 
 
 @triton.jit
@@ -96,11 +96,11 @@ def linear_bwd_hidden_kernel(
     tokens_stride_inner,
     inv_temperature,
     ignore_index,
+    HAS_BIAS: tl.constexpr,
+    CAST_F32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAST_F32: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
 ):
@@ -161,9 +161,8 @@ def linear_bwd_hidden_kernel(
 
 def launch_linear_bwd_hidden(hidden, weight, bias, tokens, layouts, saved, grads, constants):
     """``dhidden`` as a float32 ``[rows, H]`` tensor (rows in the layout's order)."""
-    layout, tokens_layout = layouts
+    layout = layouts[0]
     normaliser, entropy = saved
-    inv_temperature, ignore_index = constants
     grad_hidden = torch.zeros(
         (layout.n_rows, hidden.shape[-1]), dtype=torch.float32, device=hidden.device
     )
@@ -180,20 +179,7 @@ def launch_linear_bwd_hidden(hidden, weight, bias, tokens, layouts, saved, grads
             entropy,
             grads[0],
             grads[1],
-            layout.n_rows,
-            layout.n_inner,
-            weight.shape[0],
-            weight.shape[1],
-            layout.stride_outer,
-            layout.stride_inner,
-            weight.stride(0),
-            weight.stride(1),
-            tokens_layout.stride_outer,
-            tokens_layout.stride_inner,
-            inv_temperature,
-            ignore_index,
-            HAS_BIAS=bias is not None,
-            CAST_F32=cast_f32(hidden.dtype, hidden.device),
+            *shape_args(hidden, weight, bias, layouts, constants),
             HAS_GRAD_LOGP=grads[0] is not None,
             HAS_GRAD_ENTROPY=grads[1] is not None,
             **config,

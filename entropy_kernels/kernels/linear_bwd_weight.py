@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .linear_bwd_hidden import dlogit_tile, row_inputs
-from .linear_fwd import blocks, cast_f32, logit_tile, row_offsets
+from .linear_fwd import blocks, logit_tile, row_offsets, shape_args
 
 
 @triton.jit(
@@ -53,11 +53,11 @@ def linear_bwd_weight_kernel(
     tokens_stride_inner,
     inv_temperature,
     ignore_index,
+    HAS_BIAS: tl.constexpr,
+    CAST_F32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAST_F32: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     NEEDS_WEIGHT: tl.constexpr,
@@ -128,9 +128,7 @@ def linear_bwd_weight_kernel(
 
 def launch_linear_bwd_weight(hidden, weight, bias, tokens, layouts, saved, grads, constants, needs):
     """``(dweight [V, H], dbias [V])`` in float32; each None unless ``needs`` asks for it."""
-    layout, tokens_layout = layouts
     normaliser, entropy = saved
-    inv_temperature, ignore_index = constants
     needs_weight, needs_bias = needs
     vocab_size = weight.shape[0]
     grad_weight = grad_bias = None
@@ -151,20 +149,7 @@ def launch_linear_bwd_weight(hidden, weight, bias, tokens, layouts, saved, grads
         entropy,
         grads[0],
         grads[1],
-        layout.n_rows,
-        layout.n_inner,
-        vocab_size,
-        weight.shape[1],
-        layout.stride_outer,
-        layout.stride_inner,
-        weight.stride(0),
-        weight.stride(1),
-        tokens_layout.stride_outer,
-        tokens_layout.stride_inner,
-        inv_temperature,
-        ignore_index,
-        HAS_BIAS=bias is not None,
-        CAST_F32=cast_f32(hidden.dtype, hidden.device),
+        *shape_args(hidden, weight, bias, layouts, constants),
         HAS_GRAD_LOGP=grads[0] is not None,
         HAS_GRAD_ENTROPY=grads[1] is not None,
         NEEDS_WEIGHT=needs_weight,

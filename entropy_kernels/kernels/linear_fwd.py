@@ -99,11 +99,11 @@ def linear_fwd_kernel(
     tokens_stride_inner,
     inv_temperature,
     ignore_index,
+    HAS_BIAS: tl.constexpr,
+    CAST_F32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAST_F32: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -172,10 +172,29 @@ def cast_f32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype != torch.float32 and device.type != "cuda"
 
 
+def shape_args(hidden, weight, bias, layouts, constants):
+    """The kernels' arguments from ``n_rows`` to ``ignore_index``, then their flags."""
+    layout, tokens_layout = layouts
+    return (
+        layout.n_rows,
+        layout.n_inner,
+        weight.shape[0],
+        weight.shape[1],
+        layout.stride_outer,
+        layout.stride_inner,
+        weight.stride(0),
+        weight.stride(1),
+        tokens_layout.stride_outer,
+        tokens_layout.stride_inner,
+        *constants,
+        bias is not None,
+        cast_f32(hidden.dtype, hidden.device),
+    )
+
+
 def launch_linear_fwd(hidden, weight, bias, tokens, layouts, inv_temperature, ignore_index):
     """``(logprobs [rows], entropy [rows], normaliser [2, rows])`` of validated arguments."""
-    layout, tokens_layout = layouts
-    n_rows = layout.n_rows
+    n_rows = layouts[0].n_rows
     logprobs = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logprobs)
     normaliser = torch.empty((2, n_rows), dtype=torch.float32, device=hidden.device)
@@ -190,20 +209,7 @@ def launch_linear_fwd(hidden, weight, bias, tokens, layouts, inv_temperature, ig
             entropy,
             normaliser[0],
             normaliser[1],
-            n_rows,
-            layout.n_inner,
-            weight.shape[0],
-            weight.shape[1],
-            layout.stride_outer,
-            layout.stride_inner,
-            weight.stride(0),
-            weight.stride(1),
-            tokens_layout.stride_outer,
-            tokens_layout.stride_inner,
-            inv_temperature,
-            ignore_index,
-            HAS_BIAS=bias is not None,
-            CAST_F32=cast_f32(hidden.dtype, hidden.device),
+            *shape_args(hidden, weight, bias, layouts, (inv_temperature, ignore_index)),
             **config,
         )
     return logprobs, entropy, normaliser

@@ -6,6 +6,11 @@ registers, and a second pass over the same row (served from cache) writes ``dlog
 traffic is one read of the logits and one write of the gradient; with ``inplace_backward`` the
 gradient overwrites the logits in place.
 
+The surrogate is a token-local objective of :mod:`entropy_kernels.objectives`, chosen by the
+constexpr ``OBJECTIVE`` (``OBJECTIVE_CODES`` there): the PPO clip (with TRL's ``delta`` and the
+dual clip), CISPO (``clip_low = 1`` drops its lower bound), SAPO or GPG. Each derivative is
+that of the objective's torch definition, which the tests differentiate with autograd.
+
 ``loss_weight`` is ``d loss / d per_token_loss`` (the aggregation's weight of each token, mask
 included), computed on ``[B, T]`` by the launcher. The derivative of the surrogate follows
 PyTorch's autograd conventions exactly, so the fused and unfused paths agree: ``clamp`` passes
@@ -23,6 +28,77 @@ from .scoring_fwd import row_statistics, token_logprob
 def _max_gradient(a, b, grad_a, grad_b):
     """Gradient of ``maximum(a, b)`` as PyTorch defines it (half to each on a tie)."""
     return tl.where(a > b, grad_a, tl.where(a < b, grad_b, 0.5 * (grad_a + grad_b)))
+
+
+@triton.jit
+def _clip_gradient(
+    advantage,
+    ratio,
+    grad_ratio,
+    clip_low,
+    clip_high,
+    delta,
+    dual_clip,
+    HAS_DELTA: tl.constexpr,
+    HAS_DUAL_CLIP: tl.constexpr,
+):
+    """``d/dlogp`` of the PPO clip ``max(-A min(r, delta), -A clip(r))``, dual-clipped."""
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    in_clip = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
+    grad_raw = -advantage * grad_ratio
+    unclipped = -advantage * ratio
+    grad_unclipped = grad_raw
+    if HAS_DELTA:
+        unclipped = -advantage * tl.minimum(ratio, delta)
+        grad_unclipped = tl.where(ratio <= delta, grad_raw, 0.0)
+    clipped = -advantage * clipped_ratio
+    grad_clipped = tl.where(in_clip, grad_raw, 0.0)
+    grad_pg = _max_gradient(unclipped, clipped, grad_unclipped, grad_clipped)
+    if HAS_DUAL_CLIP:
+        pg = tl.maximum(unclipped, clipped)
+        bound = -advantage * dual_clip
+        grad_bounded = _max_gradient(-pg, -bound, grad_pg, 0.0)
+        grad_pg = tl.where(advantage < 0, grad_bounded, grad_pg)
+    return grad_pg
+
+
+@triton.jit
+def _objective_gradient(
+    advantage,
+    ratio,
+    grad_ratio,
+    clip_low,
+    clip_high,
+    delta,
+    dual_clip,
+    sapo_tau_pos,
+    sapo_tau_neg,
+    OBJECTIVE: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_DUAL_CLIP: tl.constexpr,
+):
+    """``d per_token_loss / d logp`` of the objective (codes as ``objectives.OBJECTIVE_CODES``)."""
+    if OBJECTIVE == 0:  # clip
+        grad_pg = _clip_gradient(
+            advantage,
+            ratio,
+            grad_ratio,
+            clip_low,
+            clip_high,
+            delta,
+            dual_clip,
+            HAS_DELTA,
+            HAS_DUAL_CLIP,
+        )
+    elif OBJECTIVE == 1:  # cispo: -sg(clip(r)) A logp
+        grad_pg = -advantage * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    elif OBJECTIVE == 2:  # sapo: -(4 / tau) sigmoid(tau (r - 1)) A
+        tau = tl.where(advantage > 0, sapo_tau_pos, sapo_tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        grad_pg = -4.0 * gate * (1.0 - gate) * advantage * grad_ratio
+    else:  # gpg: -A logp
+        grad_pg = -advantage
+    return grad_pg
 
 
 @triton.heuristics(
@@ -67,7 +143,12 @@ def policy_loss_fused_kernel(
     kl_coef,
     entropy_coef,
     log_ratio_limit,
+    delta,
+    sapo_tau_pos,
+    sapo_tau_neg,
     BLOCK_V: tl.constexpr,
+    OBJECTIVE: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
     HAS_DUAL_CLIP: tl.constexpr,
     HAS_OLD_LOGPROBS: tl.constexpr,
     HAS_REF_LOGPROBS: tl.constexpr,
@@ -104,18 +185,20 @@ def policy_loss_fused_kernel(
     in_clamp = (log_ratio >= -log_ratio_limit) & (log_ratio <= log_ratio_limit)
     ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -log_ratio_limit), log_ratio_limit))
     grad_ratio = tl.where(in_clamp, ratio, 0.0)
-    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    in_clip = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
-    unclipped = -advantage * ratio
-    clipped = -advantage * clipped_ratio
-    grad_unclipped = -advantage * grad_ratio
-    grad_clipped = tl.where(in_clip, grad_unclipped, 0.0)
-    grad_pg = _max_gradient(unclipped, clipped, grad_unclipped, grad_clipped)
-    if HAS_DUAL_CLIP:
-        pg = tl.maximum(unclipped, clipped)
-        bound = -advantage * dual_clip
-        grad_bounded = _max_gradient(-pg, -bound, grad_pg, 0.0)
-        grad_pg = tl.where(advantage < 0, grad_bounded, grad_pg)
+    grad_pg = _objective_gradient(
+        advantage,
+        ratio,
+        grad_ratio,
+        clip_low,
+        clip_high,
+        delta,
+        dual_clip,
+        sapo_tau_pos,
+        sapo_tau_neg,
+        OBJECTIVE,
+        HAS_DELTA,
+        HAS_DUAL_CLIP,
+    )
     grad_logprob = grad_pg
     if HAS_REF_LOGPROBS:
         # d/dlogp of the k3 term exp(ref - logp) - (ref - logp) - 1.

@@ -12,8 +12,14 @@ import math
 
 import torch
 
-from ..advantages import GRPO_SCALES, NORMALIZE_MODES, SCOPES, WHITENING_EPS
 from .core import logprobs_and_entropy, policy_loss
+
+# The option values and whitening constant of the spec (algorithms.md), restated here: the
+# reference imports nothing from the library (tests check that these match it).
+NORMALIZE_MODES = ("zero-filled", "separate", "joint", "none")
+SCOPES = ("batch", "group")
+GRPO_SCALES = ("std", "none")
+WHITENING_EPS = 1e-8
 
 __all__ = [
     "grpo_advantages",
@@ -118,8 +124,9 @@ def gtpo_token_rewards(
 ) -> torch.Tensor:
     """Eq. 3 (success rows) and Eq. 5 (failure rows): shaped rewards [B, T] float64."""
     success = _successes(rewards, success_threshold)
+    seq_len = entropy.shape[-1]  # also for an empty batch
     rewards, entropy, active = _inputs(rewards, entropy, mask)
-    batch, seq_len = len(rewards), len(entropy[0]) if entropy else 0
+    batch = len(rewards)
     r = [[0.0] * seq_len for _ in range(batch)]
     for rows in group_rows(groups, batch):
         for t in range(seq_len):
@@ -193,7 +200,9 @@ def gtpo_advantages(
         for scope_rows, field_rows in whitened:
             tokens = [(i, t) for i in scope_rows for t in range(seq_len) if active[i][t]]
             if len(tokens) < 2:
-                continue  # no variance: these tokens keep advantage 0
+                for i, t in tokens:  # no variance: advantage 0, but NaN stays NaN
+                    advantages[i, t] = 0.0 * r[i, t]
+                continue
             field = set(field_rows)
             values = [r[i, t].item() if i in field else 0.0 for i, t in tokens]
             mean, var = _mean(values), _unbiased_var(values)

@@ -2,14 +2,45 @@
 
 They materialise ``[..., V]`` tensors and compute in the input's precision promoted to at least
 float32 (pass float64 logits for a float64 truth). Tests and benchmarks compare against them.
+Like the whole reference package they import only torch and the standard library, so that
+they share no code, constant or check with what they are compared with.
 """
 
 from __future__ import annotations
 
+import math
+from collections import namedtuple
+
 import torch
 
-from .._validation import check_positive_float
-from ..policy_loss import LossOptions, PolicyLossOutput
+AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+
+# The fields of entropy_kernels.PolicyLossOutput.
+PolicyLossOutput = namedtuple("PolicyLossOutput", ["loss", "logprobs", "entropy", "metrics"])
+
+
+def check_options(clip_low, clip_high, dual_clip, aggregation, normalizer, temperature):
+    """The option checks of the public loss, restated (ValueError naming the argument)."""
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low must lie in [0, 1), got {clip_low!r}")
+    if not clip_high >= 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if normalizer is not None and aggregation not in ("token-mean", "seq-mean-token-sum-norm"):
+        raise ValueError(f"normalizer does not apply to aggregation {aggregation!r}")
+    if isinstance(normalizer, (int, float)) and not 0 < normalizer < math.inf:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,9 +111,7 @@ def policy_loss(
     backend="auto",
 ):
     """Reference of :func:`entropy_kernels.policy_loss`; metrics as Python-free 0-dim tensors."""
-    # The library's option checks (ValueError naming the argument).
-    LossOptions(clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer)
-    check_positive_float("temperature", temperature)
+    check_options(clip_low, clip_high, dual_clip, aggregation, normalizer, temperature)
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
     logp, entropy = logprobs_and_entropy(logits, tokens, temperature=temperature)
