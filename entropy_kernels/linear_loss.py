@@ -58,6 +58,14 @@ def _split_options(options: dict, shaping_type: type | None):
     return tensors, shaping, loss_options, tuple(call[name] for name in _CALL_DEFAULTS)
 
 
+def _linear_call_options(hidden, weight, tokens, call, **checks):
+    """``linear_options`` of a loss call; ``call`` from :func:`_split_options`."""
+    temperature, validate, backend, tp_group = call
+    return linear_options(
+        hidden, weight, tokens, temperature, -100, validate, backend, tp_group, **checks
+    )
+
+
 def _linear_scorers(hidden, weight, bias, options):
     """``(scorer, fused)`` for the loss cores; ``fused`` (torch backend, with a gradient to
     compute) forms the gradient in the forward pass (:mod:`entropy_kernels.linear_fused`)."""
@@ -108,42 +116,25 @@ def linear_policy_loss(
     tokens = check_linear_inputs(hidden, weight, bias, tokens)
     check_loss_rows("hidden", "H", tuple(hidden.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
-    temperature, validate, backend, tp_group = call
     log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-    scoring = linear_options(
-        hidden,
-        weight,
-        tokens,
-        temperature,
-        -100,
-        validate,
-        backend,
-        tp_group,
-        mask=mask,
-        log_probs=log_probs,
-    )
+    scoring = _linear_call_options(hidden, weight, tokens, call, mask=mask, log_probs=log_probs)
     scorers = _linear_scorers(hidden, weight, bias, scoring)
     return policy_loss_core(scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options)
 
 
 def _linear_shaped_loss(hidden, weight, bias, tokens, rewards, mask, groups, options, shaping):
     tensors, shaping, loss_options, call = _split_options(options, shaping)
-    temperature, validate, backend, tp_group = call
     old_logprobs, old_entropy, ref_logprobs = tensors
     tokens = check_linear_inputs(hidden, weight, bias, tokens)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (rows are grouped), got {tuple(hidden.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
-    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
-    scoring = linear_options(
+    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, call[0])
+    scoring = _linear_call_options(
         hidden,
         weight,
         tokens,
-        temperature,
-        -100,
-        validate,
-        backend,
-        tp_group,
+        call,
         mask=mask,
         log_probs={"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
         non_negative={"old_entropy": old_entropy},
@@ -178,8 +169,8 @@ def linear_gtpo_loss(
         gtpo_loss_options: the keywords of :func:`entropy_kernels.gtpo_loss` with the same
             meanings and defaults (``old_logprobs``, ``old_entropy``, ``ref_logprobs``, the
             shaping options ``alpha1`` ... ``eps``, the surrogate options with
-            ``clip_high=0.28``, ``temperature``, ``validate``, ``backend``), except
-            ``inplace_backward``.
+            ``clip_high=0.28``, ``temperature``, ``validate``, ``backend``, ``tp_group``),
+            except ``inplace_backward``.
 
     Returns:
         ``PolicyLossOutput`` with the advantage statistics in ``metrics``.
