@@ -32,7 +32,7 @@ def close(ours, want, rtol=1e-5, atol=1e-5):
 
 @st.composite
 def logits_cases(draw, backend):
-    """(logits, tokens, bad) with `bad` naming the argument that must raise, or None."""
+    """(logits, tokens, bad): `bad` is "logits" for a layout or dtype that must raise."""
     vocab = draw(st.sampled_from(VOCABS))
     max_rows = HUGE_V_ROWS[backend] if vocab > 1000 else 12
     batch = draw(st.integers(0, 3))
@@ -69,12 +69,14 @@ def logits_cases(draw, backend):
             tokens.view(-1)[draw(st.integers(0, tokens.numel() - 1))] = value
     tokens = tokens.to(token_dtype)
     bad = None
-    wide = tokens.long()
     if dtype == torch.float64 or (layout == "vocab-strided" and vocab > 1):
         bad = "logits"
-    elif bool((((wide < 0) | (wide >= vocab)) & (wide != -100)).any()):
-        bad = "tokens"
     return logits, tokens, bad
+
+
+def bad_tokens(logits, tokens, ignore_index=-100):
+    wide = tokens.long()
+    return bool((((wide < 0) | (wide >= logits.shape[-1])) & (wide != ignore_index)).any())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,16 +84,18 @@ def logits_cases(draw, backend):
 @given(data=st.data())
 def test_scoring_fuzz(backend, data):
     logits, tokens, bad = data.draw(logits_cases(backend))
-    temperature = data.draw(st.sampled_from([1.0, 0.7]))
+    options = dict(
+        temperature=data.draw(st.sampled_from([1.0, 0.7])),
+        ignore_index=data.draw(st.sampled_from([-100, 0, 2**40])),
+    )
+    bad = bad or ("tokens" if bad_tokens(logits, tokens, options["ignore_index"]) else None)
     if bad is not None:
         with pytest.raises(ValueError, match=bad):
-            ek.logprobs_and_entropy(logits, tokens, temperature=temperature, backend=backend)
+            ek.logprobs_and_entropy(logits, tokens, backend=backend, **options)
         return
-    logp, entropy = ek.logprobs_and_entropy(
-        logits, tokens, temperature=temperature, backend=backend
-    )
+    logp, entropy = ek.logprobs_and_entropy(logits, tokens, backend=backend, **options)
     want_logp, want_entropy = reference.logprobs_and_entropy(
-        logits.double(), tokens.long(), temperature=temperature
+        logits.double(), tokens.long(), **options
     )
     close(logp, want_logp)
     close(entropy, want_entropy)
@@ -102,6 +106,7 @@ def test_scoring_fuzz(backend, data):
 @given(data=st.data())
 def test_policy_loss_fuzz(backend, data):
     logits, tokens, bad = data.draw(logits_cases(backend))
+    bad = bad or ("tokens" if bad_tokens(logits, tokens) else None)
     batch, seq = tokens.shape
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     advantages = torch.randn(batch, seq, generator=generator)
