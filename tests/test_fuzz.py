@@ -101,14 +101,20 @@ def test_scoring_fuzz(backend, data):
     close(entropy, want_entropy)
 
 
+def loss_case(data, backend):
+    """A logits case for the losses (tokens -100 are ignored), and a seeded generator."""
+    logits, tokens, bad = data.draw(logits_cases(backend))
+    bad = bad or ("tokens" if bad_tokens(logits, tokens) else None)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    return logits, tokens, bad, generator
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_policy_loss_fuzz(backend, data):
-    logits, tokens, bad = data.draw(logits_cases(backend))
-    bad = bad or ("tokens" if bad_tokens(logits, tokens) else None)
+    logits, tokens, bad, generator = loss_case(data, backend)
     batch, seq = tokens.shape
-    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     advantages = torch.randn(batch, seq, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     finite = logits.double().clamp(-1e30, 1e30)  # old log-probs from finite logits
@@ -146,6 +152,41 @@ def test_policy_loss_fuzz(backend, data):
         want.loss.backward()
         tol = 1e-4 if logits.dtype == torch.float32 else 2**-7
         close(x.grad.float(), x64.grad.to(logits.dtype).float(), rtol=tol, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_shaped_losses_fuzz(backend, data):
+    logits, tokens, bad, generator = loss_case(data, backend)
+    batch, seq = tokens.shape
+    rewards = (torch.rand(batch, generator=generator) > 0.5).float()
+    mask = torch.rand(batch, seq, generator=generator) > 0.3
+    old_entropy = None
+    if data.draw(st.booleans()):
+        old_entropy = torch.rand(batch, seq, generator=generator) * 2
+        if old_entropy.numel() and data.draw(st.booleans()):
+            old_entropy.view(-1)[0] = data.draw(st.sampled_from(SPECIALS))
+            bad = bad or (
+                "old_entropy" if old_entropy.view(-1)[0] < 0 and mask.view(-1)[0] else None
+            )
+    name = data.draw(st.sampled_from(["gtpo_loss", "grpo_s_loss"]))
+    groups = data.draw(st.sampled_from([1, max(batch, 1)]))
+    x = logits.detach().requires_grad_()
+    args = (tokens, rewards, mask, groups)
+    if bad is not None:
+        with pytest.raises(ValueError, match=bad):
+            getattr(ek, name)(x, *args, old_entropy=old_entropy, backend=backend)
+        return
+    out = getattr(ek, name)(x, *args, old_entropy=old_entropy, backend=backend)
+    want = getattr(reference, name)(
+        logits.double(), tokens.long(), rewards, mask, groups, old_entropy=old_entropy
+    )
+    close(out.loss, want.loss)
+    for key, value in want.metrics.items():
+        close(torch.as_tensor(out.metrics[key]), torch.as_tensor(value))
+    out.loss.backward()
+    assert x.grad.shape == x.shape
 
 
 @st.composite
