@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ._validation import (
     LOGIT_DTYPES,
+    check_ignore_index,
     check_positive_float,
     check_tokens,
     check_values,
@@ -56,7 +57,7 @@ class LinearOptions:
     shard: Any = None
 
 
-def check_linear_inputs(hidden, weight, bias, tokens) -> torch.Tensor:
+def check_linear_inputs(hidden, weight, bias, tokens, ignore_index=-100) -> torch.Tensor:
     """Types, dtypes, shapes and devices of ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``;
     the tokens as int32 / int64."""
     for name, value in (("hidden", hidden), ("weight", weight), ("tokens", tokens)):
@@ -86,7 +87,7 @@ def check_linear_inputs(hidden, weight, bias, tokens) -> torch.Tensor:
             raise ValueError(f"{name} must be on {hidden.device} like hidden, got {value.device}")
     if bias is not None and tuple(bias.shape) != (vocab_size,):
         raise ValueError(f"bias must have shape ({vocab_size},) like weight's V, got {bias.shape}")
-    return check_tokens(tokens, "hidden", hidden)
+    return check_tokens(tokens, "hidden", hidden, ignore_index)
 
 
 def linear_options(
@@ -406,7 +407,8 @@ def linear_logprobs_and_entropy(
         float32. Differentiable with respect to hidden, weight and bias; no ``[..., V]`` tensor
         is allocated (memory above inputs, outputs and gradients is a few fixed-size tiles).
     """
-    tokens = check_linear_inputs(hidden, weight, bias, tokens)
+    check_ignore_index(ignore_index)
+    tokens = check_linear_inputs(hidden, weight, bias, tokens, ignore_index)
     options = linear_options(
         hidden, weight, tokens, temperature, ignore_index, validate, backend, tp_group
     )

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ._validation import (
+    check_ignore_index,
     check_logits_and_tokens,
     check_positive_float,
     check_values,
@@ -494,10 +495,9 @@ def logprobs_and_entropy(
         log-sum-exp, so no ``[..., V]`` float32 tensor is ever stored. ``-inf`` logits are masked
         vocabulary entries (probability 0, no NaN); NaN or +inf logits give NaN.
     """
-    tokens = check_logits_and_tokens(logits, tokens)
+    check_ignore_index(ignore_index)
+    tokens = check_logits_and_tokens(logits, tokens, ignore_index)
     check_positive_float("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = resolve_backend(backend, logits.device)
     from .parallel import score_shard, vocab_shard  # builds on this module's ops
 
