@@ -19,7 +19,6 @@ from .gtpo import (
     check_shaped_loss_inputs,
     shaped_loss_core,
 )
-from .linear_fused import linear_fused_loss
 from .linear_scoring import check_linear_inputs, linear_options, linear_score
 from .policy_loss import (
     LossOptions,
@@ -67,19 +66,13 @@ def _linear_call_options(hidden, weight, tokens, call, **checks):
 
 
 def _linear_scorers(hidden, weight, bias, options):
-    """``(scorer, fused)`` for the loss cores; ``fused`` (torch backend, with a gradient to
-    compute) forms the gradient in the forward pass (:mod:`entropy_kernels.linear_fused`)."""
+    """``(scorer, None)`` for the loss cores: the linear scoring op has no fused loss path."""
     rows = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
 
     def scorer(tokens):
         return linear_score(rows, weight, bias, tokens, options)
 
-    differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
-    if options.backend != "torch" or not (differentiable and torch.is_grad_enabled()):
-        return scorer, None
-    if options.shard is not None:  # the fused loss needs the whole vocabulary
-        return scorer, None
-    return scorer, linear_fused_loss(rows, weight, bias, options)
+    return scorer, None
 
 
 def linear_policy_loss(
