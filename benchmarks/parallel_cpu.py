@@ -5,9 +5,11 @@
 
 Each rank holds ``V / world`` columns (float32) and runs ``logprobs_and_entropy(...,
 tp_group=...)`` forward and backward on the torch backend; world 1 is the unsharded call
-(no group, no communication). The CPU threads are split between the ranks (``--threads``
-in all), so on a small machine the ranks also compete for cores: the times show the cost of
-the extra steps, not a speed-up. Bytes are counted by wrapping the collectives; the ideal is
+(no group, no communication). Each rank runs ``--threads-per-rank`` CPU threads (default 1:
+several OpenMP threads per process on a shared, oversubscribed machine wait for each other at
+every barrier, which made a 2-thread unsharded call 3.5x slower than a 1-thread one here). On a
+machine with fewer cores than ranks the ranks compete for cores: the times then show the cost
+of the extra steps, not a speed-up. Bytes are counted by wrapping the collectives; the ideal is
 three float32 per row (the log-sum-exp, the entropy term and the token's logit, all-reduced).
 """
 
@@ -44,7 +46,7 @@ def count_collectives(sent: list, timing: list):
 def rank_main(rank, world, init_file, args, results):
     import entropy_kernels as ek
 
-    torch.set_num_threads(max(1, args.threads // world))
+    torch.set_num_threads(args.threads_per_rank)
     group = None
     if world > 1:
         dist.init_process_group(
@@ -86,13 +88,14 @@ def main():
     parser.add_argument("--vocab", type=int, default=128000)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads-per-rank", type=int, default=1)
     args = parser.parse_args()
     context = mp.get_context("spawn")
     ideal = 3 * 4 * args.rows
     print(
         f"N={args.rows} V={args.vocab} float32, torch backend, forward + backward, "
-        f"{args.threads} CPU threads in all, median of {args.repeats} calls"
+        f"{args.threads_per_rank} CPU thread(s) per rank on {os.cpu_count()} cores, "
+        f"median of {args.repeats} calls"
     )
     print(
         "| ranks | V per rank | time per call (s) | of which in collectives (s) | "

@@ -17,6 +17,13 @@ never a vocabulary-sized tensor. Every rank ends with the full-vocabulary log-pr
 entropy. The backward needs no communication: each rank runs the local backward kernel on its
 shard with the global ``(M, log S)`` in place of the local normaliser, the global entropy, and a
 token that is outside the shard (no one-hot, row not zeroed) on the rows it does not own.
+
+The same combination serves the fused linear op (``weight`` / ``bias`` rows ``[V_r, H]`` /
+``[V_r]``); there the replicated ``hidden`` gets the sum over ranks of each shard's part of its
+gradient (one all-reduce of ``[N, H]`` in the backward, as in any column-parallel layer). For
+bfloat16 / float16 ``hidden`` the parts are rounded to that dtype before they are summed.
+Tokens, and every other argument but the shard, must be the same on every rank (not checked:
+that would cost communication).
 """
 
 from __future__ import annotations

@@ -6,17 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import entropy_kernels as ek
-
-
-def shifted_one_by_one(input_ids, lengths, ignore_index):
-    """Each sequence unpacked, shifted on its own, and packed again; the tail is padding."""
-    labels = torch.full_like(input_ids, ignore_index)
-    start = 0
-    for length in lengths:
-        for position in range(start, start + length - 1):
-            labels[..., position] = input_ids[..., position + 1]
-        start += length
-    return labels
+from entropy_kernels import reference
 
 
 @given(
@@ -33,7 +23,8 @@ def test_matches_per_sequence_shift(lengths, padding, leading, ignore_index, dty
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=cu_dtype)
     labels = ek.packed_shift_labels(input_ids, cu_seqlens, ignore_index=ignore_index)
     assert labels.dtype == input_ids.dtype and labels.shape == input_ids.shape
-    assert torch.equal(labels, shifted_one_by_one(input_ids, lengths, ignore_index))
+    want = reference.packed_shift_labels(input_ids, cu_seqlens, ignore_index=ignore_index)
+    assert torch.equal(labels, want)
 
 
 def test_last_token_of_a_sequence_never_predicts_the_next_sequence():
