@@ -1,7 +1,13 @@
 """torch.compile: the ops are custom ops, so the loss compiles as one graph (no graph break),
-with AOT autograd alone (`aot_eager`) and with Inductor generating code around the ops."""
+with AOT autograd alone (`aot_eager`) and with Inductor generating code around the ops. And
+Triton's compiler on the advantage-shaping kernels, which the interpreter alone cannot check."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +129,73 @@ def test_dynamic_shapes_and_inplace_backward_compile(backend, inplace):
         (want_grad,) = torch.autograd.grad(want, head.weight)
         torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+# Triton's own compiler on the advantage-shaping kernels: the interpreter runs their Python, so
+# only a real compile checks what it cannot (constexpr sweeps, loop-carried types). Without a
+# GPU they are compiled for one (sm_90) down to a cubin, with the ptxas Triton ships, in a fresh
+# interpreter: under TRITON_INTERPRET=1 `triton.jit` makes interpreted functions instead.
+COMPILE_FOR_A_GPU = textwrap.dedent(
+    """
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    POINTER_TYPES = {
+        "entropy_ptr": "*bf16",
+        "mask_ptr": "*u8",
+        "row_order_ptr": "*i64",
+        "group_start_ptr": "*i64",
+        "group_size_ptr": "*i64",
+        "scores_ptr": "*fp64",
+    }
+    FLOAT_ARGS = ("base", "alpha2", "beta2", "eps")
+    KERNELS = [
+        ("gtpo_token_rewards", dict(HAS_MASK=True, WITH_MOMENTS=True, BLOCK_T=512)),
+        ("gtpo_token_rewards", dict(HAS_MASK=False, WITH_MOMENTS=False, BLOCK_T=16)),
+        ("whiten_rows", dict(HAS_MASK=True, BLOCK_T=512)),
+        ("sequence_mean_entropy", dict(HAS_MASK=True, BLOCK_T=512)),
+        ("group_sequence_advantages", dict(SHAPE_BY_ENTROPY=True, ZSCORE=True,
+                                           SCALE_BY_STD=True, BLOCK_R=64)),
+        ("group_sequence_advantages", dict(SHAPE_BY_ENTROPY=True, ZSCORE=False,
+                                           SCALE_BY_STD=True, BLOCK_R=64)),
+        ("group_sequence_advantages", dict(SHAPE_BY_ENTROPY=False, ZSCORE=True,
+                                           SCALE_BY_STD=False, BLOCK_R=64)),
+    ]
+    for name, constants in KERNELS:
+        module = importlib.import_module(f"entropy_kernels.kernels.{name}")
+        kernel = getattr(module, f"{name}_kernel")
+        while not isinstance(kernel, JITFunction):  # under triton.heuristics
+            kernel = kernel.fn
+        signature, constexprs = {}, {}
+        for index, arg in enumerate(kernel.arg_names):
+            if arg in constants:
+                signature[arg], constexprs[(index,)] = "constexpr", constants[arg]
+            elif arg.endswith("_ptr"):
+                signature[arg] = POINTER_TYPES.get(arg, "*fp32")
+            else:
+                signature[arg] = "fp32" if arg in FLOAT_ARGS else "i64"
+        assert len(constexprs) == len(constants), (name, kernel.arg_names)
+        source = ASTSource(kernel, signature, constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], name
+    print("ok")
+    """
+)
+
+
+def test_advantage_shaping_kernels_compile_for_a_gpu(tmp_path):
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_A_GPU],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "TRITON_CACHE_DIR": str(tmp_path)},  # a fresh cache: really compile
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
