@@ -45,8 +45,9 @@ MATRICES = {
         "tokens": (128, 512),
         "vocab": (2048, 8192, 32000),
         "dtypes": ("float32",),
-        # (N, H, V): a few seconds of matrix products per call on 2 CPU cores.
-        "linear": ((1024, 256, 32000), (4096, 256, 32000), (1024, 896, 32000)),
+        # (N, H, V): seconds per call on 2 CPU cores, minutes per cell with torch.compile's
+        # peers; larger shapes with --linear (4096x256x32000 takes 4 times as long).
+        "linear": ((1024, 256, 32000), (1024, 896, 32000)),
     },
     "full": {
         "tokens": (4096, 16384, 65536),
@@ -234,52 +235,48 @@ def run_cell(key, device, impls, compiled, skips, args) -> dict:
         free_memory(device)
         cell["impls"] = {impl: {"status": "oom", "reason": "inputs do not fit"} for impl in impls}
         return cell
-    values, fns = {}, {}
+    # Values are checked against the reference implementation where the workload has one
+    # (advantages), else against the first implementation that ran (eager, first in order),
+    # as soon as each has run: only the reference's values are kept.
     oracle = None if linear else peers.oracle_values(workload, inputs)
-    if oracle is not None:
-        values[peers.ORACLE] = oracle
+    reference = (peers.ORACLE, oracle) if oracle is not None else None
+    disagreement = linear_peers.disagreement if linear else peers.disagreement
+    fns = {}
     for impl in impls:
-        entry, fn, values[impl] = prepare_impl(
+        entry, fn, values = prepare_impl(
             impl, cell, inputs, device, compiled, skips, not args.no_download
         )
         cell["impls"][impl] = entry
-        if fn is not None:
-            fns[impl] = fn
+        if fn is None:
+            continue
+        fns[impl] = fn
+        reference = reference or (impl, values)
+        mismatch = disagreement(reference[1], values)
+        entry["check"] = "ok" if mismatch is None else f"mismatch vs {reference[0]}: {mismatch}"
+    cell["check_reference"] = reference[0] if reference else None
+    reference = values = None  # the values of the check, on the CPU
     samples, errors = measure.interleaved_samples(fns, device)
     for impl, err in errors.items():
         cell["impls"][impl] = failure_entry(err, device)
     del inputs, fns
     free_memory(device)
-    add_derived_figures(cell, samples, values)
+    add_derived_figures(cell, samples)
     return cell
 
 
-def add_derived_figures(cell: dict, samples: dict, values: dict) -> None:
-    """Timing spreads, ratios over ours, bandwidth, and the cross-implementation check.
-
-    Values are checked against the reference implementation where the workload has one
-    (advantages), else against eager PyTorch, else against the first implementation that ran.
-    """
+def add_derived_figures(cell: dict, samples: dict) -> None:
+    """Timing spreads, ratios of time and peak memory over ours, and bandwidth."""
     entries = cell["impls"]
     ok = [impl for impl in samples if entries[impl]["status"] == "ok"]
     cell["ours"] = next((impl for impl in OURS_PREFERENCE if impl in ok), None)
     summary = stats.summarize({impl: samples[impl] for impl in ok}, cell["ours"])
-    check_reference = next((name for name in (peers.ORACLE, "eager") if name in ok), None)
-    if peers.ORACLE in values:
-        check_reference = peers.ORACLE
-    if check_reference is None:
-        check_reference = ok[0] if ok else None
-    cell["check_reference"] = check_reference
     ours_peak = entries[cell["ours"]]["peak_bytes"] if cell["ours"] else None
-    disagreement = linear_peers.disagreement if cell["hidden"] else peers.disagreement
     for impl in ok:
         entry = entries[impl]
         entry.update(summary[impl])
         entry["gbps"] = cell["bytes_floor"] / (entry["time_ms"] * 1e-3) / 1e9
         if cell["ours"] is not None and impl != cell["ours"]:
             entry["peak_over_ours"] = stats.peak_ratio(entry["peak_bytes"], ours_peak)
-        mismatch = disagreement(values[check_reference], values[impl])
-        entry["check"] = "ok" if mismatch is None else f"mismatch vs {check_reference}: {mismatch}"
     cell["noisy"] = any(entries[impl]["noise"] for impl in ok)
 
 
