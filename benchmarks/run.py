@@ -118,8 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=csv_of(int), help="vocabulary sizes V, comma-separated")
     parser.add_argument("--dtypes", type=csv_of(str, tuple(DTYPES)), help="logit dtypes")
     parser.add_argument("--linear", type=shapes, help="linear workloads' NxHxV, comma-separated")
-    parser.add_argument("--save", action="store_true", help=f"write into {RESULTS_DIR}")
-    parser.add_argument("--out-dir", type=Path, help="where to write (default: a temp dir)")
+    add_output_options(parser)
     parser.add_argument(
         "--no-download", action="store_true", help="verl n/a unless its file is already cached"
     )
@@ -137,11 +136,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("tokens", "vocab", "dtypes", "linear"):
         if getattr(args, key) is None:
             setattr(args, key, MATRICES[args.matrix][key])
+    set_output_dir(parser, args)
+    return args
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save", action="store_true", help=f"write into {RESULTS_DIR}")
+    parser.add_argument("--out-dir", type=Path, help="where to write (default: a new temp dir)")
+
+
+def set_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Results land in the tree only when asked (--save): a rerun leaves nothing behind."""
     if args.out_dir is None:
         args.out_dir = RESULTS_DIR if args.save else Path(tempfile.mkdtemp(prefix="ek-bench-"))
     elif args.save:
         parser.error("--save and --out-dir: choose one")
-    return args
 
 
 def is_out_of_memory(err: BaseException | None) -> bool:
