@@ -21,7 +21,7 @@ import torch
 from ._validation import resolve_backend
 from .kernels import advantage_shaping as kernels
 
-NORMALIZE_MODES = ("separate", "joint", "none")
+NORMALIZE_MODES = ("zero-filled", "separate", "joint", "none")
 SCOPES = ("batch", "group")
 GRPO_SCALES = ("std", "none")
 # Added to the variance before the square root in the Eq. 6 whitening.
@@ -135,6 +135,24 @@ def success_outcomes(rewards: torch.Tensor, success_threshold: float) -> torch.T
     return torch.where(torch.isfinite(rewards), outcome, float("nan")).contiguous()
 
 
+def uniform_group_rows(outcomes: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """[B] bool: the rows of groups whose rows are all successes or all failures.
+
+    `filter_groups` (algorithms.md) gives them advantage 0 and keeps their tokens out of every
+    statistic, as DAPO's dynamic sampling would drop them. A row whose reward is not finite
+    (NaN outcome) is neither, so its group is never filtered and the NaN reaches its outputs.
+    """
+    n_success = _index_sum((outcomes > 0).long(), layout.index, layout.capacity)
+    n_failure = _index_sum((outcomes < 0).long(), layout.index, layout.capacity)
+    uniform = (n_success == layout.size) | (n_failure == layout.size)
+    return uniform[layout.index]
+
+
+def without_uniform_groups(outcomes: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """`outcomes` with 0 (neither success nor failure: inactive) on filtered rows."""
+    return torch.where(uniform_group_rows(outcomes, layout), 0.0, outcomes)
+
+
 def check_token_inputs(
     entropy: torch.Tensor,
     mask: torch.Tensor | None,
@@ -180,7 +198,7 @@ def _merge_moments(count, mean, m2, dims):
 def row_whitening(
     moments: torch.Tensor,
     layout: GroupLayout,
-    success: torch.Tensor,
+    outcomes: torch.Tensor,
     normalize: str,
     scope: str,
     base: float,
@@ -190,35 +208,55 @@ def row_whitening(
     moments: [S, K, 2, 3], (count, mean of s, centred sum of squares of s) per group slot,
     position block and set (failure, success); `r = s + base` on successes and
     `s - base` on failures (`base = alpha1 + alpha2`). Returns row_mean, row_scale [B] float32
-    such that
-    `(s - row_mean) * row_scale == (r - mean) / sqrt(var + 1e-8)` over the row's whitening
-    set (scale 0 for a set with fewer than two active tokens).
+    such that `(s - row_mean) * row_scale` is the row's whitened value (algorithms.md):
+
+    - "zero-filled": `w_S(u)` with `u` the field of the row's outcome (`r` on that outcome's
+      tokens, 0 on the other outcome's) over all tokens `S` in scope;
+    - "separate": `w` over the tokens of the row's own outcome; "joint": `w_S(r)`.
+
+    `w(x) = (x - mean) / sqrt(var + 1e-8)` (unbiased variance; scale 0 for a set of fewer than
+    two tokens). Filtered rows (outcome 0) get mean and scale 0.
     """
     count, mean, m2 = moments.unbind(-1)
     dims = [1, 0] if scope == "batch" else [1]
     count, mean, m2 = (x[:, 0] for x in _merge_moments(count, mean, m2, dims))  # [S', 2]
     slot = layout.index if scope == "group" else torch.zeros_like(layout.index)
+    success = outcomes > 0
+    n_failure, n_success = count[slot].unbind(-1)
+    mean_failure, mean_success = mean[slot].unbind(-1)
+    m2_failure, m2_success = m2[slot].unbind(-1)
     if normalize == "separate":
         # base is constant within a set and cancels.
-        which_set = success.long()
-        count, row_mean, m2 = count[slot, which_set], mean[slot, which_set], m2[slot, which_set]
+        count = torch.where(success, n_success, n_failure)
+        row_mean = torch.where(success, mean_success, mean_failure)
+        m2 = torch.where(success, m2_success, m2_failure)
     else:
-        n_failure, n_success = count.unbind(-1)
-        mean_failure, mean_success = mean.unbind(-1)
         count = n_failure + n_success
         total = count.clamp_min(1.0)
-        mean_s = (n_success * mean_success + n_failure * mean_failure) / total
-        # Chan's merge of the two sets: their means of r differ by `gap`.
-        gap = 2.0 * base + mean_success - mean_failure
-        m2 = m2.sum(-1) + n_success * n_failure / total * gap * gap
-        # base - mean(base) in closed form, exactly 0 when the set holds one kind of row.
-        centred_base = (
-            torch.where(success, 2.0 * base * n_failure[slot], -2.0 * base * n_success[slot])
-            / total[slot]
-        )
-        count, row_mean, m2 = count[slot], mean_s[slot] - centred_base, m2[slot]
+        if normalize == "joint":
+            # Chan's merge of the two sets: their means of r differ by `gap`; base - mean(base)
+            # in closed form, exactly 0 when the set holds one kind of row.
+            gap = 2.0 * base + mean_success - mean_failure
+            m2 = m2_success + m2_failure + n_success * n_failure / total * gap * gap
+            centred_base = torch.where(success, 2.0 * base * n_failure, -2.0 * base * n_success)
+            row_mean = (n_success * mean_success + n_failure * mean_failure - centred_base) / total
+        else:
+            # Zero-filled: the own outcome's set (mean base + mean_s) merged with the other
+            # outcome's tokens at 0; the row's base is folded into row_mean in closed form.
+            own_n, other_n = (
+                torch.where(success, n_success, n_failure),
+                torch.where(success, n_failure, n_success),
+            )
+            own_mean = torch.where(success, mean_success, mean_failure)
+            signed_base = torch.where(success, base, -base)
+            m2 = torch.where(success, m2_success, m2_failure) + own_n * other_n / total * (
+                (signed_base + own_mean) ** 2
+            )
+            row_mean = (own_n * own_mean - other_n * signed_base) / total
     var = m2 / (count - 1.0).clamp_min(1.0)
-    scale = torch.where(count >= 2, torch.rsqrt(var + WHITENING_EPS), torch.zeros_like(var))
+    kept = (count >= 2) & (outcomes != 0)
+    scale = torch.where(kept, torch.rsqrt(var + WHITENING_EPS), torch.zeros_like(var))
+    row_mean = torch.where(outcomes != 0, row_mean, torch.zeros_like(row_mean))
     return row_mean.contiguous(), scale.contiguous()
 
 
@@ -283,8 +321,9 @@ def gtpo_advantages(
     alpha1: float = 1.0,
     alpha2: float = 0.1,
     success_threshold: float = 0.0,
-    normalize: str = "separate",
+    normalize: str = "zero-filled",
     scope: str = "batch",
+    filter_groups: bool = True,
     eps: float = 1e-6,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -298,9 +337,17 @@ def gtpo_advantages(
         groups: int `G` (consecutive groups of `G` rows, `B % G == 0`) or integer ids `[B]`.
         alpha1, alpha2: Eq. 3 / 5 constants (defaults 1.0, 0.1).
         success_threshold: default 0.0.
-        normalize: `"separate"` (default; Eq. 6: success and failure tokens whitened as two
-            sets), `"joint"` (one set), or `"none"` (the shaped rewards themselves).
+        normalize: how the shaped rewards become advantages (Eq. 6, algorithms.md):
+            `"zero-filled"` (default): each outcome's reward field (0 on the other outcome's
+            tokens) whitened over all tokens in scope, each token taking its own outcome's
+            value, so success tokens stay positive and failure tokens negative;
+            `"separate"`: success and failure tokens whitened as two sets (the public
+            re-implementations' reading: it erases the outcome sign and does not learn);
+            `"joint"`: one set; `"none"`: the shaped rewards themselves.
         scope: `"batch"` (default) or `"group"`: where the whitening statistics are taken.
+        filter_groups: give advantage 0 to the rows of groups whose rows are all successes
+            or all failures, and keep their tokens out of every statistic (default True;
+            DAPO's dynamic sampling drops such groups).
         eps: guards every division of Eq. 3 / 5 (default 1e-6); the whitening uses
             `(r - mean) / sqrt(var + 1e-8)` with the unbiased variance.
         backend: `"auto"` (Triton for CUDA tensors), `"triton"` or `"torch"`.
@@ -310,10 +357,10 @@ def gtpo_advantages(
     `a1 + a2 * d_t * H / (sum_{P_t} H + eps)`, failures
     `-a1 - a2 * h_t * (1/(H+eps)) / (sum_{N_t} 1/(H+eps) + eps)`. A whitening set with fewer
     than two active tokens gives 0; inactive positions are exactly 0. Under
-    `normalize="separate"` the alphas cancel: alpha1 shifts each set by a constant (exactly
-    removed), alpha2 scales it (removed up to the 1e-8 under the square root, i.e. unless a
-    set's variance is ~1e-8). A NaN or infinite reward or entropy propagates to the affected
-    outputs.
+    `normalize="separate"` the alphas cancel (each set is shifted and scaled by constants
+    that whitening removes); under `"zero-filled"` alpha1 sets the gap between outcomes and
+    alpha2 the spread inside one. A NaN or infinite reward or entropy propagates to the
+    affected outputs; a group holding a NaN reward is never filtered.
     """
     rewards = check_rewards(rewards)
     batch, device = rewards.shape[0], rewards.device
@@ -324,7 +371,8 @@ def gtpo_advantages(
     layout = group_layout(groups, batch, device)
     backend = resolve_backend(backend, device)
     outcomes = success_outcomes(rewards, success_threshold)
-    success = outcomes > 0
+    if filter_groups:
+        outcomes = without_uniform_groups(outcomes, layout)
     # r = +-base + s, where s keeps the precision that base would round away (kernel module).
     base = alpha1 + alpha2
     whiten = normalize != "none"
@@ -344,16 +392,18 @@ def gtpo_advantages(
         )
         if not whiten:
             return values
-        row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, base)
+        row_mean, row_scale = row_whitening(moments, layout, outcomes, normalize, scope, base)
         return kernels.whiten_rows_(values, mask, row_mean, row_scale)
 
-    active = _active(mask, entropy)
+    # Filtered rows (outcome 0) are inactive: in no sum, no statistic, advantage 0.
+    active = _active(mask, entropy) & (outcomes != 0)[:, None]
+    success = outcomes > 0
     s = _torch_shaping_terms(entropy, active, outcomes, success, layout, alpha2, eps)
     if not whiten:
         success_active = active & success[:, None]
         return torch.where(success_active, base + s, torch.where(active, -base + s, 0.0))
     moments = _torch_moments(s, active, success, layout)
-    row_mean, row_scale = row_whitening(moments, layout, success, normalize, scope, base)
+    row_mean, row_scale = row_whitening(moments, layout, outcomes, normalize, scope, base)
     return torch.where(active, (s - row_mean[:, None]) * row_scale[:, None], 0.0)
 
 
@@ -441,6 +491,7 @@ def grpo_s_advantages(
     beta1: float = 1.0,
     beta2: float = 0.1,
     success_threshold: float = 0.0,
+    filter_groups: bool = True,
     eps: float = 1e-6,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -453,6 +504,9 @@ def grpo_s_advantages(
         mask: `[B, T]` bool or number (nonzero = active), or None (all active).
         groups: int `G` (consecutive groups, `B % G == 0`) or integer ids `[B]`.
         beta1, beta2: Eq. 9 constants (defaults 1.0, 0.1).
+        filter_groups: give advantage 0 to the rows of groups whose rows are all successes or
+            all failures (default True): without it, the z-score turns the entropy differences
+            inside an all-failure group into unit-size advantages, pure noise.
         eps: guards the Eq. 9 divisions and the z-score's `std + eps` (default 1e-6).
         backend: `"auto"` (Triton for CUDA tensors), `"triton"` or `"torch"`.
 
@@ -465,9 +519,14 @@ def grpo_s_advantages(
     to every active token of the row. A NaN or infinite reward or entropy propagates to its
     group.
     """
-    return _grpo_s(
+    advantages = _grpo_s(
         rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore=True
     )
+    if not filter_groups:
+        return advantages
+    layout = group_layout(groups, advantages.shape[0], advantages.device)
+    uniform = uniform_group_rows(success_outcomes(rewards.detach(), success_threshold), layout)
+    return torch.where(uniform, 0.0, advantages)
 
 
 def grpo_s_rewards(

@@ -27,9 +27,11 @@ from .advantages import (
     check_eps,
     check_groups,
     check_rewards,
+    group_layout,
     grpo_s_advantages,
     gtpo_advantages,
     success_outcomes,
+    uniform_group_rows,
 )
 from .policy_loss import (
     LossOptions,
@@ -62,9 +64,10 @@ class GTPOShaping:
     alpha1: float = 1.0
     alpha2: float = 0.1
     success_threshold: float = 0.0
-    normalize: str = "separate"
+    normalize: str = "zero-filled"
     scope: str = "batch"
     eps: float = 1e-6
+    filter_groups: bool = True
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE_MODES:
@@ -84,6 +87,7 @@ class GTPOShaping:
             success_threshold=self.success_threshold,
             normalize=self.normalize,
             scope=self.scope,
+            filter_groups=self.filter_groups,
             eps=self.eps,
             backend=backend,
         )
@@ -97,6 +101,7 @@ class GRPOSShaping:
     beta2: float = 0.1
     success_threshold: float = 0.0
     eps: float = 1e-6
+    filter_groups: bool = True
 
     def __post_init__(self):
         check_eps(self.eps)
@@ -110,6 +115,7 @@ class GRPOSShaping:
             beta1=self.beta1,
             beta2=self.beta2,
             success_threshold=self.success_threshold,
+            filter_groups=self.filter_groups,
             eps=self.eps,
             backend=backend,
         )
@@ -121,6 +127,7 @@ def advantage_metrics(
     entropy: torch.Tensor,
     mask: torch.Tensor | None,
     success_threshold: float = 0.0,
+    filtered_rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Advantage statistics over active tokens, as 0-dim float32 tensors (no host sync).
 
@@ -129,8 +136,9 @@ def advantage_metrics(
     with `rewards > success_threshold`, failure rows the others. Returns
     `success_advantage_mean` / `_std` and `failure_advantage_mean` / `_std` (unbiased std over
     the set's active tokens), `success_entropy` / `failure_entropy` (mean entropy over the
-    set's active tokens), and `success_fraction` (of rows). A float mask counts its nonzero
-    positions, unweighted. An empty set gives 0.
+    set's active tokens), `success_fraction` and `filtered_fraction` (of rows; `filtered_rows`
+    [B] bool marks the rows that `filter_groups` removed, None for none). A float mask counts
+    its nonzero positions, unweighted. An empty set gives 0.
     """
     with torch.no_grad():
         # Classified as the shaping does (a NaN or infinite reward is no success).
@@ -155,7 +163,13 @@ def advantage_metrics(
             metrics[f"{name}_advantage_mean"] = mean
             metrics[f"{name}_advantage_std"] = torch.sqrt(var)
             metrics[f"{name}_entropy"] = torch.where(tokens, entropy, 0.0).sum() / size
-        metrics["success_fraction"] = success.sum(dtype=torch.float32) / max(success.shape[0], 1)
+        rows = max(success.shape[0], 1)
+        metrics["success_fraction"] = success.sum(dtype=torch.float32) / rows
+        metrics["filtered_fraction"] = (
+            torch.zeros((), device=success.device)
+            if filtered_rows is None
+            else filtered_rows.sum(dtype=torch.float32) / rows
+        )
     return metrics
 
 
@@ -233,8 +247,17 @@ def _entropy_shaped_loss(
             ref_logprobs=ref_logprobs,
             options=loss_options,
         )
+    filtered_rows = None
+    if shaping.filter_groups:
+        outcomes = success_outcomes(checked_rewards, shaping.success_threshold)
+        filtered_rows = uniform_group_rows(outcomes, group_layout(groups, shape[0], device))
     metrics = advantage_metrics(
-        advantages, checked_rewards, shaping_entropy, mask, shaping.success_threshold
+        advantages,
+        checked_rewards,
+        shaping_entropy,
+        mask,
+        shaping.success_threshold,
+        filtered_rows,
     )
     out.metrics.update(metrics)
     return out
@@ -253,8 +276,9 @@ def gtpo_loss(
     alpha1: float = 1.0,
     alpha2: float = 0.1,
     success_threshold: float = 0.0,
-    normalize: str = "separate",
+    normalize: str = "zero-filled",
     scope: str = "batch",
+    filter_groups: bool = True,
     eps: float = 1e-6,
     clip_low: float = 0.2,
     clip_high: float = PAPER_CLIP_HIGH,
@@ -280,9 +304,9 @@ def gtpo_loss(
         old_entropy: `[B, T]` rollout-policy entropy to shape from (the paper's setting);
             None shapes from this pass's entropy. Either way it is detached.
         ref_logprobs: `[B, T]`, required when `kl_coef != 0`.
-        alpha1, alpha2, success_threshold, normalize, scope, eps: as in
-            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "separate",
-            "batch", 1e-6). Under `normalize="separate"` the alphas cancel.
+        alpha1, alpha2, success_threshold, normalize, scope, filter_groups, eps: as in
+            :func:`entropy_kernels.gtpo_advantages` (defaults 1.0, 0.1, 0.0, "zero-filled",
+            "batch", True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
         normalizer, inplace_backward, validate, backend: as in
             :func:`entropy_kernels.policy_loss`, with the paper's `clip_high=0.28`
@@ -297,7 +321,9 @@ def gtpo_loss(
         rewards,
         mask,
         groups,
-        shaping=GTPOShaping(alpha1, alpha2, success_threshold, normalize, scope, eps),
+        shaping=GTPOShaping(
+            alpha1, alpha2, success_threshold, normalize, scope, eps, filter_groups
+        ),
         loss_options=LossOptions(
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
         ),
@@ -324,6 +350,7 @@ def grpo_s_loss(
     beta1: float = 1.0,
     beta2: float = 0.1,
     success_threshold: float = 0.0,
+    filter_groups: bool = True,
     eps: float = 1e-6,
     clip_low: float = 0.2,
     clip_high: float = PAPER_CLIP_HIGH,
@@ -343,8 +370,8 @@ def grpo_s_loss(
     Args:
         logits, tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs: as in
             :func:`gtpo_loss`.
-        beta1, beta2, success_threshold, eps: as in :func:`entropy_kernels.grpo_s_advantages`
-            (defaults 1.0, 0.1, 0.0, 1e-6).
+        beta1, beta2, success_threshold, filter_groups, eps: as in
+            :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
         normalizer, inplace_backward, validate, backend: as in :func:`gtpo_loss`.
 
@@ -357,7 +384,7 @@ def grpo_s_loss(
         rewards,
         mask,
         groups,
-        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps),
+        shaping=GRPOSShaping(beta1, beta2, success_threshold, eps, filter_groups),
         loss_options=LossOptions(
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
         ),

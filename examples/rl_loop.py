@@ -9,17 +9,20 @@ updates. GTPO, GRPO-S and GRPO run on the same seeds and the same number of samp
     python examples/rl_loop.py                    # under a minute on CPU
     python examples/rl_loop.py --steps 20 --seeds 1
 
-The three losses differ only in their advantages:
+The three losses differ only in their advantages, and GTPO and GRPO-S run with the library's
+defaults (nothing overridden):
 
-- GTPO (``GTPOLoss``): token-level rewards weighted by the rollout policy's entropy, whitened
-  jointly over the batch (``--gtpo-normalize``). The library's default, ``"separate"`` (the
-  paper's Eq. 6), whitens success and failure tokens as two sets: each set's mean is
-  removed, so the success/failure sign is gone and only the entropy ranking inside each set
-  is left; on this task that does not learn (try ``--gtpo-normalize separate``).
-- GRPO-S (``GRPOSLoss``): sequence-level rewards weighted by the mean entropy, z-scored in
-  each group (Eq. 9). In a group whose rows all failed, the z-score turns small entropy
-  differences into unit-size advantages; early on most groups here fail, which slows it.
-- GRPO: ``grpo_advantages`` (group z-score of the reward) + ``PolicyLoss``.
+- GTPO (``GTPOLoss()``): token-level rewards weighted by the rollout policy's entropy;
+  ``normalize="zero-filled"`` whitens each outcome's reward field over all tokens, so success
+  tokens stay positive and failure tokens negative. ``--gtpo-normalize separate`` shows the
+  public re-implementations' reading, which whitens the two outcome sets apart, erases the
+  success/failure sign and does not learn.
+- GRPO-S (``GRPOSLoss()``): sequence-level rewards weighted by the mean entropy, z-scored in
+  each group (Eq. 9). ``filter_groups=True`` (the default of both) gives groups whose rows all
+  failed or all succeeded advantage 0; ``--no-filter-groups`` shows how the z-score's noise
+  inside such groups slows learning (early on most groups here fail).
+- GRPO: ``grpo_advantages`` (group z-score of the reward) + ``PolicyLoss``, with the same
+  clip-higher bound (0.28) as the paper's defaults of the other two.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ DIGITS = 8  # the response vocabulary
 LENGTH = 6  # response tokens
 MIN_HITS = 2  # the prompt digit must appear at least this often, never twice in a row
 ALGORITHMS = ("gtpo", "grpo_s", "grpo")
-# Clipping of the GTPO paper (DAPO's clip-higher), used by all three for a fair comparison.
+# The GTPO paper's clipping (DAPO's clip-higher): the default of GTPOLoss / GRPOSLoss, given
+# to GRPO too for a fair comparison.
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
 
 
@@ -90,11 +94,12 @@ class RunResult:
     parameter_change: float = 0.0  # L2 norm of (final - initial) parameters
 
 
-def make_loss(algorithm: str, gtpo_normalize: str = "joint") -> nn.Module:
+def make_loss(algorithm: str, **shaping_options) -> nn.Module:
+    """The algorithm's loss module; `shaping_options` override GTPO / GRPO-S defaults."""
     if algorithm == "gtpo":
-        return ek.GTPOLoss(normalize=gtpo_normalize, clip_low=CLIP_LOW, clip_high=CLIP_HIGH)
+        return ek.GTPOLoss(**shaping_options)
     if algorithm == "grpo_s":
-        return ek.GRPOSLoss(clip_low=CLIP_LOW, clip_high=CLIP_HIGH)
+        return ek.GRPOSLoss(**shaping_options)
     if algorithm == "grpo":
         return ek.PolicyLoss(clip_low=CLIP_LOW, clip_high=CLIP_HIGH)
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -109,16 +114,20 @@ def train(
     group_size: int = 8,
     updates_per_step: int = 2,
     lr: float = 1e-2,
-    gtpo_normalize: str = "joint",
     device: str = "cpu",
+    **shaping_options,
 ) -> RunResult:
-    """One run: `steps` of (sample, score, shape advantages, `updates_per_step` updates)."""
+    """One run: `steps` of (sample, score, shape advantages, `updates_per_step` updates).
+
+    `shaping_options` (e.g. `normalize="separate"`, `filter_groups=False`) override the
+    library's defaults of GTPO / GRPO-S; none are given by default.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     policy = TinyPolicy().to(device)
     initial = [p.detach().clone() for p in policy.parameters()]
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-    loss_fn = make_loss(algorithm, gtpo_normalize)
+    loss_fn = make_loss(algorithm, **shaping_options)
     result = RunResult()
 
     for _ in range(steps):
@@ -181,9 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[RunResult]]:
     )
     parser.add_argument(
         "--gtpo-normalize",
-        default="joint",
-        choices=("joint", "separate", "none"),
-        help="GTPO advantage whitening (see the module docstring)",
+        default=None,
+        choices=("zero-filled", "separate", "joint", "none"),
+        help="override GTPO's advantage normalisation (default: the library's, zero-filled)",
+    )
+    parser.add_argument(
+        "--no-filter-groups",
+        action="store_true",
+        help="keep groups whose rows all succeeded or all failed (GTPO / GRPO-S)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -200,9 +214,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[RunResult]]:
     )
     results: dict[str, list[RunResult]] = {}
     for name in algorithms:
+        options = {}
+        if args.no_filter_groups and name != "grpo":
+            options["filter_groups"] = False
+        if args.gtpo_normalize is not None and name == "gtpo":
+            options["normalize"] = args.gtpo_normalize
         started = time.perf_counter()
         results[name] = [
-            train(name, seed, args.steps, gtpo_normalize=args.gtpo_normalize, device=args.device)
+            train(name, seed, args.steps, device=args.device, **options)
             for seed in range(args.seeds)
         ]
         elapsed = time.perf_counter() - started

@@ -103,9 +103,10 @@ def install(
             or off: a KL folded into the rewards would be silently dropped, so it raises.
         fused_scoring: score tokens with the fused kernel in ``Actor.forward`` (default True).
         shaping: keyword options of :func:`entropy_kernels.gtpo_advantages` (``alpha1``,
-            ``alpha2``, ``success_threshold``, ``normalize``, ``scope``, ``eps``) or of
-            :func:`entropy_kernels.grpo_s_advantages` (``beta1``, ``beta2``,
-            ``success_threshold``, ``eps``). Rewards are OpenRLHF's after its length penalties.
+            ``alpha2``, ``success_threshold``, ``normalize``, ``scope``, ``filter_groups``,
+            ``eps``) or of :func:`entropy_kernels.grpo_s_advantages` (``beta1``, ``beta2``,
+            ``success_threshold``, ``filter_groups``, ``eps``), with the library's defaults.
+            Rewards are OpenRLHF's after its length penalties.
     """
     if advantage is None and fused_scoring is None and not shaping:
         options = json.loads(os.environ.get(CONFIG_ENV, "{}"))

@@ -41,9 +41,10 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 import entropy_kernels
+from entropy_kernels.advantages import group_layout, success_outcomes, uniform_group_rows
 
 ADVANTAGE_SHAPINGS = ("gtpo", "grpo_s", "grpo")
-ADVANTAGE_NORMALIZE = ("separate", "joint", "none")
+ADVANTAGE_NORMALIZE = ("zero-filled", "separate", "joint", "none")
 ADVANTAGE_SCOPES = ("batch", "group")
 
 # TRL loss_type -> policy_loss aggregation (api.md). dapo / bnpo / dr_grpo differ in the normaliser.
@@ -111,8 +112,19 @@ class GTPOConfig(GRPOConfig):
         metadata={"help": "A completion succeeds when its weighted reward sum exceeds this."},
     )
     advantage_normalize: str = field(
-        default="separate",
-        metadata={"help": "GTPO whitening of shaped rewards: 'separate', 'joint' or 'none'."},
+        default="zero-filled",
+        metadata={
+            "help": "How GTPO's shaped rewards become advantages: 'zero-filled' (default: each "
+            "outcome's field whitened over all tokens, outcome sign kept), 'separate', 'joint' "
+            "or 'none' (see entropy_kernels.gtpo_advantages)."
+        },
+    )
+    filter_groups: bool = field(
+        default=True,
+        metadata={
+            "help": "GTPO / GRPO-S: groups whose completions all succeeded or all failed get "
+            "advantage 0 and stay out of every statistic (DAPO's dynamic-sampling filter)."
+        },
     )
     advantage_scope: str = field(
         default="batch",
@@ -346,6 +358,7 @@ class GTPOTrainer(GRPOTrainer):
                 success_threshold=args.success_threshold,
                 normalize=args.advantage_normalize,
                 scope=args.advantage_scope,
+                filter_groups=args.filter_groups,
             )
             row_advantages = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
         else:
@@ -357,6 +370,7 @@ class GTPOTrainer(GRPOTrainer):
                 beta1=args.grpo_s_beta1,
                 beta2=args.grpo_s_beta2,
                 success_threshold=args.success_threshold,
+                filter_groups=args.filter_groups,
             )
             row_advantages = advantages
 
@@ -371,6 +385,9 @@ class GTPOTrainer(GRPOTrainer):
         )
         self._metrics[mode][f"{prefix}/success_fraction"].append(
             (rewards[~unscorable] > args.success_threshold).float().mean().nan_to_num().item()
+        )
+        self._metrics[mode][f"{prefix}/filtered_fraction"].append(
+            _filtered_fraction(rewards, groups, args) if args.filter_groups else 0.0
         )
 
         start = self.accelerator.process_index * local_rows
@@ -402,3 +419,10 @@ class GTPOTrainer(GRPOTrainer):
                 )
                 entropies.append(entropy)
         return torch.cat(entropies)
+
+
+def _filtered_fraction(rewards: torch.Tensor, groups, args: GTPOConfig) -> float:
+    """Fraction of completions in groups that `filter_groups` removed (DAPO users watch it)."""
+    outcomes = success_outcomes(rewards, args.success_threshold)
+    uniform = uniform_group_rows(outcomes, group_layout(groups, rewards.numel(), rewards.device))
+    return uniform.float().mean().nan_to_num().item()

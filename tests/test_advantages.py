@@ -25,7 +25,7 @@ from entropy_kernels.advantages import (
 from entropy_kernels.reference import advantages as ref
 
 BACKENDS = ["triton", "torch"]
-NORMALIZE = ["separate", "joint", "none"]
+NORMALIZE = ["zero-filled", "separate", "joint", "none"]
 SCOPES = ["batch", "group"]
 # float32 unit roundoff.
 U32 = 2.0**-24
@@ -41,12 +41,29 @@ class Case:
     groups: int | torch.Tensor
     rows: list[list[int]]  # the rows of each group
     threshold: float
+    filter_groups: bool = False
 
     @property
     def active(self) -> torch.Tensor:
         if self.mask is None:
             return torch.ones(self.entropy.shape, dtype=torch.bool)
         return self.mask != 0
+
+    @property
+    def uniform(self) -> torch.Tensor:
+        """[B] bool: rows of groups whose rows are all successes or all failures."""
+        uniform = torch.zeros(self.rewards.shape[0], dtype=torch.bool)
+        for rows in self.rows:
+            kinds = self.success[rows]
+            uniform[rows] = bool(kinds.all() or not kinds.any())
+        return uniform
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """The active tokens that take part in the shaping (not filtered out)."""
+        if not self.filter_groups:
+            return self.active
+        return self.active & ~self.uniform[:, None]
 
     @property
     def success(self) -> torch.Tensor:
@@ -67,8 +84,11 @@ def cases(
     id_form=None,
     zero_entropy=True,
     min_entropy=0.0,
+    filtering=False,
 ):
-    """Random batches: both group forms, every reward pattern, ragged masks, zero entropies."""
+    """Random batches: both group forms, every reward pattern, ragged masks, zero entropies;
+    with `filtering`, `filter_groups` on or off (off otherwise: the Eq. 3 / 5 properties)."""
+    filter_groups = draw(st.booleans()) if filtering else False
     id_form = draw(st.booleans()) if id_form is None else id_form
     n_groups = draw(st.integers(1, max_groups))
     if id_form:
@@ -131,10 +151,11 @@ def cases(
     else:
         groups = sizes[0]
         rows = [list(range(g * groups, (g + 1) * groups)) for g in range(n_groups)]
-    return Case(rewards, entropy, mask, groups, rows, threshold)
+    return Case(rewards, entropy, mask, groups, rows, threshold, filter_groups)
 
 
 def gtpo(case: Case, backend: str, **options) -> torch.Tensor:
+    options = {"filter_groups": case.filter_groups, **options}
     return gtpo_advantages(
         case.rewards,
         case.entropy,
@@ -147,6 +168,7 @@ def gtpo(case: Case, backend: str, **options) -> torch.Tensor:
 
 
 def gtpo_reference(case: Case, **options) -> torch.Tensor:
+    options = {"filter_groups": case.filter_groups, **options}
     return ref.gtpo_advantages(
         case.rewards,
         case.entropy,
@@ -166,7 +188,7 @@ def whitening_sets(case: Case, normalize: str, scope: str) -> list[torch.Tensor]
         in_scope[rows] = True
         kinds = [case.success, ~case.success] if normalize == "separate" else [in_scope]
         for kind in kinds:
-            sets.append(case.active & (in_scope & kind)[:, None])
+            sets.append(case.kept & (in_scope & kind)[:, None])
     return sets
 
 
@@ -198,7 +220,7 @@ def assert_whitened_close(actual, case, normalize, scope, alpha1=1.0, alpha2=0.1
 
 @settings(max_examples=15)
 @given(
-    case=cases(),
+    case=cases(filtering=True),
     normalize=st.sampled_from(NORMALIZE),
     scope=st.sampled_from(SCOPES),
     backend=st.sampled_from(BACKENDS),
@@ -211,7 +233,7 @@ def test_gtpo_matches_reference(case, normalize, scope, backend):
 
 @settings(max_examples=10)
 @given(
-    case=cases(),
+    case=cases(filtering=True),
     alpha1=st.floats(0.0, 3.0),
     alpha2=st.floats(0.01, 2.0),
     normalize=st.sampled_from(NORMALIZE),
@@ -277,17 +299,20 @@ def assert_sequence_close(actual, expected, case):
 
 @settings(max_examples=15)
 @given(
-    case=cases(),
+    case=cases(filtering=True),
     backend=st.sampled_from(BACKENDS),
     beta1=st.sampled_from([1.0, 0.3]),
     beta2=st.sampled_from([0.1, 1.5]),
 )
 def test_grpo_s_matches_reference(case, backend, beta1, beta2):
     options = dict(beta1=beta1, beta2=beta2, success_threshold=case.threshold)
+    filtering = dict(filter_groups=case.filter_groups)
     actual = grpo_s_advantages(
-        case.rewards, case.entropy, case.mask, case.groups, backend=backend, **options
+        case.rewards, case.entropy, case.mask, case.groups, backend=backend, **options, **filtering
     )
-    expected = ref.grpo_s_advantages(case.rewards, case.entropy, case.mask, case.groups, **options)
+    expected = ref.grpo_s_advantages(
+        case.rewards, case.entropy, case.mask, case.groups, **options, **filtering
+    )
     values = ref.grpo_s_rewards(case.rewards, case.entropy, case.mask, case.groups, **options)
     assert_sequence_close(actual, expected, case)
     rewards = grpo_s_rewards(
@@ -310,8 +335,9 @@ def test_grpo_s_near_tie_of_mean_entropies(backend, gap):
     near[0] += gap
     entropy = torch.stack([tied, near, torch.rand(20, generator=gen) * 4, tied])
     rewards = torch.tensor([0.9, 0.6, -0.3, -0.2])
-    actual = grpo_s_advantages(rewards, entropy, None, 2, backend=backend)
-    expected = ref.grpo_s_advantages(rewards, entropy, None, 2)
+    # Groups of one outcome each: filter_groups would zero them.
+    actual = grpo_s_advantages(rewards, entropy, None, 2, filter_groups=False, backend=backend)
+    expected = ref.grpo_s_advantages(rewards, entropy, None, 2, filter_groups=False)
     assert 0.1 < expected[0].abs() < 0.7, "the spread must sit where the z-score is sensitive"
     case = Case(rewards, entropy, None, 2, [[0, 1], [2, 3]], 0.0)
     assert_sequence_close(actual, expected, case)
@@ -479,7 +505,9 @@ def test_property_5_bounds(case, backend, alpha1, alpha2):
 def test_property_6_separate_whitening(case, backend, scope, alpha1, alpha2):
     # Each set ends with mean 0 and unbiased variance var / (var + 1e-8) (~1 unless the set
     # has no spread); a set of fewer than two tokens is all 0.
-    advantages = gtpo(case, backend, alpha1=alpha1, alpha2=alpha2, scope=scope)
+    advantages = gtpo(
+        case, backend, alpha1=alpha1, alpha2=alpha2, normalize="separate", scope=scope
+    )
     assert_whitened_close(advantages, case, "separate", scope, alpha1=alpha1, alpha2=alpha2)
     r = gtpo_reference(case, alpha1=alpha1, alpha2=alpha2, normalize="none")
     for tokens in whitening_sets(case, "separate", scope):
@@ -505,9 +533,10 @@ def test_separate_whitening_cancels_the_alphas(case, backend, scope, alpha1, alp
     # Under "separate" alpha1 is constant within each set and cancels exactly (the kernels
     # never add it, so the result is bit-identical); alpha2 scales r - mean and cancels up to
     # the 1e-8 in sqrt(var + 1e-8), i.e. wherever a set's variance is well above 1e-8.
-    advantages = gtpo(case, backend, alpha1=alpha1, alpha2=alpha2, scope=scope)
-    assert torch.equal(advantages, gtpo(case, backend, alpha1=1.0, alpha2=alpha2, scope=scope))
-    default = gtpo(case, backend, scope=scope)
+    separate = dict(normalize="separate", scope=scope)
+    advantages = gtpo(case, backend, alpha1=alpha1, alpha2=alpha2, **separate)
+    assert torch.equal(advantages, gtpo(case, backend, alpha1=1.0, alpha2=alpha2, **separate))
+    default = gtpo(case, backend, **separate)
     unit_r = shaped(case, "torch", 0.0, 1.0).double()
     for tokens in whitening_sets(case, "separate", scope):
         if int(tokens.sum()) < 2:
@@ -520,7 +549,7 @@ def test_separate_whitening_cancels_the_alphas(case, backend, scope, alpha1, alp
 
 @settings(max_examples=8)
 @given(
-    case=cases(),
+    case=cases(filtering=True),
     backend=st.sampled_from(BACKENDS),
     normalize=st.sampled_from(NORMALIZE),
     scope=st.sampled_from(SCOPES),
@@ -548,6 +577,7 @@ def test_property_7_permutation_equivariance(case, backend, normalize, scope, da
         groups,
         [sorted(inverse[rows].tolist()) for rows in case.rows],
         case.threshold,
+        case.filter_groups,
     )
     expected = gtpo(case, backend, normalize=normalize, scope=scope)
     actual = gtpo(permuted, backend, normalize=normalize, scope=scope)
@@ -570,7 +600,7 @@ def test_property_7_permutation_equivariance(case, backend, normalize, scope, da
 
 @settings(max_examples=8)
 @given(
-    case=cases(max_groups=3),
+    case=cases(max_groups=3, filtering=True),
     backend=st.sampled_from(BACKENDS),
     normalize=st.sampled_from(NORMALIZE),
     data=st.data(),
@@ -589,6 +619,7 @@ def test_property_7_group_scope_is_local(case, backend, normalize, data):
         case.groups,
         case.rows,
         case.threshold,
+        case.filter_groups,
     )
     changed.rewards[others] = torch.randn(int(others.sum()), generator=gen)
     changed.entropy[others] = (
@@ -666,7 +697,7 @@ def test_property_8_grpo_s_conservation(case, backend, beta1, beta2):
 
 @settings(max_examples=12)
 @given(
-    case=cases(),
+    case=cases(filtering=True),
     backend=st.sampled_from(BACKENDS),
     normalize=st.sampled_from(NORMALIZE),
     scope=st.sampled_from(SCOPES),
@@ -686,6 +717,7 @@ def test_property_9_inactive_zero_and_no_gradient(case, backend, normalize, scop
         success_threshold=case.threshold,
         normalize=normalize,
         scope=scope,
+        filter_groups=case.filter_groups,
         backend=backend,
     )
     assert not advantages.requires_grad
@@ -697,6 +729,7 @@ def test_property_9_inactive_zero_and_no_gradient(case, backend, normalize, scop
         case.mask,
         case.groups,
         success_threshold=case.threshold,
+        filter_groups=case.filter_groups,
         backend=backend,
     )
     assert not sequence.requires_grad and torch.all(sequence.isfinite())
@@ -854,8 +887,9 @@ def test_one_row_per_set_keeps_the_eps_sized_spread(backend, scope):
     gen = torch.Generator().manual_seed(3)
     rewards = torch.tensor([1.0, 0.0] * 4)
     entropy = torch.rand(8, 16, generator=gen) * 2 + 0.1
-    actual = gtpo_advantages(rewards, entropy, None, 2, scope=scope, backend=backend)
-    expected = ref.gtpo_advantages(rewards, entropy, None, 2, scope=scope)
+    options = dict(normalize="separate", scope=scope)
+    actual = gtpo_advantages(rewards, entropy, None, 2, backend=backend, **options)
+    expected = ref.gtpo_advantages(rewards, entropy, None, 2, **options)
     # The reference's advantages are small but not noise: the test is not vacuous.
     assert expected.abs().max() > 100 * ATOL
     torch.testing.assert_close(actual.double(), expected, rtol=RTOL, atol=ATOL)
@@ -872,7 +906,7 @@ def test_success_is_decided_in_the_rewards_dtype(backend):
         (torch.tensor([0.3, 0.0, 1.0, 0.0]), 0.3, [False, False, True, False]),
         (torch.tensor([1e-50, 0.0, 1.0, 0.0], dtype=F64), 0.0, [True, False, True, False]),
     ):
-        options = dict(success_threshold=threshold, normalize="none")
+        options = dict(success_threshold=threshold, normalize="none", filter_groups=False)
         r = gtpo_advantages(rewards, entropy, None, 2, backend=backend, **options)
         assert (r[:, 0] > 0).tolist() == success
         torch.testing.assert_close(

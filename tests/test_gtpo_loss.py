@@ -121,7 +121,7 @@ def assert_advantage_metrics(out, advantages, rewards, entropy, mask):
 @settings(max_examples=15)
 @given(
     batch=batches,
-    normalize=st.sampled_from(["separate", "joint", "none"]),
+    normalize=st.sampled_from(["zero-filled", "separate", "joint", "none"]),
     scope=st.sampled_from(["batch", "group"]),
     on_policy=st.booleans(),
 )
@@ -262,7 +262,7 @@ def test_old_entropy_gets_no_gradient(backend):
     mask_kind=st.sampled_from(["none", "bool"]),
     given_entropy=st.booleans(),
     scope=st.sampled_from(["batch", "group"]),
-    normalize=st.sampled_from(["separate", "joint", "none"]),
+    normalize=st.sampled_from(["zero-filled", "separate", "joint", "none"]),
 )
 def test_losses_match_float64_reference(
     seed, n_groups, seq_len, id_groups, mask_kind, given_entropy, scope, normalize
@@ -310,6 +310,38 @@ def test_losses_match_float64_reference(
             assert out.metrics[name].item() == pytest.approx(
                 float(expected.metrics[name]), rel=1e-4, abs=1e-5
             ), name
+
+
+@pytest.mark.parametrize("given_entropy", [False, True])
+@pytest.mark.parametrize("filter_groups", [True, False])
+def test_filtered_groups_match_reference(given_entropy, filter_groups):
+    # Group 0 made all-success (uniform): with filter_groups its rows get advantage 0 and stay
+    # out of the whitening; metrics report the filtered fraction of rows.
+    logits, tokens, rewards, mask, groups, old_logprobs, old_entropy = make_batch(
+        5, 3, 4, 6, 16, False, "bool", balanced=True
+    )
+    rewards[:4] = 1.0
+    old_entropy = old_entropy if given_entropy else None
+    logits64 = logits.double().requires_grad_(True)
+    logits.requires_grad_(True)
+    options = dict(old_logprobs=old_logprobs, old_entropy=old_entropy, filter_groups=filter_groups)
+    for loss, reference in ((gtpo_loss, ref.gtpo_loss), (grpo_s_loss, ref.grpo_s_loss)):
+        out = loss(logits, tokens, rewards, mask, groups, backend="torch", **options)
+        expected = reference(logits64, tokens, rewards, mask, groups, **options)
+        torch.testing.assert_close(out.loss.double(), expected.loss, rtol=RTOL, atol=ATOL)
+        grad, grad64 = grad_of(out.loss, logits), grad_of(expected.loss, logits64)
+        torch.testing.assert_close(
+            grad.double(), grad64, rtol=1e-4, atol=1e-4 * grad64.abs().max().item() + 1e-7
+        )
+        fraction = out.metrics["filtered_fraction"].item()
+        assert fraction == pytest.approx(4 / 12 if filter_groups else 0.0, rel=1e-6)
+        assert expected.metrics["filtered_fraction"] == pytest.approx(fraction, rel=1e-6)
+        for name in ADVANTAGE_METRICS:
+            assert out.metrics[name].item() == pytest.approx(
+                float(expected.metrics[name]), rel=1e-4, abs=1e-5
+            ), name
+        if filter_groups:
+            assert torch.all(grad[:4] == 0), "filtered rows take no part in the loss"
 
 
 def test_triton_backend_matches_reference():

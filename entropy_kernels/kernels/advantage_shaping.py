@@ -24,7 +24,8 @@ float64 arithmetic on [B, T] or [B] values, nothing next to the logits.
 
 Rows arrive as outcomes, not rewards: +1 for a success, -1 for a failure (decided by the
 launcher in the rewards' own dtype), NaN for a reward that is not finite, which poisons its
-row's outputs. An infinite entropy is read as NaN, so it propagates too instead of becoming
+row's outputs, and 0 for a row of a group that `filter_groups` removes (inactive everywhere).
+An infinite entropy is read as NaN, so it propagates too instead of becoming
 `1 / inf = 0`.
 
 The plain loop-style definitions these kernels implement are in
@@ -61,7 +62,8 @@ def _load_row(
 ):
     # The outcome is broadcast to a block: the interpreter cannot `&` a scalar bool with a block.
     outcome = tl.zeros(offs_t.shape, dtype=tl.float32) + tl.load(outcomes_ptr + row)
-    active = in_seq
+    # Outcome 0 marks a row of a filtered (uniform) group: it takes part in nothing.
+    active = in_seq & (outcome != 0.0)
     if HAS_MASK:
         mask = tl.load(
             mask_ptr + row * stride_mask_row + offs_t * stride_mask_t, mask=in_seq, other=0
@@ -624,7 +626,8 @@ def gtpo_token_rewards(
     """GTPO shaped token rewards (Eq. 3, 5), or their shaping terms and whitening moments.
 
     entropy: [B, T] floating (any strides); mask: [B, T] bool / number (nonzero = active) or
-    None (all active); outcomes: [B] float32, +1 success, -1 failure, NaN poisons the row;
+    None (all active); outcomes: [B] float32, +1 success, -1 failure, NaN poisons the row,
+    0 makes it inactive;
     base: alpha1 + alpha2; row_order [B] and group_start / group_size [S] int64 describe S
     group slots (unused slots have size 0).
 

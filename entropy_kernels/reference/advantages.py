@@ -91,6 +91,28 @@ def _inputs(rewards, entropy, mask):
     return rewards, entropy.tolist(), active
 
 
+def uniform_group_rows(rewards, groups, success_threshold=0.0) -> list[bool]:
+    """`filter_groups`: the rows of groups whose rows are all successes or all failures. A row
+    whose reward is not finite is neither, so its group is kept (its NaN reaches the outputs)."""
+    finite = torch.isfinite(rewards.detach()).tolist()
+    success = _successes(rewards, success_threshold)
+    uniform = [False] * len(success)
+    for rows in group_rows(groups, len(success)):
+        kinds = {success[i] if finite[i] else None for i in rows}
+        if kinds in ({True}, {False}):
+            for i in rows:
+                uniform[i] = True
+    return uniform
+
+
+def _without_rows(mask, entropy, rows_out: list[bool]):
+    """The mask with the given rows made inactive."""
+    keep = torch.tensor([not out for out in rows_out], dtype=torch.bool)[:, None]
+    if mask is None:
+        return keep.expand(entropy.shape)
+    return (mask != 0) & keep
+
+
 def gtpo_token_rewards(
     rewards, entropy, mask, groups, *, alpha1=1.0, alpha2=0.1, success_threshold=0.0, eps=1e-6
 ) -> torch.Tensor:
@@ -124,16 +146,25 @@ def gtpo_advantages(
     alpha1=1.0,
     alpha2=0.1,
     success_threshold=0.0,
-    normalize="separate",
+    normalize="zero-filled",
     scope="batch",
+    filter_groups=True,
     eps=1e-6,
     backend="auto",
 ) -> torch.Tensor:
-    """Eq. 6: whiten the shaped rewards over each set's active tokens; [B, T] float64."""
+    """Eq. 6: whiten the shaped rewards over the scope's active tokens; [B, T] float64.
+
+    "zero-filled": each outcome's field (r on its tokens, 0 on the other outcome's) whitened
+    over all tokens S in scope, each token taking its own outcome's value; "separate": each
+    outcome's tokens whitened alone; "joint": all of S at once; "none": r. With
+    `filter_groups`, the rows of uniform groups are inactive: advantage 0, in no statistic.
+    """
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if filter_groups:
+        mask = _without_rows(mask, entropy, uniform_group_rows(rewards, groups, success_threshold))
     r = gtpo_token_rewards(
         rewards,
         entropy,
@@ -152,18 +183,23 @@ def gtpo_advantages(
     scopes = group_rows(groups, batch) if scope == "group" else [list(range(batch))]
     advantages = torch.zeros_like(r)
     for rows in scopes:
+        outcome_sets = [[i for i in rows if success[i]], [i for i in rows if not success[i]]]
         if normalize == "separate":
-            sets = [[i for i in rows if success[i]], [i for i in rows if not success[i]]]
-        else:
-            sets = [rows]
-        for set_rows in sets:
-            tokens = [(i, t) for i in set_rows for t in range(seq_len) if active[i][t]]
+            whitened = [(set_rows, set_rows) for set_rows in outcome_sets]
+        elif normalize == "joint":
+            whitened = [(rows, rows)]
+        else:  # zero-filled: each outcome's field over all of S, read on its own tokens
+            whitened = [(rows, set_rows) for set_rows in outcome_sets]
+        for scope_rows, field_rows in whitened:
+            tokens = [(i, t) for i in scope_rows for t in range(seq_len) if active[i][t]]
             if len(tokens) < 2:
                 continue  # no variance: these tokens keep advantage 0
-            values = [r[i, t].item() for i, t in tokens]
+            field = set(field_rows)
+            values = [r[i, t].item() if i in field else 0.0 for i, t in tokens]
             mean, var = _mean(values), _unbiased_var(values)
             for (i, t), value in zip(tokens, values, strict=True):
-                advantages[i, t] = (value - mean) / math.sqrt(var + WHITENING_EPS)
+                if i in field:
+                    advantages[i, t] = (value - mean) / math.sqrt(var + WHITENING_EPS)
     return advantages
 
 
@@ -255,15 +291,21 @@ def grpo_s_advantages(
     beta1=1.0,
     beta2=0.1,
     success_threshold=0.0,
+    filter_groups=True,
     eps=1e-6,
     backend="auto",
 ) -> torch.Tensor:
-    """GRPO-S: the group z-score of the Eq. 9 sequence rewards; [B] float64."""
+    """GRPO-S: the group z-score of the Eq. 9 sequence rewards; [B] float64. With
+    `filter_groups`, the rows of uniform groups get 0."""
     r = _grpo_s_sequence_rewards(
         rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     )
     active = _inputs(rewards, entropy, mask)[2]
-    return _group_zscore(r, _grpo_s_groups(groups, active), eps, scale_by_std=True)
+    advantages = _group_zscore(r, _grpo_s_groups(groups, active), eps, scale_by_std=True)
+    if filter_groups:
+        uniform = uniform_group_rows(rewards, groups, success_threshold)
+        advantages[torch.tensor(uniform, dtype=torch.bool)] = 0.0
+    return advantages
 
 
 def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0) -> dict:
@@ -291,13 +333,28 @@ def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0)
     return metrics
 
 
+def _filtered(rewards, groups, success_threshold, filter_groups) -> list[bool]:
+    if not filter_groups:
+        return [False] * rewards.shape[0]
+    return uniform_group_rows(rewards, groups, success_threshold)
+
+
 def _policy_loss_with(
-    advantages, logits, tokens, mask, shaping_entropy, rewards, success_threshold, loss_options
+    advantages,
+    logits,
+    tokens,
+    mask,
+    shaping_entropy,
+    rewards,
+    success_threshold,
+    filtered,
+    loss_options,
 ):
     out = policy_loss(logits, tokens, advantages, mask, **loss_options)
     out.metrics.update(
         advantage_metrics(advantages, rewards, shaping_entropy, mask, success_threshold)
     )
+    out.metrics["filtered_fraction"] = _mean([float(f) for f in filtered]) if filtered else 0.0
     return out
 
 
@@ -320,8 +377,9 @@ def gtpo_loss(
     alpha1=1.0,
     alpha2=0.1,
     success_threshold=0.0,
-    normalize="separate",
+    normalize="zero-filled",
     scope="batch",
+    filter_groups=True,
     eps=1e-6,
     clip_low=0.2,
     clip_high=0.28,
@@ -348,6 +406,7 @@ def gtpo_loss(
         success_threshold=success_threshold,
         normalize=normalize,
         scope=scope,
+        filter_groups=filter_groups,
         eps=eps,
     )
     return _policy_loss_with(
@@ -358,6 +417,7 @@ def gtpo_loss(
         shaping_entropy,
         rewards,
         success_threshold,
+        _filtered(rewards, groups, success_threshold, filter_groups),
         dict(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
@@ -386,6 +446,7 @@ def grpo_s_loss(
     beta1=1.0,
     beta2=0.1,
     success_threshold=0.0,
+    filter_groups=True,
     eps=1e-6,
     clip_low=0.2,
     clip_high=0.28,
@@ -410,6 +471,7 @@ def grpo_s_loss(
         beta1=beta1,
         beta2=beta2,
         success_threshold=success_threshold,
+        filter_groups=filter_groups,
         eps=eps,
     )
     return _policy_loss_with(
@@ -420,6 +482,7 @@ def grpo_s_loss(
         shaping_entropy,
         rewards,
         success_threshold,
+        _filtered(rewards, groups, success_threshold, filter_groups),
         dict(
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
