@@ -197,6 +197,10 @@ def markdown_table(data: dict) -> str:
             for cell in cells:
                 row = [*_key(cell), *(_markdown_entry(cell, impl, metric) for impl in impls)]
                 lines.append("| " + " | ".join(row) + " |")
+    why = reasons(data)
+    if why:
+        lines += ["", "Why a figure is missing, differs or is noisy:", ""]
+        lines += [f"- {line}" for line in why.splitlines()]
     return "\n".join(lines) + "\n"
 
 
