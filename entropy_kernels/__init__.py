@@ -3,6 +3,8 @@ and the entropy-weighted advantages of GTPO and GRPO-S (arXiv 2508.04349)."""
 
 from .advantages import grpo_advantages, grpo_s_advantages, gtpo_advantages
 from .gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
+from .linear_loss import linear_grpo_s_loss, linear_gtpo_loss, linear_policy_loss
+from .linear_scoring import linear_logprobs_and_entropy
 from .modules import PolicyLoss
 from .policy_loss import PolicyLossOutput, policy_loss
 from .scoring import logprobs_and_entropy
@@ -19,6 +21,10 @@ __all__ = [
     "grpo_s_loss",
     "gtpo_advantages",
     "gtpo_loss",
+    "linear_grpo_s_loss",
+    "linear_gtpo_loss",
+    "linear_logprobs_and_entropy",
+    "linear_policy_loss",
     "logprobs_and_entropy",
     "policy_loss",
 ]

@@ -37,11 +37,12 @@ from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
     check_inplace_backward,
+    logits_scorers,
     loss_from_logprobs,
-    policy_loss,
+    policy_loss_core,
     without_ignored_tokens,
 )
-from .scoring import ScoringOptions, score
+from .scoring import ScoringOptions
 
 __all__ = [
     "GTPOShaping",
@@ -193,6 +194,27 @@ def _entropy_shaped_loss(
     check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (rows are grouped), got {tuple(logits.shape)}")
+    companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
+    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
+    check_inplace_backward(logits, inplace_backward)
+    backend = resolve_backend(backend, logits.device)
+    if validate:
+        check_token_range(tokens, logits.shape[-1], -100)
+    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    return shaped_loss_core(
+        logits_scorers(logits, scoring),
+        tokens,
+        (checked_rewards, *companions[1:]),
+        shaping,
+        loss_options,
+        backend,
+    )
+
+
+def check_shaped_loss_inputs(
+    tokens, rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs, options, temperature
+) -> torch.Tensor:
+    """Checks of the one-call losses' ``[B, T]`` / ``[B]`` companions; the checked rewards."""
     check_positive_float("temperature", temperature)
     shape, device = tuple(tokens.shape), tokens.device
     checked_rewards = check_rewards(rewards)
@@ -206,38 +228,33 @@ def _entropy_shaped_loss(
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("old_entropy", old_entropy, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
-    if loss_options.kl_coef != 0.0 and ref_logprobs is None:
+    if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
-    check_inplace_backward(logits, inplace_backward)
-    backend = resolve_backend(backend, logits.device)
-    if validate:
-        check_token_range(tokens, logits.shape[-1], -100)
+    return checked_rewards
+
+
+def shaped_loss_core(
+    scorers, tokens, companions, shaping, loss_options: LossOptions, backend: str
+) -> PolicyLossOutput:
+    """The one-call loss of validated arguments; ``scorers`` as in ``policy_loss_core``.
+
+    ``companions``: ``(checked rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)``.
+    """
+    rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs = companions
     # Tokens equal to -100 are inactive for the shaping as for the loss.
     mask = without_ignored_tokens(mask, tokens)
-
     if old_entropy is not None:
-        # The advantages need no pass over the logits: policy_loss reads them once (on Triton
-        # its fused kernel also writes the gradient in that pass).
+        # The advantages need no pass over the scored tensor: the loss reads it once (on Triton
+        # the fused kernel of the logits path also writes the gradient in that pass).
         shaping_entropy = old_entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
-        out = policy_loss(
-            logits,
-            tokens,
-            advantages,
-            mask,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            **{field.name: getattr(loss_options, field.name) for field in fields(loss_options)},
-            temperature=temperature,
-            inplace_backward=inplace_backward,
-            validate=False,
-            backend=backend,
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
+        out = policy_loss_core(
+            scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options
         )
     else:
-        scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = scorers[0](tokens)
         shaping_entropy = entropy.detach()
-        advantages = shaping.advantages(checked_rewards, shaping_entropy, mask, groups, backend)
+        advantages = shaping.advantages(rewards, shaping_entropy, mask, groups, backend)
         out = loss_from_logprobs(
             logprobs,
             entropy,
@@ -249,17 +266,14 @@ def _entropy_shaped_loss(
         )
     filtered_rows = None
     if shaping.filter_groups:
-        outcomes = success_outcomes(checked_rewards, shaping.success_threshold)
-        filtered_rows = uniform_group_rows(outcomes, group_layout(groups, shape[0], device))
-    metrics = advantage_metrics(
-        advantages,
-        checked_rewards,
-        shaping_entropy,
-        mask,
-        shaping.success_threshold,
-        filtered_rows,
+        outcomes = success_outcomes(rewards, shaping.success_threshold)
+        filtered_rows = uniform_group_rows(
+            outcomes, group_layout(groups, rewards.shape[0], rewards.device)
+        )
+    threshold = shaping.success_threshold
+    out.metrics.update(
+        advantage_metrics(advantages, rewards, shaping_entropy, mask, threshold, filtered_rows)
     )
-    out.metrics.update(metrics)
     return out
 
 

@@ -331,8 +331,9 @@ def check_loss_inputs(
     mask: torch.Tensor | None,
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
+    options: LossOptions,
 ) -> None:
-    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``."""
+    """Shapes of the ``[B, T]`` / ``[B]`` companions of ``tokens [B, T]``; ref with kl_coef."""
     shape, device = tuple(tokens.shape), tokens.device
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages must be a tensor of shape {shape} or {shape[:1]}")
@@ -347,6 +348,8 @@ def check_loss_inputs(
     check_companion("mask", mask, shape, device)
     check_companion("old_logprobs", old_logprobs, shape, device)
     check_companion("ref_logprobs", ref_logprobs, shape, device)
+    if options.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
 
 
 def policy_loss(
@@ -410,39 +413,79 @@ def policy_loss(
     options = LossOptions(
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, aggregation, normalizer
     )
-    flat_tokens = logits.dim() == 2
-    if flat_tokens and aggregation != "token-mean":
-        raise ValueError(
-            f"logits [N, V] needs aggregation='token-mean' (no sequences), got {aggregation!r}; "
-            "pass logits [B, T, V] instead"
-        )
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] or [N, V], got {tuple(logits.shape)}")
-    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
+    check_loss_rows("logits", "V", tuple(logits.shape), options)
+    check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
     if validate:
         check_token_range(tokens, logits.shape[-1], -100)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+    rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    return policy_loss_core(
+        logits_scorers(rows, scoring),
+        tokens,
+        advantages,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        options,
+    )
+
+
+def check_loss_rows(name: str, last: str, shape: tuple, options: LossOptions) -> None:
+    """``name`` is ``[B, T, last]``, or ``[N, last]`` under ``"token-mean"``."""
+    if len(shape) == 2 and options.aggregation != "token-mean":
+        raise ValueError(
+            f"{name} [N, {last}] needs aggregation='token-mean' (no sequences), got "
+            f"{options.aggregation!r}; pass {name} [B, T, {last}] instead"
+        )
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name} must be [B, T, {last}] or [N, {last}], got {shape}")
+
+
+def logits_scorers(logits: torch.Tensor, scoring: ScoringOptions):
+    """``(scorer, fused)`` of ``[B, T, V]`` logits for :func:`policy_loss_core`."""
+
+    def scorer(tokens):
+        return score(logits, tokens, scoring)
+
+    if not (scoring.backend == "triton" and logits.requires_grad and torch.is_grad_enabled()):
+        return scorer, None
+
+    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options):
+        return _fused_policy_loss(
+            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
+        )
+
+    return scorer, fused
+
+
+def policy_loss_core(
+    scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options: LossOptions
+) -> PolicyLossOutput:
+    """The loss of validated arguments; ``tokens`` ``[B, T]`` or ``[N]`` (one sequence).
+
+    ``scorers``: ``(scorer, fused)``; ``scorer(tokens [B, T])`` returns differentiable
+    ``(logprobs, entropy)``; ``fused``, None or a function of the ``[B, T]`` arguments and
+    ``options`` that returns the output with a gradient reaching the scored tensor only.
+    """
+    scorer, fused = scorers
+    flat_tokens = tokens.dim() == 1
     if flat_tokens:
-        # [N, V] is the token-mean loss of one sequence of N tokens.
-        logits, tokens, advantages = logits.unsqueeze(0), tokens.unsqueeze(0), advantages[None]
+        # [N] tokens are the token-mean loss of one sequence of N tokens.
+        tokens, advantages = tokens.unsqueeze(0), advantages[None]
         mask, old_logprobs, ref_logprobs = (
             None if t is None else t.unsqueeze(0) for t in (mask, old_logprobs, ref_logprobs)
         )
     # Tokens equal to -100 are ignored: they are no active tokens, whatever the mask says.
     mask = without_ignored_tokens(mask, tokens)
-    fused = backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
-    # The fused kernel's gradient reaches only the logits.
-    companions = (advantages, old_logprobs, ref_logprobs, normalizer)
-    if fused and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in companions):
-        out = _fused_policy_loss(
-            logits, tokens, advantages, mask, old_logprobs, ref_logprobs, scoring, options
-        )
+    companions = (advantages, old_logprobs, ref_logprobs, options.normalizer)
+    if fused is not None and not any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in companions
+    ):
+        out = fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     else:
-        logprobs, entropy = score(logits, tokens, scoring)
+        logprobs, entropy = scorer(tokens)
         out = loss_from_logprobs(
             logprobs,
             entropy,

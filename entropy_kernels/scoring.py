@@ -175,7 +175,11 @@ def _triton_backward(
 
 def _row_chunks(layout: RowLayout, vocab_size: int):
     """(outer, inner) index slices covering all rows, each at most TORCH_CHUNK_ELEMENTS logits."""
-    rows_per_chunk = max(1, TORCH_CHUNK_ELEMENTS // vocab_size)
+    return row_chunks(layout, max(1, TORCH_CHUNK_ELEMENTS // vocab_size))
+
+
+def row_chunks(layout: RowLayout, rows_per_chunk: int):
+    """(outer, inner) index slices covering all rows, each at most ``rows_per_chunk`` rows."""
     if layout.n_inner <= rows_per_chunk:
         step = max(1, rows_per_chunk // max(1, layout.n_inner))
         for outer in range(0, layout.n_outer, step):

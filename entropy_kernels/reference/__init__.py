@@ -8,6 +8,13 @@ from .advantages import (
     gtpo_loss,
 )
 from .core import logprobs_and_entropy, policy_loss
+from .linear import (
+    linear_grpo_s_loss,
+    linear_gtpo_loss,
+    linear_logits,
+    linear_logprobs_and_entropy,
+    linear_policy_loss,
+)
 
 __all__ = [
     "grpo_advantages",
@@ -15,6 +22,11 @@ __all__ = [
     "grpo_s_loss",
     "gtpo_advantages",
     "gtpo_loss",
+    "linear_grpo_s_loss",
+    "linear_gtpo_loss",
+    "linear_logits",
+    "linear_logprobs_and_entropy",
+    "linear_policy_loss",
     "logprobs_and_entropy",
     "policy_loss",
 ]

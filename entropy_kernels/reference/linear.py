@@ -1,0 +1,44 @@
+"""References of the fused linear functions: the logits materialised in float64, then the
+logits references. Gradients reach hidden, weight and bias through plain autograd."""
+
+from __future__ import annotations
+
+from .advantages import grpo_s_loss, gtpo_loss
+from .core import logprobs_and_entropy, policy_loss
+
+
+def linear_logits(hidden, weight, bias=None):
+    """``hidden @ weight.T + bias`` in float64, ``[..., V]``."""
+    logits = hidden.double() @ weight.double().T
+    return logits if bias is None else logits + bias.double()
+
+
+def linear_logprobs_and_entropy(hidden, weight, tokens, *, bias=None, **options):
+    """Reference of :func:`entropy_kernels.linear_logprobs_and_entropy`."""
+    return logprobs_and_entropy(linear_logits(hidden, weight, bias), tokens, **options)
+
+
+def linear_policy_loss(hidden, weight, tokens, advantages, mask=None, *, bias=None, **options):
+    """Reference of :func:`entropy_kernels.linear_policy_loss`."""
+    logits = linear_logits(hidden, weight, bias)
+    return policy_loss(logits, tokens, advantages, mask, **options)
+
+
+def linear_gtpo_loss(hidden, weight, tokens, rewards, mask, groups, *, bias=None, **options):
+    """Reference of :func:`entropy_kernels.linear_gtpo_loss`."""
+    return gtpo_loss(linear_logits(hidden, weight, bias), tokens, rewards, mask, groups, **options)
+
+
+def linear_grpo_s_loss(hidden, weight, tokens, rewards, mask, groups, *, bias=None, **options):
+    """Reference of :func:`entropy_kernels.linear_grpo_s_loss`."""
+    logits = linear_logits(hidden, weight, bias)
+    return grpo_s_loss(logits, tokens, rewards, mask, groups, **options)
+
+
+__all__ = [
+    "linear_grpo_s_loss",
+    "linear_gtpo_loss",
+    "linear_logits",
+    "linear_logprobs_and_entropy",
+    "linear_policy_loss",
+]
