@@ -322,6 +322,17 @@ def git_state() -> dict:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def machine_load(own_threads: int) -> dict:
+    """Load averages (1, 5, 15 min); ``busy`` when the last minute's exceeds this process's
+    threads by a whole CPU. A busy machine biases timings in ways interleaving cannot undo (a
+    thread pool waiting for a descheduled worker, say)."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        return {"load_average": None, "busy": None}
+    return {"load_average": [round(x, 2) for x in load], "busy": load[0] >= own_threads + 1}
+
+
 def run_facts() -> dict:
     script = Path(sys.argv[0]).resolve()
     if script.is_relative_to(REPO_ROOT):

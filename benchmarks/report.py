@@ -64,6 +64,7 @@ def header(data: dict) -> str:
         f"timer: {data['timer']}",
         f"peak memory: {data['memory']}",
         f"{data.get('noise_rule', 'noise not measured (an older result file)')}",
+        _load_line(data),
         f"copy bandwidth: {copy['gbps']:.1f} GB/s (copy_ of {copy['tensor_bytes'] // MIB} MiB, "
         "read + write counted)",
         "bytes floor per workload (GB/s = floor bytes / time):",
@@ -71,6 +72,18 @@ def header(data: dict) -> str:
         *(f"note: {note}" for note in data["notes"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _load_line(data: dict) -> str:
+    loads = [data.get(key, {}) for key in ("load_before", "load_after")]
+    text = " then ".join(str(load.get("load_average")) for load in loads if load)
+    cpus = data["device"].get("os_cpus")
+    if any(load.get("busy") for load in loads):
+        return (
+            f"machine load {text} on {cpus} CPUs: BUSY, other processes competed for the CPUs; "
+            "timings are biased even where no figure is flagged noisy"
+        )
+    return f"machine load {text or 'not recorded'} on {cpus} CPUs"
 
 
 def add_copy_fraction(cell: dict, copy_gbps: float) -> None:

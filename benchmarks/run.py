@@ -366,6 +366,8 @@ def main(argv=None) -> int:
         "notes": notes,
     }
     torch.manual_seed(args.seed)
+    # Before any timed work: the last minute's load is other processes'.
+    data["load_before"] = measure.machine_load(own_threads=0)
     data["copy_bandwidth"] = measure.copy_bandwidth(device)
     print(report.header(data), flush=True)
 
@@ -386,6 +388,7 @@ def main(argv=None) -> int:
         stem += "-quick"
     if args.tag:
         stem += f"-{args.tag}"
+    data["load_after"] = measure.machine_load(own_threads=torch.get_num_threads())
     written = report.write_outputs(data, args.out_dir, stem, plots=not args.no_plots)
     failures, warnings = report.problems(data)
     print()

@@ -60,6 +60,8 @@ def test_json_has_environment_and_method(quick_run):
         assert package in data["versions"], package
     assert "commit" in data["git"]
     assert data["copy_bandwidth"]["gbps"] > 0
+    for key in ("load_before", "load_after"):
+        assert set(data[key]) == {"load_average", "busy"}, key
     assert set(data["bytes_model"]) == WORKLOADS
     assert any("TRITON_INTERPRET" in note for note in data["notes"])
 
@@ -242,6 +244,15 @@ def test_linear_check_catches_a_wrong_gradient(harness):
     assert "output 0" in linear_peers.disagreement(
         reference, linear_peers.check_values(((loss + 0.1,), grad_hidden, grad_weight))
     )
+
+
+def test_busy_machine_is_said(bench):
+    """A run that shared its CPUs says so in its header, flagged noisy or not (issue 14)."""
+    _, report = bench
+    data = {"device": {"os_cpus": 2}, "load_after": {"load_average": [1.1, 1, 1], "busy": False}}
+    assert "BUSY" not in report._load_line(data)
+    data["load_before"] = {"load_average": [3.2, 2.0, 1.0], "busy": True}
+    assert "BUSY" in report._load_line(data) and "[3.2, 2.0, 1.0]" in report._load_line(data)
 
 
 def test_report_merges_result_files(quick_run, bench):
