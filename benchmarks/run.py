@@ -63,11 +63,6 @@ QUICK_SKIPS = {
     impl: "skipped by --quick (torch.compile takes tens of seconds per shape on CPU)"
     for impl in ("compile", "liger-grpo", "cce")
 }
-# Left out of a CPU run unless named in --impls: minutes per cell on 2 cores.
-CPU_SKIPS = {
-    "liger-grpo": "skipped on CPU unless named in --impls (its per-chunk gradients took 25-50 s "
-    "per call at N=1024, H=256, V=32000 on 2 cores, 10x eager)"
-}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OURS_PREFERENCE = ("ours-triton", "ours-torch")
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -116,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--impls",
         type=csv_of(str, IMPLS),
-        help=f"comma-separated subset of {','.join(IMPLS)} (default: all but CPU_SKIPS on CPU)",
+        help=f"comma-separated subset of {','.join(IMPLS)} (default: all)",
     )
     parser.add_argument("--tokens", type=csv_of(int), help="token counts N, comma-separated")
     parser.add_argument("--vocab", type=csv_of(int), help="vocabulary sizes V, comma-separated")
@@ -337,8 +332,6 @@ def main(argv=None) -> int:
         "clip 0.2 / 0.28, token-mean."
     )
     skips = QUICK_SKIPS if args.matrix == "quick" else {}
-    if device.type == "cpu" and args.impls is None:
-        skips = {**CPU_SKIPS, **skips}
     impls = [impl for impl in IMPLS if impl in (args.impls or IMPLS)]
     descriptions = {**peers.IMPL_DESCRIPTIONS, **linear_peers.LINEAR_DESCRIPTIONS}
 
