@@ -130,11 +130,6 @@ def check_tokens(
     return tokens.to(torch.int64)
 
 
-def check_token_range(tokens: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """The token check of :func:`check_values` alone (kept for callers written before it)."""
-    check_values(tokens, vocab_size, ignore_index)
-
-
 def check_values(
     tokens: torch.Tensor,
     vocab_size: int,
