@@ -30,55 +30,100 @@ GPU_REP_MS = 100
 # CPU timer: at least this many timed calls, more while the time budget lasts.
 CPU_MIN_REPEATS = 3
 CPU_MAX_REPEATS = 15
+# Seconds of timed calls per implementation (a cell of k implementations gets k times this).
 CPU_BUDGET_S = 1.0
+# Interleaved rounds on CUDA: each round is a short do_bench of every implementation.
+GPU_ROUNDS = 5
 
 
 def timer_description(device: torch.device) -> str:
+    order = (
+        "implementations of a cell interleaved: each round times every implementation once, "
+        "starting one implementation later each round; median, min and max over the rounds, "
+        "and per-round ratios against ours (the in-place variant's gradient overwrites the "
+        "logits, so after its first round the others compute on those values: the same work)"
+    )
     if device.type == "cuda":
         return (
-            f"triton.testing.do_bench, median, warm-up {GPU_WARMUP_MS} ms, "
-            f"repetitions {GPU_REP_MS} ms, L2 flushed before each call"
+            f"{GPU_ROUNDS} rounds of triton.testing.do_bench (median of "
+            f"{GPU_REP_MS // GPU_ROUNDS} ms of repetitions, L2 flushed before each call) after "
+            f"an untimed warm-up call and an untimed peak-memory call; {order}"
         )
     return (
-        f"time.perf_counter median of {CPU_MIN_REPEATS}-{CPU_MAX_REPEATS} calls "
-        f"(about {CPU_BUDGET_S:g} s per implementation) after a warm-up call, with glibc's "
-        "malloc at its steady state (mmap threshold 32 MiB, as its dynamic threshold ends up "
-        "after large frees); the peak-memory call is a separate, untimed one"
+        f"time.perf_counter of one call per round, {CPU_MIN_REPEATS}-{CPU_MAX_REPEATS} rounds "
+        f"(about {CPU_BUDGET_S:g} s per implementation), after an untimed warm-up call and an "
+        "untimed peak-memory call; glibc's malloc at its steady state (mmap threshold 32 MiB, "
+        f"as its dynamic threshold ends up after large frees); {order}"
     )
 
 
+def _one_call_ms(fn: Callable[[], object], device: torch.device, rep_ms: int) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup = min(GPU_WARMUP_MS, rep_ms)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep_ms, return_mode="median"))
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
 def median_time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of one call of `fn`, in milliseconds.
+    """Median wall time of one call of `fn`, in milliseconds (the copy bandwidth's timer).
 
     On CPU the caller warms up (compilation, first-call allocations) beforehand; do_bench
     warms up on its own.
     """
     if device.type == "cuda":
-        import triton.testing
-
-        return float(
-            triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, return_mode="median")
-        )
+        return _one_call_ms(fn, device, GPU_REP_MS)
     _prepare_cpu_peak()  # sets malloc's timing thresholds
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < CPU_MAX_REPEATS and (
         len(times) < CPU_MIN_REPEATS or time.perf_counter() - started < CPU_BUDGET_S
     ):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1e3
+        times.append(_one_call_ms(fn, device, GPU_REP_MS))
+    return statistics.median(times)
 
 
-def time_and_peak(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
-    """Median milliseconds and peak bytes above the inputs of an already warmed-up `fn`.
+def interleaved_samples(
+    fns: dict[str, Callable[[], object]], device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+    """Per-round milliseconds of each already warmed-up function, timed round-robin.
 
-    The peak is read on a call of its own: on CPU it runs with every block an mmap (see
-    :func:`peak_bytes_above_inputs`), which would slow down code that allocates often.
+    Round ``r`` calls every function once, starting at the ``r``-th (so that none always runs
+    right after the same one): a competing process or a clock change then slows every
+    implementation of the round alike instead of one implementation's whole series. A function
+    that raises leaves the rounds: ``(samples, errors)``, each implementation in one of them.
     """
-    peak = peak_bytes_above_inputs(fn, device)
-    return median_time_ms(fn, device), peak
+    _prepare_cpu_peak()  # sets malloc's timing thresholds
+    order = list(fns)
+    samples: dict[str, list[float]] = {impl: [] for impl in order}
+    errors: dict[str, Exception] = {}
+    budget_s = CPU_BUDGET_S * len(order)
+    started = time.perf_counter()
+    rounds = 0
+    while order and _another_round(rounds, time.perf_counter() - started, budget_s, device):
+        shift = rounds % len(order)
+        for impl in order[shift:] + order[:shift]:
+            try:
+                samples[impl].append(_one_call_ms(fns[impl], device, GPU_REP_MS // GPU_ROUNDS))
+            except Exception as err:  # reported in the cell, like a failing warm-up
+                errors[impl] = err
+        for impl in errors:
+            if impl in order:
+                order.remove(impl)
+                del samples[impl]
+        rounds += 1
+    return samples, errors
+
+
+def _another_round(rounds: int, elapsed_s: float, budget_s: float, device: torch.device) -> bool:
+    if device.type == "cuda":
+        return rounds < GPU_ROUNDS
+    if rounds < CPU_MIN_REPEATS:
+        return True
+    return rounds < CPU_MAX_REPEATS and elapsed_s < budget_s
 
 
 # --- peak memory -----------------------------------------------------------------------------
@@ -219,6 +264,7 @@ def versions() -> dict:
         "trl": package_version("trl"),
         "transformers": package_version("transformers"),
         "liger_kernel": package_version("liger-kernel"),
+        "cut_cross_entropy": package_version("cut-cross-entropy"),
     }
 
 
@@ -274,6 +320,17 @@ def git_state() -> dict:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def machine_load(own_threads: int) -> dict:
+    """Load averages (1, 5, 15 min); ``busy`` when the last minute's exceeds this process's
+    threads by a whole CPU. A busy machine biases timings in ways interleaving cannot undo (a
+    thread pool waiting for a descheduled worker, say)."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        return {"load_average": None, "busy": None}
+    return {"load_average": [round(x, 2) for x in load], "busy": load[0] >= own_threads + 1}
 
 
 def run_facts() -> dict:

@@ -25,20 +25,27 @@ PLOT_TOKENS = 16384
 PLOT_VOCAB = 151936
 
 TABLE_COLUMNS = (
-    ("workload", 12),
-    ("dtype", 9),
-    ("N", 6),
-    ("V", 7),
-    ("impl", 20),
-    ("time ms", 10),
-    ("x ours", 7),
-    ("peak MiB", 9),
-    ("GB/s", 8),
-    ("of copy", 8),
-    ("check", 6),
+    ("workload", 18),
+    ("dtype", 8),
+    ("N", 5),
+    ("H", 4),
+    ("V", 6),
+    ("impl", 19),
+    ("time ms", 8),
+    ("min..max", 13),
+    ("x ours", 6),
+    ("x range", 11),
+    ("peak MiB", 8),
+    ("mem x", 6),
+    ("GB/s", 6),
+    ("of copy", 7),
+    ("check", 5),
+    ("noise", 5),
 )
+# Columns naming the cell (left-aligned, as is the implementation's name after them).
+KEY_COLUMNS = 5
 TABLE_HEADER = "  ".join(
-    f"{name:<{width}}" if index < 5 else f"{name:>{width}}"
+    f"{name:<{width}}" if index <= KEY_COLUMNS else f"{name:>{width}}"
     for index, (name, width) in enumerate(TABLE_COLUMNS)
 )
 
@@ -56,6 +63,8 @@ def header(data: dict) -> str:
         f"matrix: {data['matrix']['name']}",
         f"timer: {data['timer']}",
         f"peak memory: {data['memory']}",
+        f"{data.get('noise_rule', 'noise not measured (an older result file)')}",
+        _load_line(data),
         f"copy bandwidth: {copy['gbps']:.1f} GB/s (copy_ of {copy['tensor_bytes'] // MIB} MiB, "
         "read + write counted)",
         "bytes floor per workload (GB/s = floor bytes / time):",
@@ -63,6 +72,18 @@ def header(data: dict) -> str:
         *(f"note: {note}" for note in data["notes"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _load_line(data: dict) -> str:
+    loads = [data.get(key, {}) for key in ("load_before", "load_after")]
+    text = " then ".join(str(load.get("load_average")) for load in loads if load)
+    cpus = data["device"].get("os_cpus")
+    if any(load.get("busy") for load in loads):
+        return (
+            f"machine load {text} on {cpus} CPUs: BUSY, other processes competed for the CPUs; "
+            "timings are biased even where no figure is flagged noisy"
+        )
+    return f"machine load {text or 'not recorded'} on {cpus} CPUs"
 
 
 def add_copy_fraction(cell: dict, copy_gbps: float) -> None:
@@ -80,31 +101,49 @@ def _number(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _span(low: float | None, high: float | None, unit: str = "") -> str:
+    if low is None or high is None:
+        return ""
+    return f"{_number(low)}{unit}..{_number(high)}{unit}"
+
+
+def _key(cell: dict) -> tuple[str, ...]:
+    return (
+        cell["workload"],
+        cell["dtype"],
+        str(cell["tokens"]),
+        str(cell.get("hidden") or "-"),
+        str(cell["vocab"] or "-"),
+    )
+
+
+def _figures(cell: dict, impl: str, entry: dict) -> tuple[str, ...]:
+    if entry["status"] != "ok":
+        return (entry["status"],) + ("",) * (len(TABLE_COLUMNS) - KEY_COLUMNS - 2)
+    peak = entry["peak_bytes"]
+    ours = impl == cell["ours"]
+    return (
+        _number(entry["time_ms"]),
+        _span(entry.get("time_min_ms"), entry.get("time_max_ms")),
+        "ours" if ours else _number(entry.get("time_over_ours")),
+        "" if ours else _span(entry.get("ratio_min"), entry.get("ratio_max")),
+        "n/a" if peak is None else _number(peak / MIB),
+        "ours" if ours else _number(entry.get("peak_over_ours")),
+        _number(entry["gbps"]),
+        f"{entry['copy_fraction']:.1%}",
+        "ok" if entry["check"] == "ok" else "DIFF",
+        "noisy" if entry.get("noise") else "",
+    )
+
+
 def format_cell(cell: dict) -> str:
-    """Rows of one cell; why an implementation did not run is listed by :func:`reasons`."""
+    """Rows of one cell; why an implementation did not run or is noisy: :func:`reasons`."""
     rows = []
     for index, (impl, entry) in enumerate(cell["impls"].items()):
-        key = (
-            (cell["workload"], cell["dtype"], str(cell["tokens"]), str(cell["vocab"] or "-"))
-            if index == 0
-            else ("", "", "", "")
-        )
-        if entry["status"] == "ok":
-            ours = "ours" if impl == cell["ours"] else _number(entry.get("time_over_ours"))
-            peak = entry["peak_bytes"]
-            figures = (
-                _number(entry["time_ms"]),
-                ours,
-                "n/a" if peak is None else _number(peak / MIB),
-                _number(entry["gbps"]),
-                f"{entry['copy_fraction']:.1%}",
-                "ok" if entry["check"] == "ok" else "DIFF",
-            )
-        else:
-            figures = (entry["status"], "", "", "", "", "")
-        values = (*key, impl, *figures)
+        key = _key(cell) if index == 0 else ("",) * KEY_COLUMNS
+        values = (*key, impl, *_figures(cell, impl, entry))
         row = "  ".join(
-            f"{value:<{width}}" if column < 5 else f"{value:>{width}}"
+            f"{value:<{width}}" if column <= KEY_COLUMNS else f"{value:>{width}}"
             for column, (value, (_, width)) in enumerate(zip(values, TABLE_COLUMNS, strict=True))
         )
         rows.append(row.rstrip())
@@ -112,16 +151,18 @@ def format_cell(cell: dict) -> str:
 
 
 def reasons(data: dict) -> str:
-    """Why implementations did not run or disagreed, each distinct reason once."""
+    """Why implementations did not run, disagreed or are noisy, each distinct reason once."""
     seen = {}
     for cell in data["results"]:
+        where = " ".join(_key(cell))
         for impl, entry in cell["impls"].items():
             if entry["status"] == "ok" and entry["check"] != "ok":
-                text = f"{cell['workload']} N={cell['tokens']} V={cell['vocab']}: {entry['check']}"
-                seen.setdefault((impl, "DIFF", text), None)
+                seen.setdefault((impl, "DIFF", f"{where}: {entry['check']}"), None)
             elif entry["status"] != "ok":
                 text = entry.get("reason", "does not fit in memory")
                 seen.setdefault((impl, entry["status"], text), None)
+            for text in entry.get("noise", ()):
+                seen.setdefault((impl, "noisy", f"{where}: {text}"), None)
     return "\n".join(f"{impl} {status}: {text}" for impl, status, text in seen)
 
 
@@ -130,39 +171,49 @@ def format_table(data: dict) -> str:
     return "\n".join([TABLE_HEADER, *cells, "", reasons(data)])
 
 
+def _markdown_entry(cell: dict, impl: str, metric: str) -> str:
+    entry = cell["impls"].get(impl, {"status": "n/a"})
+    if entry["status"] != "ok":
+        return entry["status"]
+    noisy = " **noisy**" if entry.get("noise") else ""
+    if metric == "memory":
+        peak = entry["peak_bytes"]
+        ratio = entry.get("peak_over_ours")
+        text = "n/a" if peak is None else _number(peak / MIB)
+        return text + ("" if ratio is None else f" ({ratio:.2f}x)")
+    text = f"{_number(entry['time_ms'])} [{_span(entry['time_min_ms'], entry['time_max_ms'])}]"
+    if impl != cell["ours"] and "time_over_ours" in entry:
+        spread = _span(entry["ratio_min"], entry["ratio_max"])
+        text += f" {entry['time_over_ours']:.2f}x ({spread})"
+    return text + noisy
+
+
 def markdown_table(data: dict) -> str:
-    """One row per cell: each implementation's median time in ms and its time over ours."""
-    impls = data["matrix"]["impls"]
-    head = ["workload", "dtype", "N", "V", *impls, "ours GB/s", "ours of copy", "ours peak MiB"]
+    """Time and peak-memory tables: one row per cell, a column per implementation; the logits
+    and the linear workloads (other peers) get a table each."""
     lines = [
         f"Device: {data['device']['name']}; copy bandwidth {data['copy_bandwidth']['gbps']:.0f} "
         f"GB/s; commit {str(data['git']['commit'])[:10]}; command `{data['command']}`.",
-        "Cells: median ms (time over ours). Floor bytes per workload are in the JSON.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
+        "Time: median ms [min..max over interleaved rounds], time over ours (ratio of medians) "
+        f"and (min..max of per-round ratios); >1x means ours is faster. "
+        f"{data.get('noise_rule', '')}. Peak memory: MiB above the inputs (over ours' peak).",
     ]
+    families = {}
     for cell in data["results"]:
-        row = [cell["workload"], cell["dtype"], str(cell["tokens"]), str(cell["vocab"] or "-")]
-        for impl in impls:
-            entry = cell["impls"].get(impl, {"status": "n/a"})
-            if entry["status"] != "ok":
-                row.append(entry["status"])
-            elif impl == cell["ours"] or "time_over_ours" not in entry:
-                row.append(_number(entry["time_ms"]))
-            else:
-                row.append(f"{_number(entry['time_ms'])} ({entry['time_over_ours']:.2f}x)")
-        ours = cell["impls"].get(cell["ours"]) if cell["ours"] else None
-        if ours is None:
-            row += ["n/a", "n/a", "n/a"]
-        else:
-            peak = ours["peak_bytes"]
-            row += [
-                _number(ours["gbps"]),
-                f"{ours['copy_fraction']:.1%}",
-                "n/a" if peak is None else _number(peak / MIB),
-            ]
-        lines.append("| " + " | ".join(row) + " |")
+        families.setdefault(tuple(cell["impls"]), []).append(cell)
+    for impls, cells in families.items():
+        head = ["workload", "dtype", "N", "H", "V", *impls]
+        for metric in ("time", "memory"):
+            lines += ["", f"{metric}:", "", "| " + " | ".join(head) + " |"]
+            lines.append("|" + "|".join("---" for _ in head) + "|")
+            for cell in cells:
+                row = [*_key(cell), *(_markdown_entry(cell, impl, metric) for impl in impls)]
+                lines.append("| " + " | ".join(row) + " |")
+    why = reasons(data)
+    if why:
+        lines += ["", "Why a figure is missing, differs or is noisy:", ""]
+        lines += [f"- {line}" for line in why.splitlines()]
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +280,8 @@ def write_plots(data: dict, out_dir: Path, stem: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = data["results"]
+    # The linear workloads have a third axis (H): they are in the tables only.
+    results = [cell for cell in data["results"] if cell["workload"] in WORKLOAD_TITLES]
     dtypes = list(dict.fromkeys(cell["dtype"] for cell in results if cell["vocab"]))
     impls = data["matrix"]["impls"]
     tokens_fixed = _nearest(sorted({c["tokens"] for c in results if c["vocab"]}), PLOT_TOKENS)
@@ -238,7 +290,9 @@ def write_plots(data: dict, out_dir: Path, stem: str) -> list[Path]:
     for metric, ylabel in (("time", "median time (ms)"), ("memory", "peak MiB above inputs")):
         for axis, xlabel in (("vocab", "vocabulary size V"), ("tokens", "tokens N")):
             workloads = [
-                w for w in data["matrix"]["workloads"] if axis == "tokens" or w != "advantages"
+                w
+                for w in data["matrix"]["workloads"]
+                if w in WORKLOAD_TITLES and (axis == "tokens" or w != "advantages")
             ]
             if not workloads or not dtypes:
                 continue
@@ -318,7 +372,7 @@ def merge(datas: list[dict]) -> dict:
     cells = {}
     for data in datas:
         for cell in data["results"]:
-            cells[(cell["workload"], cell["dtype"], cell["tokens"], cell["vocab"])] = cell
+            cells[_key(cell)] = cell
     merged["results"] = list(cells.values())
     matrix = merged["matrix"]
     for key in ("workloads", "tokens", "vocab", "dtypes", "impls"):

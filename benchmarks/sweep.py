@@ -9,7 +9,8 @@ written) and ``policy_loss_fused`` (``policy_loss`` forward + backward with old 
 gradient written in the forward; floor: logits read, gradient written). Each configuration's
 outputs are checked against the default configuration's before it is timed; a configuration
 that disagrees is reported as wrong, never ranked. Prints a table per kernel (best first) and
-writes ``<device>-<date>-sweep.json`` to ``benchmarks/results/`` (``--out-dir``).
+writes ``<device>-<date>-sweep.json`` to a new temporary directory, or to ``benchmarks/results/``
+with ``--save`` (``--out-dir`` for another).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import itertools
 import json
 import os
 import sys
-from pathlib import Path
 
 import measure
 import torch
-from run import csv_of
+from run import add_output_options, csv_of, set_output_dir
 
 import entropy_kernels as ek
 from entropy_kernels.kernel_config import KERNELS, KernelConfig, launch_config, override
@@ -59,9 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--num-stages", type=csv_of(int), help="pipeline stages, comma-separated (0: default)"
     )
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    add_output_options(parser)
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
+    set_output_dir(parser, args)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     size = "quick" if args.quick else "full"

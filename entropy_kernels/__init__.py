@@ -6,6 +6,7 @@ from .gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
 from .linear_loss import linear_grpo_s_loss, linear_gtpo_loss, linear_policy_loss
 from .linear_scoring import linear_logprobs_and_entropy
 from .modules import PolicyLoss
+from .packing import packed_shift_labels
 from .policy_loss import PolicyLossOutput, policy_loss
 from .scoring import logprobs_and_entropy
 
@@ -26,5 +27,6 @@ __all__ = [
     "linear_logprobs_and_entropy",
     "linear_policy_loss",
     "logprobs_and_entropy",
+    "packed_shift_labels",
     "policy_loss",
 ]

@@ -83,10 +83,13 @@ def check_positive_float(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def check_logits_and_tokens(
+    logits: torch.Tensor, tokens: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Shapes, dtypes and devices of ``logits [..., V]`` and ``tokens``; returns the tokens as
     int32 / int64 (other integer dtypes, e.g. uint8 or int16, are widened to int64: a copy of
-    a few bytes per token, so that every backend indexes and compares them alike)."""
+    a few bytes per token, so that every backend indexes and compares them alike; so are int32
+    tokens when ``ignore_index`` lies outside int32, which PyTorch would wrap around)."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(tokens, torch.Tensor):
@@ -102,12 +105,15 @@ def check_logits_and_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> torch
             "logits must have unit stride in the vocabulary (last) dimension, got strides "
             f"{tuple(logits.stride())}; leading dimensions may have any strides"
         )
-    return check_tokens(tokens, "logits", logits)
+    return check_tokens(tokens, "logits", logits, ignore_index)
 
 
-def check_tokens(tokens: torch.Tensor, name: str, scored: torch.Tensor) -> torch.Tensor:
+def check_tokens(
+    tokens: torch.Tensor, name: str, scored: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Integer ``tokens`` with the leading shape of ``scored [..., V or H]``, on its device;
-    returned as int32 / int64 (narrower or unsigned dtypes widened to int64)."""
+    returned as int32 / int64 (narrower or unsigned dtypes widened to int64, int32 too when
+    ``ignore_index`` lies outside int32)."""
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
     if tuple(tokens.shape) != tuple(scored.shape[:-1]):
@@ -117,7 +123,9 @@ def check_tokens(tokens: torch.Tensor, name: str, scored: torch.Tensor) -> torch
         )
     if tokens.device != scored.device:
         raise ValueError(f"tokens must be on {scored.device} like {name}, got {tokens.device}")
-    if tokens.dtype in (torch.int32, torch.int64):
+    if tokens.dtype == torch.int64 or (
+        tokens.dtype == torch.int32 and -(2**31) <= ignore_index < 2**31
+    ):
         return tokens
     return tokens.to(torch.int64)
 
@@ -174,6 +182,11 @@ def check_values(
     for flag, (_, message) in zip(flags[1:], failures[1:], strict=True):
         if flag:
             raise ValueError(message)
+
+
+def check_ignore_index(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must be an int in the int64 range, got {value!r}")
 
 
 def check_mask_dtype(mask: torch.Tensor | None) -> None:

@@ -6,7 +6,7 @@ entropy; plain GRPO is the baseline both are compared with. All three take `grou
 int `G` (consecutive groups of `G` rows) or an integer id tensor `[B]` (ids need not be
 sorted). Results are float32; entropy is always treated as a constant (detached).
 
-Backends: `"triton"` runs the kernels in `entropy_kernels/kernels/advantage_shaping.py`,
+Backends: `"triton"` runs the kernels through `entropy_kernels/ops/advantage_shaping.py`,
 `"torch"` the vectorised PyTorch version below, `"auto"` picks Triton for CUDA tensors.
 Neither synchronises with the host. The loop-style definitions are in
 `entropy_kernels/reference/advantages.py`.
@@ -19,10 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import check_shaping_constant, check_threshold, resolve_backend
-from .kernels import LazyModule
-
-# Triton is imported on the first kernel launch, not with the package.
-kernels = LazyModule(".advantage_shaping")
+from .ops import advantage_shaping as shaping_ops
 
 NORMALIZE_MODES = ("zero-filled", "separate", "joint", "none")
 SCOPES = ("batch", "group")
@@ -383,7 +380,7 @@ def gtpo_advantages(
     whiten = normalize != "none"
 
     if backend == "triton":
-        values, moments = kernels.gtpo_token_rewards(
+        values, moments = shaping_ops.gtpo_token_rewards(
             entropy,
             mask,
             outcomes,
@@ -398,7 +395,7 @@ def gtpo_advantages(
         if not whiten:
             return values
         row_mean, row_scale = row_whitening(moments, layout, outcomes, normalize, scope, base)
-        return kernels.whiten_rows_(values, mask, row_mean, row_scale)
+        return shaping_ops.whiten_rows_(values, mask, row_mean, row_scale)
 
     # Filtered rows (outcome 0) are inactive: in no sum, no statistic, advantage 0.
     active = _active(mask, entropy) & (outcomes != 0)[:, None]
@@ -471,7 +468,7 @@ def grpo_advantages(
     check_eps(eps)
     layout = group_layout(groups, rewards.shape[0], rewards.device)
     if resolve_backend(backend, rewards.device) == "triton":
-        return kernels.group_sequence_advantages(
+        return shaping_ops.group_sequence_advantages(
             rewards,
             rewards,
             layout.row_order,
@@ -586,8 +583,8 @@ def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps
     # r = +-base + s, where s keeps the precision that base would round away (kernel module).
     base = beta1 + beta2
     if resolve_backend(backend, device) == "triton":
-        mean_entropy = kernels.sequence_mean_entropy(entropy, mask)
-        return kernels.group_sequence_advantages(
+        mean_entropy = shaping_ops.sequence_mean_entropy(entropy, mask)
+        return shaping_ops.group_sequence_advantages(
             mean_entropy,
             outcomes,
             layout.row_order,

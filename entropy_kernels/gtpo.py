@@ -38,6 +38,7 @@ from .advantages import (
     uniform_group_rows,
 )
 from .objectives import Objective
+from .parallel import vocab_shard
 from .policy_loss import (
     LossOptions,
     PolicyLossOutput,
@@ -199,6 +200,7 @@ def _entropy_shaped_loss(
     inplace_backward: bool,
     validate: bool,
     backend: str,
+    tp_group,
 ) -> PolicyLossOutput:
     tokens = check_logits_and_tokens(logits, tokens)
     if logits.dim() != 3:
@@ -207,12 +209,13 @@ def _entropy_shaped_loss(
     checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
+    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
         log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-        check_values(tokens, logits.shape[-1], -100, mask, log_probs, {"old_entropy": old_entropy})
+        check_values(tokens, shard.total, -100, mask, log_probs, {"old_entropy": old_entropy})
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     return shaped_loss_core(
-        logits_scorers(logits, scoring),
+        logits_scorers(logits, scoring, shard),
         tokens,
         (checked_rewards, *companions[1:]),
         shaping,
@@ -317,6 +320,7 @@ def gtpo_loss(
     validate: bool = True,
     backend: str = "auto",
     objective: str | Objective = "clip",
+    tp_group=None,
 ) -> PolicyLossOutput:
     """GTPO loss from logits: token-level entropy-shaped advantages (Eq. 3, 5, 6) in the
     clipped surrogate (Eq. 7), in one pass over the logits.
@@ -339,6 +343,7 @@ def gtpo_loss(
             (defaults: 0.2, 0.28, None, 0.0, 0.0, 1.0, "token-mean", None, False, True, "auto").
         objective: as in :func:`entropy_kernels.policy_loss` (default ``"clip"``, Eq. 7): GTPO
             advantages under CISPO, GSPO's sequence ratio, SAPO...
+        tp_group: vocabulary-parallel process group, as in :func:`entropy_kernels.policy_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -369,6 +374,7 @@ def gtpo_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
+        tp_group=tp_group,
     )
 
 
@@ -399,6 +405,7 @@ def grpo_s_loss(
     validate: bool = True,
     backend: str = "auto",
     objective: str | Objective = "clip",
+    tp_group=None,
 ) -> PolicyLossOutput:
     """GRPO-S loss from logits: sequence-level entropy-shaped advantages (Eq. 8, 9) on every
     active token of the row, in the clipped surrogate (Eq. 7), in one pass over the logits.
@@ -409,7 +416,8 @@ def grpo_s_loss(
         beta1, beta2, success_threshold, filter_groups, eps: as in
             :func:`entropy_kernels.grpo_s_advantages` (defaults 1.0, 0.1, 0.0, True, 1e-6).
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, aggregation,
-        normalizer, inplace_backward, validate, backend, objective: as in :func:`gtpo_loss`.
+        normalizer, inplace_backward, validate, backend, objective, tp_group: as in
+            :func:`gtpo_loss`.
 
     Returns:
         `PolicyLossOutput`; `metrics` adds the statistics of :func:`advantage_metrics`.
@@ -438,11 +446,18 @@ def grpo_s_loss(
         inplace_backward=inplace_backward,
         validate=validate,
         backend=backend,
+        tp_group=tp_group,
     )
 
 
 # Keyword options of the one-call losses that are neither shaping nor surrogate options.
-_CALL_OPTIONS = {"temperature": 1.0, "inplace_backward": False, "validate": True, "backend": "auto"}
+_CALL_OPTIONS = {
+    "temperature": 1.0,
+    "inplace_backward": False,
+    "validate": True,
+    "backend": "auto",
+    "tp_group": None,
+}
 
 
 def _checked_options(shaping_type: type, options: dict) -> dict:

@@ -19,7 +19,6 @@ from .gtpo import (
     check_shaped_loss_inputs,
     shaped_loss_core,
 )
-from .linear_fused import linear_fused_loss
 from .linear_scoring import check_linear_inputs, linear_options, linear_score
 from .policy_loss import (
     LossOptions,
@@ -30,13 +29,14 @@ from .policy_loss import (
 )
 
 # Keywords of the linear losses besides the surrogate's (LossOptions) and the shaping's.
-_CALL_DEFAULTS = {"temperature": 1.0, "validate": True, "backend": "auto"}
+_CALL_DEFAULTS = {"temperature": 1.0, "validate": True, "backend": "auto", "tp_group": None}
 _POLICY_TENSORS = ("old_logprobs", "ref_logprobs")
 _SHAPED_TENSORS = ("old_logprobs", "old_entropy", "ref_logprobs")
 
 
 def _split_options(options: dict, shaping_type: type | None):
-    """``(tensors, shaping, loss_options, temperature, validate, backend)`` from keywords."""
+    """``(tensors, shaping, loss_options, call)`` from keywords; ``call``: the linear options'
+    ``(temperature, validate, backend, tp_group)``."""
     tensor_names = _POLICY_TENSORS if shaping_type is None else _SHAPED_TENSORS
     shaping_names = () if shaping_type is None else tuple(f.name for f in fields(shaping_type))
     loss_names = tuple(f.name for f in fields(LossOptions))
@@ -54,21 +54,25 @@ def _split_options(options: dict, shaping_type: type | None):
         shaping = shaping_type(**{name: options[name] for name in shaping_names if name in options})
     call = {**_CALL_DEFAULTS, **{name: options[name] for name in _CALL_DEFAULTS if name in options}}
     tensors = tuple(options.get(name) for name in tensor_names)
-    return tensors, shaping, loss_options, call["temperature"], call["validate"], call["backend"]
+    return tensors, shaping, loss_options, tuple(call[name] for name in _CALL_DEFAULTS)
+
+
+def _linear_call_options(hidden, weight, tokens, call, **checks):
+    """``linear_options`` of a loss call; ``call`` from :func:`_split_options`."""
+    temperature, validate, backend, tp_group = call
+    return linear_options(
+        hidden, weight, tokens, temperature, -100, validate, backend, tp_group, **checks
+    )
 
 
 def _linear_scorers(hidden, weight, bias, options):
-    """``(scorer, fused)`` for the loss cores; ``fused`` (torch backend, with a gradient to
-    compute) forms the gradient in the forward pass (:mod:`entropy_kernels.linear_fused`)."""
+    """``(scorer, None)`` for the loss cores: the linear scoring op has no fused loss path."""
     rows = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
 
     def scorer(tokens):
         return linear_score(rows, weight, bias, tokens, options)
 
-    differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
-    if options.backend != "torch" or not (differentiable and torch.is_grad_enabled()):
-        return scorer, None
-    return scorer, linear_fused_loss(rows, weight, bias, options)
+    return scorer, None
 
 
 def linear_policy_loss(
@@ -92,44 +96,38 @@ def linear_policy_loss(
         policy_loss_options: the keywords of :func:`entropy_kernels.policy_loss` with the same
             meanings and defaults (``old_logprobs``, ``ref_logprobs``, ``clip_low``,
             ``clip_high``, ``dual_clip``, ``kl_coef``, ``entropy_coef``, ``temperature``,
-            ``aggregation``, ``normalizer``, ``validate``, ``backend``), except
-            ``inplace_backward`` (there are no logits to overwrite).
+            ``aggregation``, ``normalizer``, ``validate``, ``backend``, ``tp_group``: see
+            :func:`linear_logprobs_and_entropy`), except ``inplace_backward`` (there are no
+            logits to overwrite).
 
     Returns:
         :class:`PolicyLossOutput`; the gradient of the loss reaches hidden, weight and bias
         (those that require grad), the weight and bias gradients accumulated in float32.
     """
-    tensors, _, options, temperature, validate, backend = _split_options(policy_loss_options, None)
+    tensors, _, options, call = _split_options(policy_loss_options, None)
     old_logprobs, ref_logprobs = tensors
     tokens = check_linear_inputs(hidden, weight, bias, tokens)
     check_loss_rows("hidden", "H", tuple(hidden.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-    scoring = linear_options(
-        hidden, weight, tokens, temperature, -100, validate, backend, mask=mask, log_probs=log_probs
-    )
+    scoring = _linear_call_options(hidden, weight, tokens, call, mask=mask, log_probs=log_probs)
     scorers = _linear_scorers(hidden, weight, bias, scoring)
     return policy_loss_core(scorers, tokens, advantages, mask, old_logprobs, ref_logprobs, options)
 
 
 def _linear_shaped_loss(hidden, weight, bias, tokens, rewards, mask, groups, options, shaping):
-    tensors, shaping, loss_options, temperature, validate, backend = _split_options(
-        options, shaping
-    )
+    tensors, shaping, loss_options, call = _split_options(options, shaping)
     old_logprobs, old_entropy, ref_logprobs = tensors
     tokens = check_linear_inputs(hidden, weight, bias, tokens)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (rows are grouped), got {tuple(hidden.shape)}")
     companions = (rewards, mask, groups, old_logprobs, old_entropy, ref_logprobs)
-    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, temperature)
-    scoring = linear_options(
+    checked_rewards = check_shaped_loss_inputs(tokens, *companions, loss_options, call[0])
+    scoring = _linear_call_options(
         hidden,
         weight,
         tokens,
-        temperature,
-        -100,
-        validate,
-        backend,
+        call,
         mask=mask,
         log_probs={"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
         non_negative={"old_entropy": old_entropy},
@@ -164,8 +162,8 @@ def linear_gtpo_loss(
         gtpo_loss_options: the keywords of :func:`entropy_kernels.gtpo_loss` with the same
             meanings and defaults (``old_logprobs``, ``old_entropy``, ``ref_logprobs``, the
             shaping options ``alpha1`` ... ``eps``, the surrogate options with
-            ``clip_high=0.28``, ``temperature``, ``validate``, ``backend``), except
-            ``inplace_backward``.
+            ``clip_high=0.28``, ``temperature``, ``validate``, ``backend``, ``tp_group``),
+            except ``inplace_backward``.
 
     Returns:
         ``PolicyLossOutput`` with the advantage statistics in ``metrics``.

@@ -23,7 +23,8 @@ from ._validation import (
 )
 from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
 from .objectives import OBJECTIVE_CODES, Objective, as_objective, objective_loss
-from .scoring import ScoringOptions, score
+from .parallel import VocabShard, score_shard, vocab_shard
+from .scoring import ScoringOptions
 
 AGGREGATIONS = (
     "token-mean",
@@ -412,6 +413,7 @@ def policy_loss(
     validate: bool = True,
     backend: str = "auto",
     objective: str | Objective = "clip",
+    tp_group=None,
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy-gradient loss straight from logits.
 
@@ -452,6 +454,10 @@ def policy_loss(
             ``sapo``, ``gpg``, on token ratios, without masks: fused on Triton like the clip)
             takes the two-pass route (scoring pass, torch maths, gradient kernel).
             ``dual_clip`` applies to ``"clip"`` only.
+        tp_group: process group over which the vocabulary is sharded (``logits`` is this
+            rank's ``[..., V_r]`` shard; ``tokens``, global ids, and the other arguments are the
+            same on every rank); every rank gets the loss, values and metrics of the unsharded
+            call and its shard's gradient. None (default): unsharded.
 
     Per active token, with ``ratio = exp(clamp(logp - old, -20, 20))``:
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, bounded by ``-A c`` where
@@ -469,13 +475,14 @@ def policy_loss(
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
     check_inplace_backward(logits, inplace_backward)
     backend = resolve_backend(backend, logits.device)
+    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
         log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-        check_values(tokens, logits.shape[-1], -100, mask, log_probs)
+        check_values(tokens, shard.total, -100, mask, log_probs)
     scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
     rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
     return policy_loss_core(
-        logits_scorers(rows, scoring),
+        logits_scorers(rows, scoring, shard),
         tokens,
         advantages,
         mask,
@@ -496,13 +503,14 @@ def check_loss_rows(name: str, last: str, shape: tuple, options: LossOptions) ->
         raise ValueError(f"{name} must be [B, T, {last}] or [N, {last}], got {shape}")
 
 
-def logits_scorers(logits: torch.Tensor, scoring: ScoringOptions):
+def logits_scorers(logits: torch.Tensor, scoring: ScoringOptions, shard: VocabShard):
     """``(scorer, fused)`` of ``[B, T, V]`` logits for :func:`policy_loss_core`."""
 
     def scorer(tokens):
-        return score(logits, tokens, scoring)
+        return score_shard(logits, tokens, scoring, shard)
 
-    if not (scoring.backend == "triton" and logits.requires_grad and torch.is_grad_enabled()):
+    fusable = scoring.backend == "triton" and logits.requires_grad and torch.is_grad_enabled()
+    if not fusable or shard.group is not None:  # the fused kernel needs the whole vocabulary
         return scorer, None
 
     def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, options):

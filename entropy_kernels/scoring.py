@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ._validation import (
+    check_ignore_index,
     check_logits_and_tokens,
     check_positive_float,
     check_values,
@@ -469,6 +470,7 @@ def logprobs_and_entropy(
     ignore_index: int = -100,
     validate: bool = True,
     backend: str = "auto",
+    tp_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probabilities and full-vocabulary entropy in one pass over the logits.
 
@@ -481,6 +483,10 @@ def logprobs_and_entropy(
         validate: check that tokens lie in ``[0, V)`` or equal ``ignore_index`` (one host sync).
             With ``validate=False`` an out-of-range token yields NaN; nothing is read out of bounds.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
+        tp_group: a ``torch.distributed`` process group over which the vocabulary is sharded in
+            rank order (``logits`` is this rank's ``[..., V_r]`` shard, ``tokens`` the same
+            global ids on every rank); every rank gets the full-vocabulary results and its
+            shard's gradient (:mod:`entropy_kernels.parallel`). None (default): not sharded.
 
     Returns:
         ``(logprobs, entropy)``, float32 tensors shaped like ``tokens``:
@@ -489,11 +495,14 @@ def logprobs_and_entropy(
         log-sum-exp, so no ``[..., V]`` float32 tensor is ever stored. ``-inf`` logits are masked
         vocabulary entries (probability 0, no NaN); NaN or +inf logits give NaN.
     """
-    tokens = check_logits_and_tokens(logits, tokens)
+    check_ignore_index(ignore_index)
+    tokens = check_logits_and_tokens(logits, tokens, ignore_index)
     check_positive_float("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     backend = resolve_backend(backend, logits.device)
+    from .parallel import score_shard, vocab_shard  # builds on this module's ops
+
+    shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
-        check_values(tokens, logits.shape[-1], ignore_index)
-    return score(logits, tokens, ScoringOptions(float(temperature), ignore_index, backend))
+        check_values(tokens, shard.total, ignore_index)
+    options = ScoringOptions(float(temperature), ignore_index, backend)
+    return score_shard(logits, tokens, options, shard)

@@ -32,7 +32,7 @@ def close(ours, want, rtol=1e-5, atol=1e-5):
 
 @st.composite
 def logits_cases(draw, backend):
-    """(logits, tokens, bad) with `bad` naming the argument that must raise, or None."""
+    """(logits, tokens, bad): `bad` is "logits" for a layout or dtype that must raise."""
     vocab = draw(st.sampled_from(VOCABS))
     max_rows = HUGE_V_ROWS[backend] if vocab > 1000 else 12
     batch = draw(st.integers(0, 3))
@@ -69,12 +69,14 @@ def logits_cases(draw, backend):
             tokens.view(-1)[draw(st.integers(0, tokens.numel() - 1))] = value
     tokens = tokens.to(token_dtype)
     bad = None
-    wide = tokens.long()
     if dtype == torch.float64 or (layout == "vocab-strided" and vocab > 1):
         bad = "logits"
-    elif bool((((wide < 0) | (wide >= vocab)) & (wide != -100)).any()):
-        bad = "tokens"
     return logits, tokens, bad
+
+
+def bad_tokens(logits, tokens, ignore_index=-100):
+    wide = tokens.long()
+    return bool((((wide < 0) | (wide >= logits.shape[-1])) & (wide != ignore_index)).any())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,28 +84,37 @@ def logits_cases(draw, backend):
 @given(data=st.data())
 def test_scoring_fuzz(backend, data):
     logits, tokens, bad = data.draw(logits_cases(backend))
-    temperature = data.draw(st.sampled_from([1.0, 0.7]))
+    options = dict(
+        temperature=data.draw(st.sampled_from([1.0, 0.7])),
+        ignore_index=data.draw(st.sampled_from([-100, 0, 2**40])),
+    )
+    bad = bad or ("tokens" if bad_tokens(logits, tokens, options["ignore_index"]) else None)
     if bad is not None:
         with pytest.raises(ValueError, match=bad):
-            ek.logprobs_and_entropy(logits, tokens, temperature=temperature, backend=backend)
+            ek.logprobs_and_entropy(logits, tokens, backend=backend, **options)
         return
-    logp, entropy = ek.logprobs_and_entropy(
-        logits, tokens, temperature=temperature, backend=backend
-    )
+    logp, entropy = ek.logprobs_and_entropy(logits, tokens, backend=backend, **options)
     want_logp, want_entropy = reference.logprobs_and_entropy(
-        logits.double(), tokens.long(), temperature=temperature
+        logits.double(), tokens.long(), **options
     )
     close(logp, want_logp)
     close(entropy, want_entropy)
+
+
+def loss_case(data, backend):
+    """A logits case for the losses (tokens -100 are ignored), and a seeded generator."""
+    logits, tokens, bad = data.draw(logits_cases(backend))
+    bad = bad or ("tokens" if bad_tokens(logits, tokens) else None)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    return logits, tokens, bad, generator
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_policy_loss_fuzz(backend, data):
-    logits, tokens, bad = data.draw(logits_cases(backend))
+    logits, tokens, bad, generator = loss_case(data, backend)
     batch, seq = tokens.shape
-    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     advantages = torch.randn(batch, seq, generator=generator)
     mask = torch.rand(batch, seq, generator=generator) > 0.3
     finite = logits.double().clamp(-1e30, 1e30)  # old log-probs from finite logits
@@ -141,6 +152,41 @@ def test_policy_loss_fuzz(backend, data):
         want.loss.backward()
         tol = 1e-4 if logits.dtype == torch.float32 else 2**-7
         close(x.grad.float(), x64.grad.to(logits.dtype).float(), rtol=tol, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_shaped_losses_fuzz(backend, data):
+    logits, tokens, bad, generator = loss_case(data, backend)
+    batch, seq = tokens.shape
+    rewards = (torch.rand(batch, generator=generator) > 0.5).float()
+    mask = torch.rand(batch, seq, generator=generator) > 0.3
+    old_entropy = None
+    if data.draw(st.booleans()):
+        old_entropy = torch.rand(batch, seq, generator=generator) * 2
+        if old_entropy.numel() and data.draw(st.booleans()):
+            old_entropy.view(-1)[0] = data.draw(st.sampled_from(SPECIALS))
+            bad = bad or (
+                "old_entropy" if old_entropy.view(-1)[0] < 0 and mask.view(-1)[0] else None
+            )
+    name = data.draw(st.sampled_from(["gtpo_loss", "grpo_s_loss"]))
+    groups = data.draw(st.sampled_from([1, max(batch, 1)]))
+    x = logits.detach().requires_grad_()
+    args = (tokens, rewards, mask, groups)
+    if bad is not None:
+        with pytest.raises(ValueError, match=bad):
+            getattr(ek, name)(x, *args, old_entropy=old_entropy, backend=backend)
+        return
+    out = getattr(ek, name)(x, *args, old_entropy=old_entropy, backend=backend)
+    want = getattr(reference, name)(
+        logits.double(), tokens.long(), rewards, mask, groups, old_entropy=old_entropy
+    )
+    close(out.loss, want.loss)
+    for key, value in want.metrics.items():
+        close(torch.as_tensor(out.metrics[key]), torch.as_tensor(value))
+    out.loss.backward()
+    assert x.grad.shape == x.shape
 
 
 @st.composite

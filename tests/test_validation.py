@@ -226,3 +226,16 @@ def test_nan_log_probs_propagate_and_pad(name, backend):
     old[0, 0] = math.nan  # active: the loss is NaN, not an error and not a number
     out = call_public(name, inputs, backend, old_logprobs=old)
     assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_in_the_int64_range(backend):
+    inputs = make_inputs()
+    tokens = inputs["tokens"].to(torch.int32)
+    tokens[0, 0] = 0  # 2**40 wraps to 0 in int32: no token may be taken for ignored
+    far = ek.logprobs_and_entropy(inputs["logits"], tokens, ignore_index=2**40, backend=backend)
+    near = ek.logprobs_and_entropy(inputs["logits"], tokens, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(far, near, strict=True))
+    for value in (2**70, True, 1.0):
+        with pytest.raises(ValueError, match="ignore_index"):
+            ek.logprobs_and_entropy(inputs["logits"], tokens, ignore_index=value, backend=backend)

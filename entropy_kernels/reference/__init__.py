@@ -15,6 +15,7 @@ from .linear import (
     linear_logprobs_and_entropy,
     linear_policy_loss,
 )
+from .packing import packed_shift_labels
 
 __all__ = [
     "grpo_advantages",
@@ -28,5 +29,6 @@ __all__ = [
     "linear_logprobs_and_entropy",
     "linear_policy_loss",
     "logprobs_and_entropy",
+    "packed_shift_labels",
     "policy_loss",
 ]

@@ -320,11 +320,13 @@ def grpo_s_advantages(
 def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0) -> dict:
     """Token-level statistics of the success and failure sets (see `gtpo.advantage_metrics`)."""
     success = _successes(rewards, success_threshold)
+    seq_len = entropy.shape[-1]  # also for an empty batch
+    raw_entropy = entropy.detach().double().tolist()  # the metric reports inf as inf
     rewards, entropy, active = _inputs(rewards, entropy, mask)
     adv = advantages.detach().double()
     if adv.dim() == 1:
-        adv = adv[:, None].expand(len(rewards), len(entropy[0]))
-    metrics = {"success_fraction": _mean([float(s) for s in success])}
+        adv = adv[:, None].expand(len(rewards), seq_len)
+    metrics = {"success_fraction": _mean([float(s) for s in success]) if success else 0.0}
     for name, kind in (("success", True), ("failure", False)):
         tokens = [
             (i, t)
@@ -336,9 +338,11 @@ def advantage_metrics(advantages, rewards, entropy, mask, success_threshold=0.0)
         values = [adv[i, t].item() for i, t in tokens]
         metrics[f"{name}_advantage_mean"] = _mean(values) if values else 0.0
         metrics[f"{name}_advantage_std"] = (
-            math.sqrt(_unbiased_var(values)) if len(values) > 1 else 0.0
+            # One value: 0, unless it is NaN (NaN propagates, as in the library).
+            math.sqrt(_unbiased_var(values)) if len(values) > 1 else 0.0 * sum(values)
         )
-        metrics[f"{name}_entropy"] = _mean([entropy[i][t] for i, t in tokens]) if tokens else 0.0
+        entropies = [raw_entropy[i][t] for i, t in tokens]
+        metrics[f"{name}_entropy"] = _mean(entropies) if entropies else 0.0
     return metrics
 
 

@@ -1,0 +1,5 @@
+"""Typed launchers of the Triton kernels: they validate, allocate and pick the grid.
+
+Nothing here imports Triton at import time: each launcher imports its kernel module (and so
+Triton) when it is first called. Kernels (jit code only) live in `entropy_kernels/kernels`.
+"""
