@@ -2,17 +2,20 @@
 
 ``GTPOTrainer`` replaces two pieces of ``trl.GRPOTrainer`` (tested with TRL 1.16):
 
-- ``_compute_loss``: the model's logits at the completion positions go, as a strided view, into
-  :func:`entropy_kernels.policy_loss`, which computes the clipped surrogate, the k3 KL term and
-  the entropy bonus in one pass over the vocabulary. With ``advantage_shaping="grpo"`` the loss
-  equals the one ``GRPOTrainer`` computes for ``loss_type`` in ``dapo``, ``grpo``, ``bnpo``,
-  ``dr_grpo``, ``luspo`` (with or without ``delta``), ``cispo`` and ``sapo`` (objectives of
-  :mod:`entropy_kernels.objectives`, fused like the clip on the Triton backend), including
-  gradient accumulation and vLLM importance-sampling correction.
+- ``_compute_loss``: the backbone's last hidden states at the completion positions and the LM
+  head go into :func:`entropy_kernels.linear_policy_loss` (or, on the logits path, the logits
+  as a strided view into :func:`entropy_kernels.policy_loss`), which computes the clipped
+  surrogate, the k3 KL term and the entropy bonus in one pass over the vocabulary. With
+  ``advantage_shaping="grpo"`` the loss equals the one ``GRPOTrainer`` computes for
+  ``loss_type`` in ``dapo``, ``grpo``, ``bnpo``, ``dr_grpo``, ``luspo`` (with or without
+  ``delta``), ``cispo`` and ``sapo`` (objectives of :mod:`entropy_kernels.objectives`, fused
+  like the clip on the Triton backend), including gradient accumulation and vLLM
+  importance-sampling correction.
 - ``_generate_and_score_completions`` (``"gtpo"`` / ``"grpo_s"`` only): after TRL has generated
   and rewarded the completions, a no-grad scoring pass of the policy over the generation batch
-  (:func:`entropy_kernels.logprobs_and_entropy`) yields the rollout entropy, and the advantages
-  are reshaped over complete prompt groups, gathered across processes like TRL's rewards.
+  (``linear_logprobs_and_entropy`` / ``logprobs_and_entropy``) yields the rollout entropy, and
+  the advantages are reshaped over complete prompt groups, gathered across processes like
+  TRL's rewards.
 
 The scoring pass costs one extra no-grad forward of the policy over every generated sequence
 (prompt + completion), chunked by ``per_device_train_batch_size``, plus one read of the
@@ -21,10 +24,15 @@ same batch. It is not shared with TRL's own old-log-prob pass (run when
 ``gradient_accumulation_steps`` is not a multiple of ``steps_per_generation * num_iterations``,
 or with vLLM importance sampling).
 
-TRL 1.16 scores through a chunked fused LM head that never materialises the logits and keeps
-them in float32; this adapter materialises the completion logits ``[B, T + 1, V]`` in the
-model's dtype (the fused op then adds no float32 ``[B, T, V]`` temporary). Under bf16, set
-``cast_lm_head_to_fp32=True`` for logits, hence losses, identical to TRL's.
+Like TRL 1.16's chunked fused LM head, the adapter never materialises the logits
+(``GTPOConfig.fused_lm_head``, on by default where the model allows it): the loss and both
+scoring passes run the backbone and hand its last hidden states and the LM head weight (and
+bias) to the ``entropy_kernels.linear_*`` functions, which form the logits tile by tile with
+float32 accumulation (``_trl_head`` lists what is handled: tied embeddings, PEFT, FSDP2 DTensor
+weights, logit scaling; softcapping, ZeRO-3 and vision-language models take the logits path).
+On the logits path (``fused_lm_head=False``) the completion logits ``[B, T + 1, V]`` are
+materialised in the model's dtype; under bf16, ``cast_lm_head_to_fp32=True`` then gives logits,
+hence losses, identical to TRL's.
 
 Every other ``GRPOConfig`` option of TRL 1.16 is accepted; the loss is then TRL's own
 ``GRPOTrainer._compute_loss`` (its maths, its metrics), served with log-probs and entropy from
@@ -48,6 +56,8 @@ from trl.models.utils import disable_gradient_checkpointing
 import entropy_kernels
 from entropy_kernels.advantages import group_layout, success_outcomes, uniform_group_rows
 from entropy_kernels.objectives import Objective
+
+from ._trl_head import LogitsScorer, add_linear_head, resolve_linear_head
 
 ADVANTAGE_SHAPINGS = ("gtpo", "grpo_s", "grpo")
 ADVANTAGE_NORMALIZE = ("zero-filled", "separate", "joint", "none")
@@ -142,6 +152,15 @@ class GTPOConfig(GRPOConfig):
         default="batch",
         metadata={"help": "Where GTPO's whitening statistics are taken: 'batch' or 'group'."},
     )
+    fused_lm_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Score and train from the backbone's last hidden states and the LM head "
+            "weight (entropy_kernels.linear_*: no [B, T, V] logits, float32 accumulation). None "
+            "(default): where the model allows it, else the logits path with a warning; True: a "
+            "ValueError when it does not; False: the logits path."
+        },
+    )
     use_bias_correction_kl: bool = field(
         default=False,
         metadata={
@@ -216,15 +235,17 @@ class GTPOTrainer(GRPOTrainer):
             "logits_to_keep" in inspect.signature(type(base_model).forward).parameters
         )
         self._rewards_per_func = None
+        # Fused linear head (_trl_head): the loss and scoring read hidden states, never logits.
+        self._linear_head = resolve_linear_head(self.model, args.fused_lm_head)
+        if self._linear_head:
+            add_linear_head(self.model, self.temperature)
 
     # The loss ------------------------------------------------------------------------------
 
-    def _completion_logits(self, model, inputs: dict) -> torch.Tensor:
-        """``[B, T, V]`` logits predicting the completion tokens: a strided view, never a copy."""
-        return self._completion_logits_and_aux_loss(model, inputs)[0]
-
-    def _completion_logits_and_aux_loss(self, model, inputs: dict, aux_loss: bool = False):
-        """The completion logits and (``aux_loss=True``) the MoE router loss of the same pass."""
+    def _completion_scores(self, model, inputs: dict, score, aux_loss: bool = False):
+        """``score(scorer)`` for the completion tokens, and (``aux_loss=True``) the MoE router loss
+        of the same pass. The scorer reads the completion logits ``[B, T, V]`` (a strided view,
+        never a copy) or, with the fused linear head, the hidden states and the head weight."""
         completion_ids = inputs["completion_ids"]
         logits_to_keep = completion_ids.size(1)
         model_inputs = {
@@ -235,13 +256,17 @@ class GTPOTrainer(GRPOTrainer):
         model_inputs.update({k: inputs[k] for k in EXTRA_MODEL_INPUTS if inputs.get(k) is not None})
         if aux_loss:
             model_inputs["output_router_logits"] = True
+        if self._linear_head:
+            model_inputs["logits_to_keep"] = logits_to_keep
+            with self.accelerator.autocast():
+                return model(**model_inputs, linear_head=score)
         if self._accepts_logits_to_keep:
             # One more position than the completion: logits at t predict the token at t + 1.
             model_inputs["logits_to_keep"] = logits_to_keep + 1
         with self.accelerator.autocast():
             output = model(**model_inputs)
         logits = output.logits[:, -logits_to_keep - 1 : -1]
-        return logits, output.aux_loss if aux_loss else None
+        return score(LogitsScorer(logits, self.temperature)), output.aux_loss if aux_loss else None
 
     def _compute_loss(self, model, inputs):
         if not self._fused_loss:
@@ -276,34 +301,34 @@ class GTPOTrainer(GRPOTrainer):
         if aggregation == "token-mean":
             entropy_coef = self.entropy_coef * normalizer / (active_tokens * accumulation)
 
-        logits = self._completion_logits(model, inputs)
-        out = entropy_kernels.policy_loss(
-            logits,
-            completion_ids,
-            advantages,
-            mask,
-            old_logprobs=inputs.get("old_per_token_logps"),
-            ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            clip_low=self.epsilon_low,
-            clip_high=clip_high,
-            kl_coef=self.beta,
-            entropy_coef=entropy_coef,
-            temperature=self.temperature,
-            aggregation=aggregation,
-            normalizer=normalizer,
-            objective=trl_objective(self.args),
-        )
+        # seq-mean weighting cannot carry a token-mean bonus: score the entropy once more.
+        seq_entropy = aggregation != "token-mean" and self.entropy_coef != 0.0
+
+        def score(scorer):
+            out = scorer.policy_loss(
+                completion_ids,
+                advantages,
+                mask,
+                old_logprobs=inputs.get("old_per_token_logps"),
+                ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                clip_low=self.epsilon_low,
+                clip_high=clip_high,
+                kl_coef=self.beta,
+                entropy_coef=entropy_coef,
+                aggregation=aggregation,
+                normalizer=normalizer,
+                objective=trl_objective(self.args),
+            )
+            masked_tokens = completion_ids.masked_fill(~mask, -100)
+            return out, scorer.logprobs_and_entropy(masked_tokens)[1] if seq_entropy else None
+
+        (out, entropy), _ = self._completion_scores(model, inputs, score)
         loss = out.loss
         if aggregation != "token-mean":
             # TRL averages over all B sequences (empty ones count 0), policy_loss over non-empty.
             nonempty = int(mask.any(dim=1).sum())
             loss = loss * (nonempty / mask.size(0)) / accumulation
-            if self.entropy_coef != 0.0:
-                # seq-mean weighting cannot carry a token-mean bonus: score the entropy once more.
-                masked_tokens = completion_ids.masked_fill(~mask, -100)
-                _, entropy = entropy_kernels.logprobs_and_entropy(
-                    logits, masked_tokens, temperature=self.temperature
-                )
+            if seq_entropy:
                 loss = loss - self.entropy_coef * entropy.sum() / active_tokens / accumulation
 
         metrics = out.metrics
@@ -346,10 +371,9 @@ class GTPOTrainer(GRPOTrainer):
             "completion_ids": completion_ids,
             "completion_mask": attention_mask[:, prompt_length:],
         }
-        logits, aux_loss = self._completion_logits_and_aux_loss(model, inputs, compute_aux_loss)
         labels = completion_ids.masked_fill(inputs["completion_mask"] == 0, -100)
-        logprobs, entropy = entropy_kernels.logprobs_and_entropy(
-            logits, labels, temperature=self.temperature
+        (logprobs, entropy), aux_loss = self._completion_scores(
+            model, inputs, lambda scorer: scorer.logprobs_and_entropy(labels), compute_aux_loss
         )
         return logprobs, entropy if compute_entropy else None, aux_loss
 
@@ -485,9 +509,9 @@ class GTPOTrainer(GRPOTrainer):
                     k: v[start : start + chunk] if k in ROW_INDEXED_INPUTS and v is not None else v
                     for k, v in output.items()
                 }
-                logits = self._completion_logits(self.model, piece)
-                _, entropy = entropy_kernels.logprobs_and_entropy(
-                    logits, piece["completion_ids"], temperature=self.temperature
+                tokens = piece["completion_ids"]
+                (_, entropy), _ = self._completion_scores(
+                    self.model, piece, lambda scorer, t=tokens: scorer.logprobs_and_entropy(t)
                 )
                 entropies.append(entropy)
         return torch.cat(entropies)

@@ -108,7 +108,14 @@ class CheckedGTPOTrainer(GTPOTrainer):
         fused = super()._compute_loss(model, inputs)
         after = {name: getattr(self, name) for name in ENTROPY_STATE}
         try:
-            self._checks(model, inputs, fused, before)
+            checked = fused
+            if self._fused_loss:
+                # The fused linear loss forms its gradient in the forward pass and hands it over
+                # once (to training): the checks differentiate a second, equal evaluation.
+                self._restore(before)
+                checked = super()._compute_loss(model, inputs)
+                torch.testing.assert_close(checked, fused, rtol=0, atol=0)
+            self._checks(model, inputs, checked, before)
         finally:
             for name, value in after.items():
                 setattr(self, name, value)
@@ -197,7 +204,7 @@ def reward_mixed_outcomes(completions, **kwargs):
     return [float(i % 2) for i in range(len(completions))]
 
 
-def run_trainer(model_dir, tmp_path, reward_funcs=None, max_steps=2, **options):
+def run_trainer(model, tmp_path, reward_funcs=None, processing_class=None, max_steps=2, **options):
     if reward_funcs is None:
         # Entropy shaping filters uniform groups (its default): give it groups of both outcomes.
         shaped = options.get("advantage_shaping", "gtpo") != "grpo"
@@ -222,7 +229,11 @@ def run_trainer(model_dir, tmp_path, reward_funcs=None, max_steps=2, **options):
     )
     dataset = Dataset.from_dict({"prompt": ["ab", "ba", "cab", "bc", "ca", "abc"]})
     trainer = CheckedGTPOTrainer(
-        model=model_dir, reward_funcs=reward_funcs, args=args, train_dataset=dataset
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processing_class,
     )
     initial = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -257,6 +268,7 @@ GRPO_CASES = {
 def test_grpo_shaping_loss_equals_trl(model_dir, tmp_path, loss_type):
     trainer, _ = run_trainer(model_dir, tmp_path, advantage_shaping="grpo", **GRPO_CASES[loss_type])
     assert trainer._fused_loss and trainer.fused_scoring_calls == 0
+    assert trainer._linear_head  # the default: hidden states and the head weight, no logits
     micro_batches = 2 * trainer.args.gradient_accumulation_steps
     assert trainer.checked_batches == micro_batches
     assert trainer.ragged_batches > 0
