@@ -170,7 +170,8 @@ def test_gradient_reaches_advantages_too():
     head = make_head(2, 5, 13, 90, seed=4)
     hidden, weight, bias, tokens = head
     advantages, mask, old, _ = loss_inputs(head, seed=4)
-    mine, refs = leaves((hidden, weight, bias, advantages)), leaves((hidden, weight, bias))
+    mine = leaves((hidden, weight, bias, advantages))
+    refs = leaves((hidden, weight, bias), torch.float64)
     ref_advantages = advantages.double().requires_grad_()
     options = dict(old_logprobs=old, entropy_coef=0.05, aggregation="seq-mean-token-mean")
     ours = ek.linear_policy_loss(
