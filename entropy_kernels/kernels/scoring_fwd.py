@@ -67,8 +67,18 @@ def token_logprob(row_ptr, token, vocab_size, ignore_index, inv_temperature, row
 # Shapes that follow B and T are not specialised, so new batch shapes never recompile.
 @triton.jit(
     do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"],
-    # Token views such as input_ids[:, 1:] start mid-vector: do not key binaries on alignment.
-    do_not_specialize_on_alignment=["tokens_ptr"],
+    # Per-row pointers are read or written one element per program, so their alignment buys
+    # nothing: token views such as input_ids[:, 1:] start mid-vector, and the row max and
+    # log-normaliser are the two rows of one [2, N] buffer (the second 16-byte aligned only
+    # when N is a multiple of 4). Keying binaries on it compiled a second variant per parity
+    # (measured on an H200: B = 2, T = 101 and B = 8, T = 1 gave two scoring binaries).
+    do_not_specialize_on_alignment=[
+        "tokens_ptr",
+        "logprobs_ptr",
+        "entropy_ptr",
+        "row_max_ptr",
+        "log_norm_ptr",
+    ],
 )
 def scoring_fwd_kernel(
     # pointers
