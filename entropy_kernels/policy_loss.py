@@ -222,6 +222,22 @@ def loss_from_logprobs(
     return PolicyLossOutput(loss, *scored, metrics)
 
 
+def _hand_over(ctx, grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The stored gradient, handed over once and scaled in place by ``grad_loss`` if not 1."""
+    if torch.compiler.is_compiling():  # a host read would break the graph: scale there
+        return grad_logits * grad_loss
+    if ctx.consumed:
+        raise RuntimeError(
+            "policy_loss's fused Triton path computed its gradient in the forward pass and "
+            "it was already used: a second backward needs backend='torch'"
+        )
+    ctx.consumed = True
+    scale = float(grad_loss)
+    if scale != 1.0:
+        grad_logits.mul_(scale)
+    return grad_logits
+
+
 class _LossWithGradient(torch.autograd.Function):
     """Attach a gradient computed in the forward pass to a loss value.
 
@@ -240,18 +256,32 @@ class _LossWithGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         (grad_logits,) = ctx.saved_tensors
-        if torch.compiler.is_compiling():  # a host read would break the graph: scale there
-            return None, grad_logits * grad_loss, None
-        if ctx.consumed:
-            raise RuntimeError(
-                "policy_loss's fused Triton path computed its gradient in the forward pass and "
-                "it was already used: a second backward needs backend='torch'"
-            )
-        ctx.consumed = True
-        scale = float(grad_loss)
-        if scale != 1.0:
-            grad_logits.mul_(scale)
-        return None, grad_logits, None
+        return None, _hand_over(ctx, grad_logits, grad_loss), None
+
+
+class _GradientSlot:
+    """Where the in-place kernel's gradient (the logits' own storage) is put once written."""
+
+    grad: torch.Tensor | None = None
+
+
+class _InplaceGradientEdge(torch.autograd.Function):
+    """A zero whose gradient is the slot's: applied to the logits *before* the kernel overwrites
+    them. After an in-place write, autograd would rebuild a view's grad_fn as a generic
+    as_strided backward that allocates a zero-filled logits-sized buffer (measured on an
+    H200: the in-place loss peaked at twice the logits); an edge taken first keeps the
+    original backward."""
+
+    @staticmethod
+    def forward(ctx, logits, slot):
+        ctx.slot = slot
+        ctx.consumed = False
+        return torch.zeros((), dtype=torch.float32, device=logits.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        return _hand_over(ctx, ctx.slot.grad, grad_loss), None
 
 
 def aggregation_weights(weights: torch.Tensor, options: LossOptions) -> torch.Tensor:
@@ -307,9 +337,12 @@ def _fused_policy_loss(
         float(objective.sapo_temperature_pos),
         float(objective.sapo_temperature_neg),
     )
-    if scoring.inplace_backward and not torch.compiler.is_compiling():
+    inplace = scoring.inplace_backward and not torch.compiler.is_compiling()
+    if inplace:
+        slot = _GradientSlot()
+        edge = _InplaceGradientEdge.apply(logits, slot)
         logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
-        grad_logits = logits.detach()
+        slot.grad = logits.detach()
     else:
         logprobs, entropy, grad_logits = policy_loss_fused(logits.detach(), *args)
     with torch.no_grad():
@@ -322,8 +355,11 @@ def _fused_policy_loss(
             ref_logprobs=ref_logprobs,
             options=options,
         )
-    loss = _LossWithGradient.apply(out.loss, logits, grad_logits)
-    return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
+    if not inplace:
+        return PolicyLossOutput(
+            _LossWithGradient.apply(out.loss, logits, grad_logits), logprobs, entropy, out.metrics
+        )
+    return PolicyLossOutput(edge + out.loss, logprobs, entropy, out.metrics)
 
 
 def check_inplace_backward(logits: torch.Tensor, inplace_backward: bool) -> None:
