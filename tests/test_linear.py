@@ -14,6 +14,10 @@ BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VALUE_TOL = dict(rtol=2e-5, atol=2e-5)
 GRAD_RTOL = 2e-4
+# Per element, a few float32 roundings of O(1) terms: a gradient that cancels to ~1e-6 (one
+# token, V = 2) cannot hold 2e-4 of itself in float32 (found by hypothesis in CI); the scoring
+# tests' gradient tolerance has an absolute floor for the same reason.
+GRAD_ATOL = 16 * torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +63,8 @@ def assert_grads(ours, refs):
             half_ulp = 0.5 * torch.finfo(mine.dtype).eps * torch.exp2(exponent - 1)
             error = (error - half_ulp).clamp_min(0.0)
         error = error.norm()
-        assert error <= GRAD_RTOL * expected.norm(), f"{name}: {error} vs {expected.norm()}"
+        bound = GRAD_RTOL * expected.norm() + GRAD_ATOL * expected.numel() ** 0.5
+        assert error <= bound, f"{name}: {error} vs {expected.norm()}"
 
 
 def assert_output(ours, ref):
