@@ -210,6 +210,26 @@ def markdown_table(data: dict) -> str:
             for cell in cells:
                 row = [*_key(cell), *(_markdown_entry(cell, impl, metric) for impl in impls)]
                 lines.append("| " + " | ".join(row) + " |")
+    floors = [cell for cell in data["results"] if "matmul_ms" in cell]
+    if floors:
+        lines += [
+            "",
+            "Against the matmul floor (cuBLAS `hidden @ weight.T` timed in the same run; one such "
+            "matmul for scoring, three for the loss's forward + backward):",
+            "",
+            "| workload | dtype | N | H | V | matmul ms | "
+            + " | ".join(f"{impl} / floor" for impl in floors[0]["impls"])
+            + " |",
+            "|" + "|".join("---" for _ in range(6 + len(floors[0]["impls"]))) + "|",
+        ]
+        for cell in floors:
+            ratios = [
+                _number(entry["over_matmul_floor"]) if "over_matmul_floor" in entry else "-"
+                for entry in cell["impls"].values()
+            ]
+            lines.append(
+                "| " + " | ".join([*_key(cell), _number(cell["matmul_ms"]), *ratios]) + " |"
+            )
     why = reasons(data)
     if why:
         lines += ["", "Why a figure is missing, differs or is noisy:", ""]

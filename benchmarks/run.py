@@ -20,8 +20,10 @@ several commands; ``benchmarks/report.py`` merges their files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -33,6 +35,8 @@ import peers
 import report
 import stats
 import torch
+
+from entropy_kernels.kernel_config import TileConfig, override
 
 MATRICES = {
     "quick": {
@@ -122,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no-download", action="store_true", help="verl n/a unless its file is already cached"
     )
     parser.add_argument("--tag", default="", help="appended to the output file names")
+    parser.add_argument(
+        "--linear-tiles",
+        type=Path,
+        help="a linear_sweep.py JSON: launch the fused linear kernels with its best tiles",
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -262,6 +271,10 @@ def run_cell(key, device, impls, compiled, skips, args) -> dict:
         mismatch = disagreement(reference[1], values)
         entry["check"] = "ok" if mismatch is None else f"mismatch vs {reference[0]}: {mismatch}"
     cell["check_reference"] = reference[0] if reference else None
+    if linear and device.type == "cuda":
+        # The floor the fused linear kernels are held to: cuBLAS's rate on one N H V matmul.
+        rows, weight = inputs.hidden.detach().reshape(-1, hidden), inputs.weight.detach()
+        cell["matmul_ms"] = measure.median_time_ms(lambda: rows @ weight.T, device)
     reference = values = None  # the values of the check, on the CPU
     samples, errors = measure.interleaved_samples(fns, device)
     for impl, err in errors.items():
@@ -283,6 +296,9 @@ def add_derived_figures(cell: dict, samples: dict) -> None:
         entry = entries[impl]
         entry.update(summary[impl])
         entry["gbps"] = cell["bytes_floor"] / (entry["time_ms"] * 1e-3) / 1e9
+        if "matmul_ms" in cell:
+            passes = 1 if cell["workload"] == "linear_scoring" else 3
+            entry["over_matmul_floor"] = entry["time_ms"] / (passes * cell["matmul_ms"])
         if cell["ours"] is not None and impl != cell["ours"]:
             entry["peak_over_ours"] = stats.peak_ratio(entry["peak_bytes"], ours_peak)
     cell["noisy"] = any(entries[impl]["noise"] for impl in ok)
@@ -364,6 +380,11 @@ def main(argv=None) -> int:
     data["copy_bandwidth"] = measure.copy_bandwidth(device)
     print(report.header(data), flush=True)
 
+    tiles = contextlib.ExitStack()
+    if args.linear_tiles:
+        best = json.loads(args.linear_tiles.read_text())["best"]
+        data["linear_tiles"] = best
+        tiles.enter_context(override(**{k: TileConfig(*v) for k, v in best.items()}))
     compiled = peers.CompiledPeers()
     results = data["results"] = []
     print(report.TABLE_HEADER, flush=True)
@@ -375,6 +396,7 @@ def main(argv=None) -> int:
         results.append(cell)
         print(report.format_cell(cell), flush=True)
 
+    tiles.close()
     day = datetime.date.today().isoformat()
     stem = f"{measure.device_slug(info)}-{day}"
     if args.matrix == "quick":

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 
 KERNELS = ("scoring_fwd", "scoring_bwd", "policy_loss_fused")
+# The fused linear kernels take two-dimensional tiles (TileConfig).
+LINEAR_KERNELS = ("linear_fwd", "linear_bwd_hidden", "linear_bwd_weight")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,49 @@ GPU_DEFAULT = KernelConfig(block_v=4096, num_warps=8)
 # several blocks and exercise the online rescaling and the tail mask.
 INTERPRETER_DEFAULT = KernelConfig(block_v=256, num_warps=8)
 
-_overrides: dict[str, KernelConfig] = {}
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A fused linear kernel's tile: ``block_n`` rows x ``block_v`` vocabulary entries, the
+    hidden dimension in ``block_h`` slices (powers of two, at least 16 for ``tl.dot``)."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v", "block_h", "num_warps"):
+            value = getattr(self, name)
+            low = 1 if name == "num_warps" else 16
+            if value < low or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
+
+    def launch_options(self) -> dict:
+        """Triton launch keywords."""
+        options = {
+            "BLOCK_N": self.block_n,
+            "BLOCK_V": self.block_v,
+            "BLOCK_H": self.block_h,
+            "num_warps": self.num_warps,
+        }
+        if self.num_stages is not None:
+            options["num_stages"] = self.num_stages
+        return options
+
+
+LINEAR_GPU_DEFAULTS = {
+    "linear_fwd": TileConfig(128, 128, 64, 8, 3),
+    "linear_bwd_hidden": TileConfig(64, 128, 64, 8, 3),
+    "linear_bwd_weight": TileConfig(64, 128, 64, 8, 3),
+}
+# Small tiles under the interpreter, so that test shapes span several tiles and splits.
+LINEAR_INTERPRETER_DEFAULT = TileConfig(16, 32, 16, 4)
+
+_overrides: dict[str, KernelConfig | TileConfig] = {}
 
 
 def launch_config(kernel: str, vocab_size: int, device: torch.device) -> KernelConfig:
@@ -68,6 +112,18 @@ def launch_config(kernel: str, vocab_size: int, device: torch.device) -> KernelC
     return KernelConfig(block_v, config.num_warps, config.num_stages)
 
 
+def tile_config(kernel: str, device: torch.device) -> TileConfig:
+    """The tile that fused linear `kernel` launches with on `device`."""
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
+    config = _overrides.get(kernel)
+    if config is None:
+        config = (
+            LINEAR_GPU_DEFAULTS[kernel] if device.type == "cuda" else LINEAR_INTERPRETER_DEFAULT
+        )
+    return config
+
+
 def round_bf16_by_hand(grad: torch.Tensor) -> bool:
     """Whether a row kernel writing `grad` must round to bfloat16 itself: under the interpreter
     (CPU tensors), whose float32 -> bfloat16 cast truncates."""
@@ -78,15 +134,20 @@ def round_bf16_by_hand(grad: torch.Tensor) -> bool:
 def override(**configs: KernelConfig) -> Iterator[None]:
     """Launch the named kernels with these configurations inside the block.
 
-    ``with override(policy_loss_fused=KernelConfig(8192, 16)): ...``. Not thread-safe: it is
-    meant for benchmarks and for pinning a configuration around a training step.
+    ``with override(policy_loss_fused=KernelConfig(8192, 16)): ...``; the fused linear kernels
+    take a :class:`TileConfig` (``override(linear_fwd=TileConfig(128, 128, 64, 8))``).
+    Not thread-safe: it is meant for benchmarks and for pinning a configuration around a
+    training step.
     """
-    unknown = set(configs) - set(KERNELS)
+    unknown = set(configs) - set(KERNELS) - set(LINEAR_KERNELS)
     if unknown:
-        raise ValueError(f"kernel names must be among {KERNELS}, got {sorted(unknown)}")
+        raise ValueError(
+            f"kernel names must be among {KERNELS + LINEAR_KERNELS}, got {sorted(unknown)}"
+        )
     for name, config in configs.items():
-        if not isinstance(config, KernelConfig):
-            raise ValueError(f"{name} must be a KernelConfig, got {type(config).__name__}")
+        kind = TileConfig if name in LINEAR_KERNELS else KernelConfig
+        if not isinstance(config, kind):
+            raise ValueError(f"{name} must be a {kind.__name__}, got {type(config).__name__}")
     saved = dict(_overrides)
     _overrides.update(configs)
     try:

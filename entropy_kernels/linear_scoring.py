@@ -40,6 +40,7 @@ from ._validation import (
     check_values,
     resolve_backend,
 )
+from .ops.linear_lse import finish_rows
 from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
@@ -165,16 +166,8 @@ def _torch_rows_forward(hidden_f32, tokens, weight, bias, masked: bool, options:
         sum_exp += exp_z.sum(-1)
         sum_exp_z += torch.linalg.vecdot(exp_z, z)
         row_max = new_max
-    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    log_norm = sum_exp.log()
-    entropy = log_norm - sum_exp_z / sum_exp
-    logprobs = (token_logit - shift) * inv_temperature - log_norm
     ignored = tokens == options.ignore_index
-    return (
-        logprobs.masked_fill_(ignored, 0.0),
-        entropy.masked_fill_(ignored, 0.0),
-        torch.stack([shift, log_norm]).masked_fill_(ignored, 0.0),
-    )
+    return finish_rows(row_max, sum_exp, sum_exp_z, token_logit, ignored, inv_temperature)
 
 
 def _torch_forward(hidden, weight, bias, tokens, options: LinearOptions):
@@ -270,24 +263,18 @@ def _torch_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, ne
 
 
 def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions):
-    from .kernels.linear_fwd import launch_linear_fwd
+    from .ops.linear import linear_forward as launch_forward
 
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
-    logprobs, entropy, normaliser = launch_linear_fwd(
-        hidden,
-        weight,
-        bias,
-        tokens,
-        (layout, tokens_layout),
-        1.0 / options.temperature,
-        options.ignore_index,
+    constants = (1.0 / options.temperature, options.ignore_index)
+    logprobs, entropy, normaliser = launch_forward(
+        hidden, weight, bias, tokens, (layout, tokens_layout), constants
     )
     return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser
 
 
 def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
-    from .kernels.linear_bwd_hidden import launch_linear_bwd_hidden
-    from .kernels.linear_bwd_weight import launch_linear_bwd_weight
+    from .ops.linear import linear_grad_hidden, linear_grad_weight
 
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
     args = (
@@ -302,9 +289,9 @@ def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, n
     )
     grad_hidden = grad_weight = grad_bias = None
     if needs[0]:
-        grad_hidden = launch_linear_bwd_hidden(*args).to(hidden.dtype)
+        grad_hidden = linear_grad_hidden(*args).to(hidden.dtype)
     if needs[1] or needs[2]:
-        grad_weight, grad_bias = launch_linear_bwd_weight(*args, needs[1:])
+        grad_weight, grad_bias = linear_grad_weight(*args, needs[1:])
     return grad_hidden, grad_weight, grad_bias
 
 

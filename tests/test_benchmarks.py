@@ -324,3 +324,26 @@ def test_sweep_checks_every_configuration(tmp_path):
     for rows in data["kernels"].values():
         assert [row["status"] for row in rows] == ["checked", "checked"]
         assert sum(row["default"] for row in rows) == 1
+
+
+def test_linear_sweep_checks_and_times_every_tile(tmp_path):
+    """benchmarks/linear_sweep.py on CPU: every tile of every fused linear kernel is checked
+    against the default tile's outputs, timed, and the best one recorded."""
+    out = tmp_path / "tiles.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "linear_sweep.py"), "--quick", "--device", "cpu"]
+        + ["--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("command", "device", "versions", "git", "matmul_ms"):
+        assert key in data, key
+    kernels = {"linear_fwd", "linear_bwd_hidden", "linear_bwd_weight"}
+    assert set(data["kernels"]) == set(data["best"]) == kernels
+    for rows in data["kernels"].values():
+        assert len(rows) == 2 and all("time_ms" in row for row in rows), rows

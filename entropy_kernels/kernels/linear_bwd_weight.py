@@ -2,19 +2,18 @@
 vocabulary rows.
 
 Each program sweeps the token rows, recomputes the logit tile and its ``dlogits`` (as
-:mod:`entropy_kernels.kernels.linear_bwd_hidden` does) and adds ``dlogits^T @ h`` to its own
-rows of a float32 ``[V, H]`` buffer and ``sum(dlogits)`` to a float32 register vector: every
-element is written by one program in a fixed order (deterministic, no atomics), accumulated in
-float32 over all tokens and rounded once by the caller. Ignored rows read their hidden states
-as 0, so a non-finite state there reaches no gradient.
+:mod:`entropy_kernels.kernels.linear_bwd_hidden` does) and adds ``dlogits^T @ h``
+(:func:`grad_dot`) to its own rows of a float32 ``[V, H]`` buffer and ``sum(dlogits)`` to a
+float32 register vector: every element is written by one program in a fixed order
+(deterministic, no atomics), accumulated in float32 over all tokens and rounded once by the
+caller. Ignored rows read their hidden states as 0, so a non-finite state there reaches no
+gradient.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from .linear_bwd_hidden import dlogit_tile, row_inputs
-from .linear_fwd import blocks, logit_tile, row_offsets, shape_args
+from .linear_tiles import dlogit_tile, grad_dot, logit_tile, row_inputs, row_offsets
 
 
 @triton.jit(
@@ -27,7 +26,7 @@ from .linear_fwd import blocks, logit_tile, row_offsets, shape_args
         "tokens_stride_inner",
         "ignore_index",
     ],
-    do_not_specialize_on_alignment=["hidden_ptr", "tokens_ptr"],
+    do_not_specialize_on_alignment=["tokens_ptr"],
 )
 def linear_bwd_weight_kernel(
     grad_weight_ptr,
@@ -48,20 +47,21 @@ def linear_bwd_weight_kernel(
     hidden_stride_outer,
     hidden_stride_inner,
     weight_stride_v,
-    weight_stride_h,
     tokens_stride_outer,
     tokens_stride_inner,
     inv_temperature,
     ignore_index,
     HAS_BIAS: tl.constexpr,
     CAST_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    HIDDEN_UNIT: tl.constexpr,
+    DOT: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     NEEDS_WEIGHT: tl.constexpr,
     NEEDS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab_size
@@ -69,7 +69,9 @@ def linear_bwd_weight_kernel(
     for start in range(0, n_rows, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < n_rows
-        hidden_offsets = row_offsets(rows, n_inner, hidden_stride_outer, hidden_stride_inner)
+        hidden_offsets = (
+            row_offsets(rows, n_inner, hidden_stride_outer, hidden_stride_inner) * HIDDEN_UNIT
+        )
         token_offsets = row_offsets(rows, n_inner, tokens_stride_outer, tokens_stride_inner)
         tokens, ignored, row_max, log_norm, entropy, grad_logp, grad_h = row_inputs(
             rows,
@@ -96,7 +98,6 @@ def linear_bwd_weight_kernel(
             vocab_size,
             size,
             weight_stride_v,
-            weight_stride_h,
             BLOCK_N,
             BLOCK_V,
             BLOCK_H,
@@ -117,43 +118,10 @@ def linear_bwd_weight_kernel(
                     hidden_ptr + hidden_offsets[:, None] + ks[None, :],
                     mask=(row_ok & ~ignored)[:, None] & k_ok[None, :],
                     other=0.0,
-                ).to(tl.float32)
+                )
                 out = grad_weight_ptr + cols[:, None] * size + ks[None, :]
                 out_ok = col_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out, mask=out_ok, other=0.0)
-                tl.store(out, tl.dot(grad_t, h, acc, input_precision="ieee"), mask=out_ok)
+                tl.store(out, grad_dot(grad_t, h, acc, DOT, CAST_F32), mask=out_ok)
     if NEEDS_BIAS:
         tl.store(grad_bias_ptr + cols, grad_bias, mask=col_ok)
-
-
-def launch_linear_bwd_weight(hidden, weight, bias, tokens, layouts, saved, grads, constants, needs):
-    """``(dweight [V, H], dbias [V])`` in float32; each None unless ``needs`` asks for it."""
-    normaliser, entropy = saved
-    needs_weight, needs_bias = needs
-    vocab_size = weight.shape[0]
-    grad_weight = grad_bias = None
-    if needs_weight:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    if needs_bias:
-        grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=weight.device)
-    config = blocks(hidden.device)
-    linear_bwd_weight_kernel[(triton.cdiv(vocab_size, config["BLOCK_V"]),)](
-        grad_weight,
-        grad_bias,
-        hidden,
-        weight,
-        bias,
-        tokens,
-        normaliser[0],
-        normaliser[1],
-        entropy,
-        grads[0],
-        grads[1],
-        *shape_args(hidden, weight, bias, layouts, constants),
-        HAS_GRAD_LOGP=grads[0] is not None,
-        HAS_GRAD_ENTROPY=grads[1] is not None,
-        NEEDS_WEIGHT=needs_weight,
-        NEEDS_BIAS=needs_bias,
-        **config,
-    )
-    return grad_weight, grad_bias

@@ -1,0 +1,192 @@
+"""Typed launchers of the fused linear kernels (:mod:`entropy_kernels.kernels.linear_fwd`,
+``linear_bwd_hidden``, ``linear_bwd_weight``): they allocate, pick the tiles, the vocabulary
+splits and the gradient matmul's precision, and launch. Triton is imported at the first launch.
+
+Arguments come validated by :mod:`entropy_kernels.linear_scoring`: ``layouts`` are the row
+layouts of hidden and tokens, ``constants`` is ``(1 / T, ignore_index)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..kernel_config import tile_config
+from .linear_lse import finish_rows, merge_states
+
+# Programs per SM a launch aims for when it splits the vocabulary between programs.
+PROGRAMS_PER_SM = 2
+# Under the interpreter: a small target, so that test shapes take several splits.
+INTERPRETER_PROGRAMS = 4
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def vocab_splits(n_row_blocks: int, vocab_size: int, block_v: int, device) -> tuple[int, int]:
+    """``(splits, tiles_per_split)``: enough vocabulary ranges that ``n_row_blocks * splits``
+    programs fill the device (one range when the row blocks alone do)."""
+    tiles = -(-vocab_size // block_v)
+    wanted = max(1, min(tiles, -(-_target_programs(device) // max(n_row_blocks, 1))))
+    tiles_per_split = -(-tiles // wanted)
+    return -(-tiles // tiles_per_split), tiles_per_split
+
+
+def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
+    from ..kernels.linear_tiles import DOT_BF16X2, DOT_IEEE, DOT_TF32X3
+
+    if dtype == torch.bfloat16:
+        return DOT_BF16X2
+    return DOT_TF32X3 if device.type == "cuda" else DOT_IEEE
+
+
+def _hidden_unit(hidden: torch.Tensor, layout) -> int:
+    """8 when the base pointer and both row strides allow 16-byte vector loads, else 1."""
+    aligned = (
+        hidden.data_ptr() % 16 == 0 and layout.stride_outer % 8 == layout.stride_inner % 8 == 0
+    )
+    return 8 if aligned else 1
+
+
+def _shape_args(hidden, weight, layouts, constants):
+    """The kernels' arguments from ``n_rows`` to ``ignore_index`` and the hidden stride unit."""
+    layout, tokens_layout = layouts
+    unit = _hidden_unit(hidden, layout)
+    args = (
+        layout.n_rows,
+        layout.n_inner,
+        weight.shape[0],
+        weight.shape[1],
+        layout.stride_outer // unit,
+        layout.stride_inner // unit,
+        weight.stride(0),
+        tokens_layout.stride_outer,
+        tokens_layout.stride_inner,
+        *constants,
+    )
+    flags = {
+        "CAST_F32": hidden.dtype != torch.float32 and hidden.device.type != "cuda",
+        "HIDDEN_UNIT": unit,
+    }
+    return args, flags
+
+
+def _unit_stride(weight: torch.Tensor) -> torch.Tensor:
+    return weight if weight.stride(-1) == 1 else weight.contiguous()
+
+
+def linear_forward(hidden, weight, bias, tokens, layouts, constants):
+    """``(logprobs [rows], entropy [rows], normaliser [2, rows])`` of validated arguments."""
+    from ..kernels.linear_fwd import linear_fwd_kernel
+
+    n_rows = layouts[0].n_rows
+    inv_temperature, ignore_index = constants
+    weight = _unit_stride(weight)
+    config = tile_config("linear_fwd", hidden.device)
+    n_row_blocks = -(-n_rows // config.block_n)
+    splits, tiles_per_split = vocab_splits(
+        n_row_blocks, weight.shape[0], config.block_v, hidden.device
+    )
+    state = torch.empty((splits, 3, n_rows), dtype=torch.float32, device=hidden.device)
+    token_logit = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=hidden.device)
+    if n_rows > 0:
+        args, flags = _shape_args(hidden, weight, layouts, constants)
+        linear_fwd_kernel[(n_row_blocks, splits)](
+            hidden,
+            weight,
+            bias,
+            tokens,
+            state,
+            token_logit,
+            *args,
+            tiles_per_split,
+            HAS_BIAS=bias is not None,
+            **flags,
+            **config.launch_options(),
+        )
+    ignored = tokens.reshape(-1) == ignore_index
+    return finish_rows(*merge_states(state, inv_temperature), token_logit, ignored, inv_temperature)
+
+
+def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, constants):
+    """``dhidden`` as a float32 ``[rows, H]`` tensor (rows in the layout's order)."""
+    from ..kernels.linear_bwd_hidden import linear_bwd_hidden_kernel
+
+    n_rows, size = layouts[0].n_rows, hidden.shape[-1]
+    weight = _unit_stride(weight)
+    config = tile_config("linear_bwd_hidden", hidden.device)
+    n_row_blocks = -(-n_rows // config.block_n)
+    splits, tiles_per_split = vocab_splits(
+        n_row_blocks, weight.shape[0], config.block_v, hidden.device
+    )
+    partial = torch.zeros((splits, n_rows, size), dtype=torch.float32, device=hidden.device)
+    if n_rows > 0:
+        normaliser, entropy = saved
+        args, flags = _shape_args(hidden, weight, layouts, constants)
+        linear_bwd_hidden_kernel[(n_row_blocks, splits)](
+            partial,
+            hidden,
+            weight,
+            bias,
+            tokens,
+            normaliser[0],
+            normaliser[1],
+            entropy,
+            grads[0],
+            grads[1],
+            *args,
+            tiles_per_split,
+            HAS_BIAS=bias is not None,
+            DOT=_dot_mode(hidden.dtype, hidden.device),
+            HAS_GRAD_LOGP=grads[0] is not None,
+            HAS_GRAD_ENTROPY=grads[1] is not None,
+            **flags,
+            **config.launch_options(),
+        )
+    # The splits' parts summed in a fixed order: deterministic.
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def linear_grad_weight(hidden, weight, bias, tokens, layouts, saved, grads, constants, needs):
+    """``(dweight [V, H], dbias [V])`` in float32; each None unless ``needs`` asks for it."""
+    from ..kernels.linear_bwd_weight import linear_bwd_weight_kernel
+
+    needs_weight, needs_bias = needs
+    weight = _unit_stride(weight)
+    vocab_size = weight.shape[0]
+    grad_weight = grad_bias = None
+    if needs_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    if needs_bias:
+        grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=weight.device)
+    config = tile_config("linear_bwd_weight", hidden.device)
+    normaliser, entropy = saved
+    args, flags = _shape_args(hidden, weight, layouts, constants)
+    linear_bwd_weight_kernel[(-(-vocab_size // config.block_v),)](
+        grad_weight,
+        grad_bias,
+        hidden,
+        weight,
+        bias,
+        tokens,
+        normaliser[0],
+        normaliser[1],
+        entropy,
+        grads[0],
+        grads[1],
+        *args,
+        HAS_BIAS=bias is not None,
+        DOT=_dot_mode(hidden.dtype, hidden.device),
+        HAS_GRAD_LOGP=grads[0] is not None,
+        HAS_GRAD_ENTROPY=grads[1] is not None,
+        NEEDS_WEIGHT=needs_weight,
+        NEEDS_BIAS=needs_bias,
+        **flags,
+        **config.launch_options(),
+    )
+    return grad_weight, grad_bias

@@ -1,0 +1,61 @@
+"""The fused linear kernels on a CUDA device (skipped without one): the tensor-core paths the
+interpreter cannot run (bfloat16 ``tl.dot``, the bfloat16 split and TF32x3 gradient matmuls,
+16-byte vector loads, vocabulary splits over many SMs), against the float64 reference."""
+
+import pytest
+import torch
+from test_linear import VALUE_TOL, assert_grads, leaves, make_head
+
+import entropy_kernels as ek
+from entropy_kernels import reference
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+def _head(dtype, batch, seq, size, vocab, seed=0):
+    return [None if t is None else t.cuda() for t in make_head(batch, seq, size, vocab, seed=seed)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 97, 200, 5003), (16, 64, 1024, 32011)])
+def test_linear_policy_loss_against_float64(dtype, shape):
+    hidden, weight, bias, tokens = _head(dtype, *shape)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    advantages = torch.randn(tokens.shape, device="cuda", generator=generator)
+    options = dict(temperature=0.7, entropy_coef=0.01)
+    mask = torch.ones(tokens.shape, device="cuda")
+    mask[:, -3:] = 0.0
+    with torch.no_grad():
+        old = ek.linear_logprobs_and_entropy(
+            hidden.to(dtype), weight.to(dtype), tokens, bias=bias.to(dtype), temperature=0.7
+        )[0]
+    old = old + 0.05 * torch.randn(old.shape, device="cuda", generator=generator)
+    old = old.clamp_max(0.0)
+    ours = leaves((hidden, weight, bias), dtype)
+    out = ek.linear_policy_loss(
+        ours[0], ours[1], tokens, advantages, mask, old_logprobs=old, bias=ours[2], **options
+    )
+    out.loss.backward()
+    refs = leaves((hidden, weight, bias), dtype)
+    want = reference.linear_policy_loss(
+        refs[0], refs[1], tokens, advantages, mask, old_logprobs=old, bias=refs[2], **options
+    )
+    want.loss.backward()
+    torch.testing.assert_close(out.loss.double(), want.loss.double(), **VALUE_TOL)
+    torch.testing.assert_close(out.logprobs.double(), want.logprobs.double(), **VALUE_TOL)
+    torch.testing.assert_close(out.entropy.double(), want.entropy.double(), **VALUE_TOL)
+    assert_grads(ours, refs)
+
+
+def test_linear_gradients_are_deterministic():
+    hidden, weight, bias, tokens = _head(torch.bfloat16, 8, 257, 512, 40003)
+    runs = []
+    for _ in range(2):
+        leaf = leaves((hidden, weight, bias), torch.bfloat16)
+        logprobs, entropy = ek.linear_logprobs_and_entropy(leaf[0], leaf[1], tokens, bias=leaf[2])
+        (logprobs.sum() + 0.1 * entropy.sum()).backward()
+        runs.append([t.grad for t in leaf])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
