@@ -7,6 +7,8 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/.whl/site" TRITON_INTERPRET=0
 export ENTROPY_KERNELS_BENCH_CACHE="$PWD/.whl/cache"
+# Liger 0.8.5 picks its CuTe DSL kernels on sm_90, which the image lacks: its Triton ones.
+export LIGER_KERNEL_IMPL=nvidia-triton
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi -L

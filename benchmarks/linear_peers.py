@@ -76,7 +76,8 @@ LINEAR_DESCRIPTIONS = {
         "then the eager surrogate"
     ),
     "cce": (
-        "cut_cross_entropy.linear_cross_entropy(impl='torch_compile', reduction='none'), "
+        "cut_cross_entropy.linear_cross_entropy(reduction='none'), impl='cce' (its Triton "
+        "kernels, gradient filtering on) on CUDA and 'torch_compile' on CPU, "
         "log-probs = -loss; computes no entropy (only log-probs are checked), then the eager "
         "surrogate"
     ),
@@ -154,6 +155,7 @@ def eager_linear(hidden, weight, tokens):
 
 
 def _trl(hidden, weight, tokens):
+    _without_datasets_shim()
     from trl.kernels import ChunkedLogProbFunction
 
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -161,6 +163,22 @@ def _trl(hidden, weight, tokens):
         flat, weight, None, tokens.reshape(-1), 1.0, TRL_CHUNK, None, 1.0, ("entropy",)
     )
     return logprobs.view(tokens.shape), entropy.detach().view(tokens.shape)
+
+
+def _without_datasets_shim() -> None:
+    """TRL's chunked backward imports ``trl.trainer.utils`` for one ZeRO-3 gather context,
+    and that module imports ``datasets``. Where ``datasets`` is missing (the GPU image), the
+    context is what TRL returns without ZeRO-3: a null context."""
+    if importlib.util.find_spec("datasets") is not None or "trl.trainer.utils" in sys.modules:
+        return
+    import contextlib
+    import types
+
+    import trl.trainer
+
+    shim = types.ModuleType("trl.trainer.utils")
+    shim.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+    sys.modules["trl.trainer.utils"] = trl.trainer.utils = shim
 
 
 def _liger_ce(hidden, weight, tokens):
@@ -174,7 +192,8 @@ def _liger_ce(hidden, weight, tokens):
 def _cce(hidden, weight, tokens):
     from cut_cross_entropy import linear_cross_entropy
 
-    loss = linear_cross_entropy(hidden, weight, tokens, reduction="none", impl="torch_compile")
+    impl = "cce" if hidden.is_cuda else "torch_compile"  # CCE's Triton kernels need CUDA
+    loss = linear_cross_entropy(hidden, weight, tokens, reduction="none", impl=impl)
     return (-loss.float(),)
 
 

@@ -85,10 +85,12 @@ class TileConfig:
         return options
 
 
+# The fastest of benchmarks/linear_sweep.py's tiles on an H200 (bfloat16, N = 4096, H = 2048,
+# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-tiles.json).
 LINEAR_GPU_DEFAULTS = {
-    "linear_fwd": TileConfig(128, 128, 64, 8, 3),
-    "linear_bwd_hidden": TileConfig(64, 128, 64, 8, 3),
-    "linear_bwd_weight": TileConfig(64, 128, 64, 8, 3),
+    "linear_fwd": TileConfig(128, 256, 64, 8, 3),
+    "linear_bwd_hidden": TileConfig(128, 128, 64, 8, 3),
+    "linear_bwd_weight": TileConfig(128, 128, 64, 8, 3),
 }
 # Small tiles under the interpreter, so that test shapes span several tiles and splits.
 LINEAR_INTERPRETER_DEFAULT = TileConfig(16, 32, 16, 4)
