@@ -7,8 +7,6 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/.whl/site" TRITON_INTERPRET=0
 export ENTROPY_KERNELS_BENCH_CACHE="$PWD/.whl/cache"
-# Liger 0.8.5 picks its CuTe DSL kernels on sm_90, which the image lacks: its Triton ones.
-export LIGER_KERNEL_IMPL=nvidia-triton
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi -L
@@ -17,7 +15,10 @@ echo "tree: $(cat .tree-commit 2>/dev/null || git rev-parse HEAD)"
 timeout "${TEST_S:-150}" python -m pytest tests/test_gpu_linear.py tests/test_gpu.py -q -x \
     -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/test_gpu.txt"
 cd benchmarks
-timeout "${SWEEP_S:-150}" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40
+# SWEEP_S=0: no sweep, the benchmark runs the package's default tiles.
+if [ "${SWEEP_S:-150}" != 0 ]; then
+    timeout "${SWEEP_S:-150}" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40
+fi
 tiles=()
 [ -s "$OUT/tiles.json" ] && tiles=(--linear-tiles "$OUT/tiles.json")
 timeout "${BENCH_S:-200}" python run.py --workloads linear_scoring,linear_policy_loss \

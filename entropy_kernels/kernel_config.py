@@ -72,6 +72,19 @@ class TileConfig:
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
 
+    def smaller(self) -> Optional[TileConfig]:
+        """The next tile to try where this one does not fit the device: one pipeline stage
+        fewer (down to 2), then half the ``block_h`` (down to 16); None when neither can shrink."""
+        if self.num_stages is not None and self.num_stages > 2:
+            return TileConfig(
+                self.block_n, self.block_v, self.block_h, self.num_warps, self.num_stages - 1
+            )
+        if self.block_h > 16:
+            return TileConfig(
+                self.block_n, self.block_v, self.block_h // 2, self.num_warps, self.num_stages
+            )
+        return None
+
     def launch_options(self) -> dict:
         """Triton launch keywords."""
         options = {
@@ -86,11 +99,12 @@ class TileConfig:
 
 
 # The fastest of benchmarks/linear_sweep.py's tiles on an H200 (bfloat16, N = 4096, H = 2048,
-# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-tiles.json).
+# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-tiles*.json). A device with less
+# shared memory (or float32 operands) gets them shrunk by TileConfig.smaller at the first launch.
 LINEAR_GPU_DEFAULTS = {
     "linear_fwd": TileConfig(128, 256, 64, 8, 3),
-    "linear_bwd_hidden": TileConfig(128, 128, 64, 8, 3),
-    "linear_bwd_weight": TileConfig(128, 128, 64, 8, 3),
+    "linear_bwd_hidden": TileConfig(128, 128, 64, 8, 4),
+    "linear_bwd_weight": TileConfig(256, 128, 64, 16, 2),
 }
 # Small tiles under the interpreter, so that test shapes span several tiles and splits.
 LINEAR_INTERPRETER_DEFAULT = TileConfig(16, 32, 16, 4)
@@ -124,6 +138,11 @@ def tile_config(kernel: str, device: torch.device) -> TileConfig:
             LINEAR_GPU_DEFAULTS[kernel] if device.type == "cuda" else LINEAR_INTERPRETER_DEFAULT
         )
     return config
+
+
+def is_overridden(kernel: str) -> bool:
+    """Whether `kernel` runs under :func:`override` (its tile is then used as given)."""
+    return kernel in _overrides
 
 
 def round_bf16_by_hand(grad: torch.Tensor) -> bool:

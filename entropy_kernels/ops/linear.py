@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from ..kernel_config import tile_config
+from ..kernel_config import TileConfig, is_overridden, tile_config
 from .linear_lse import finish_rows, merge_states
 
 # Programs per SM a launch aims for when it splits the vocabulary between programs.
@@ -76,6 +76,31 @@ def _shape_args(hidden, weight, layouts, constants):
     return args, flags
 
 
+# The tile each (kernel, device, dtype) was found to fit in, after a launch ran out of resources.
+_fitted: dict[tuple, TileConfig] = {}
+
+
+def _launch_fitting(kernel: str, hidden: torch.Tensor, launch):
+    """``launch(tile)`` with the kernel's tile for hidden's device, shrunk (fewer stages, then
+    narrower ``block_h``) while the device lacks the shared memory or registers for it: the
+    defaults are sized for an H100 / H200, and float32 operands take twice the space. A tile
+    set by :func:`entropy_kernels.kernel_config.override` is launched as given."""
+    from triton.runtime.errors import OutOfResources
+
+    if is_overridden(kernel):
+        return launch(tile_config(kernel, hidden.device))
+    key = (kernel, hidden.device, hidden.dtype)
+    tile = _fitted.get(key) or tile_config(kernel, hidden.device)
+    while True:
+        try:
+            return launch(tile)
+        except OutOfResources:
+            smaller = tile.smaller()
+            if smaller is None:
+                raise
+            _fitted[key] = tile = smaller
+
+
 def _unit_stride(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.stride(-1) == 1 else weight.contiguous()
 
@@ -87,28 +112,32 @@ def linear_forward(hidden, weight, bias, tokens, layouts, constants):
     n_rows = layouts[0].n_rows
     inv_temperature, ignore_index = constants
     weight = _unit_stride(weight)
-    config = tile_config("linear_fwd", hidden.device)
-    n_row_blocks = -(-n_rows // config.block_n)
-    splits, tiles_per_split = vocab_splits(
-        n_row_blocks, weight.shape[0], config.block_v, hidden.device
-    )
-    state = torch.empty((splits, 3, n_rows), dtype=torch.float32, device=hidden.device)
-    token_logit = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=hidden.device)
-    if n_rows > 0:
-        args, flags = _shape_args(hidden, weight, layouts, constants)
-        linear_fwd_kernel[(n_row_blocks, splits)](
-            hidden,
-            weight,
-            bias,
-            tokens,
-            state,
-            token_logit,
-            *args,
-            tiles_per_split,
-            HAS_BIAS=bias is not None,
-            **flags,
-            **config.launch_options(),
+    args, flags = _shape_args(hidden, weight, layouts, constants)
+
+    def launch(tile: TileConfig):
+        n_row_blocks = -(-n_rows // tile.block_n)
+        splits, tiles_per_split = vocab_splits(
+            n_row_blocks, weight.shape[0], tile.block_v, hidden.device
         )
+        state = torch.empty((splits, 3, n_rows), dtype=torch.float32, device=hidden.device)
+        token_logit = torch.full((n_rows,), float("nan"), device=hidden.device)
+        if n_rows > 0:
+            linear_fwd_kernel[(n_row_blocks, splits)](
+                hidden,
+                weight,
+                bias,
+                tokens,
+                state,
+                token_logit,
+                *args,
+                tiles_per_split,
+                HAS_BIAS=bias is not None,
+                **flags,
+                **tile.launch_options(),
+            )
+        return state, token_logit
+
+    state, token_logit = _launch_fitting("linear_fwd", hidden, launch)
     ignored = tokens.reshape(-1) == ignore_index
     return finish_rows(*merge_states(state, inv_temperature), token_logit, ignored, inv_temperature)
 
@@ -119,17 +148,62 @@ def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, cons
 
     n_rows, size = layouts[0].n_rows, hidden.shape[-1]
     weight = _unit_stride(weight)
-    config = tile_config("linear_bwd_hidden", hidden.device)
-    n_row_blocks = -(-n_rows // config.block_n)
-    splits, tiles_per_split = vocab_splits(
-        n_row_blocks, weight.shape[0], config.block_v, hidden.device
-    )
-    partial = torch.zeros((splits, n_rows, size), dtype=torch.float32, device=hidden.device)
-    if n_rows > 0:
-        normaliser, entropy = saved
-        args, flags = _shape_args(hidden, weight, layouts, constants)
-        linear_bwd_hidden_kernel[(n_row_blocks, splits)](
-            partial,
+    normaliser, entropy = saved
+    args, flags = _shape_args(hidden, weight, layouts, constants)
+
+    def launch(tile: TileConfig):
+        n_row_blocks = -(-n_rows // tile.block_n)
+        splits, tiles_per_split = vocab_splits(
+            n_row_blocks, weight.shape[0], tile.block_v, hidden.device
+        )
+        partial = torch.zeros((splits, n_rows, size), dtype=torch.float32, device=hidden.device)
+        if n_rows > 0:
+            linear_bwd_hidden_kernel[(n_row_blocks, splits)](
+                partial,
+                hidden,
+                weight,
+                bias,
+                tokens,
+                normaliser[0],
+                normaliser[1],
+                entropy,
+                grads[0],
+                grads[1],
+                *args,
+                tiles_per_split,
+                HAS_BIAS=bias is not None,
+                DOT=_dot_mode(hidden.dtype, hidden.device),
+                HAS_GRAD_LOGP=grads[0] is not None,
+                HAS_GRAD_ENTROPY=grads[1] is not None,
+                **flags,
+                **tile.launch_options(),
+            )
+        return partial
+
+    partial = _launch_fitting("linear_bwd_hidden", hidden, launch)
+    # The splits' parts summed in a fixed order: deterministic.
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
+def linear_grad_weight(hidden, weight, bias, tokens, layouts, saved, grads, constants, needs):
+    """``(dweight [V, H], dbias [V])`` in float32; each None unless ``needs`` asks for it."""
+    from ..kernels.linear_bwd_weight import linear_bwd_weight_kernel
+
+    needs_weight, needs_bias = needs
+    weight = _unit_stride(weight)
+    vocab_size = weight.shape[0]
+    normaliser, entropy = saved
+    args, flags = _shape_args(hidden, weight, layouts, constants)
+
+    def launch(tile: TileConfig):
+        grad_weight = grad_bias = None
+        if needs_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if needs_bias:
+            grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=weight.device)
+        linear_bwd_weight_kernel[(-(-vocab_size // tile.block_v),)](
+            grad_weight,
+            grad_bias,
             hidden,
             weight,
             bias,
@@ -140,53 +214,15 @@ def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, cons
             grads[0],
             grads[1],
             *args,
-            tiles_per_split,
             HAS_BIAS=bias is not None,
             DOT=_dot_mode(hidden.dtype, hidden.device),
             HAS_GRAD_LOGP=grads[0] is not None,
             HAS_GRAD_ENTROPY=grads[1] is not None,
+            NEEDS_WEIGHT=needs_weight,
+            NEEDS_BIAS=needs_bias,
             **flags,
-            **config.launch_options(),
+            **tile.launch_options(),
         )
-    # The splits' parts summed in a fixed order: deterministic.
-    return partial[0] if splits == 1 else partial.sum(0)
+        return grad_weight, grad_bias
 
-
-def linear_grad_weight(hidden, weight, bias, tokens, layouts, saved, grads, constants, needs):
-    """``(dweight [V, H], dbias [V])`` in float32; each None unless ``needs`` asks for it."""
-    from ..kernels.linear_bwd_weight import linear_bwd_weight_kernel
-
-    needs_weight, needs_bias = needs
-    weight = _unit_stride(weight)
-    vocab_size = weight.shape[0]
-    grad_weight = grad_bias = None
-    if needs_weight:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    if needs_bias:
-        grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=weight.device)
-    config = tile_config("linear_bwd_weight", hidden.device)
-    normaliser, entropy = saved
-    args, flags = _shape_args(hidden, weight, layouts, constants)
-    linear_bwd_weight_kernel[(-(-vocab_size // config.block_v),)](
-        grad_weight,
-        grad_bias,
-        hidden,
-        weight,
-        bias,
-        tokens,
-        normaliser[0],
-        normaliser[1],
-        entropy,
-        grads[0],
-        grads[1],
-        *args,
-        HAS_BIAS=bias is not None,
-        DOT=_dot_mode(hidden.dtype, hidden.device),
-        HAS_GRAD_LOGP=grads[0] is not None,
-        HAS_GRAD_ENTROPY=grads[1] is not None,
-        NEEDS_WEIGHT=needs_weight,
-        NEEDS_BIAS=needs_bias,
-        **flags,
-        **config.launch_options(),
-    )
-    return grad_weight, grad_bias
+    return _launch_fitting("linear_bwd_weight", hidden, launch)
