@@ -74,16 +74,19 @@ class TileConfig:
 
     def smaller(self) -> Optional[TileConfig]:
         """The next tile to try where this one does not fit the device: one pipeline stage
-        fewer (down to 2), then half the ``block_h`` (down to 16); None when neither can shrink."""
+        fewer (down to 2), then half the larger of ``block_n`` / ``block_v`` (down to 32; the
+        float32 dlogits tile of the backward lives in shared memory too), then half ``block_h``
+        (down to 16); None when nothing can shrink."""
+        n, v, h = self.block_n, self.block_v, self.block_h
         if self.num_stages is not None and self.num_stages > 2:
-            return TileConfig(
-                self.block_n, self.block_v, self.block_h, self.num_warps, self.num_stages - 1
-            )
-        if self.block_h > 16:
-            return TileConfig(
-                self.block_n, self.block_v, self.block_h // 2, self.num_warps, self.num_stages
-            )
-        return None
+            return TileConfig(n, v, h, self.num_warps, self.num_stages - 1)
+        if max(n, v) > 32:
+            n, v = (n // 2, v) if n >= v else (n, v // 2)
+        elif h > 16:
+            h //= 2
+        else:
+            return None
+        return TileConfig(n, v, h, self.num_warps, self.num_stages)
 
     def launch_options(self) -> dict:
         """Triton launch keywords."""

@@ -87,8 +87,9 @@ def test_every_kernel_gives_reference_results_under_another_configuration(block_
 
 
 def test_linear_tiles_shrink_until_they_fit(monkeypatch):
-    """A fused linear tile the device cannot hold loses a stage, then half its block_h, until
-    it fits; the fitting tile is remembered. An overridden tile is launched as given."""
+    """A fused linear tile the device cannot hold loses a stage, then halves its larger block,
+    then its block_h, until it fits; the fitting tile is remembered. An overridden tile is
+    launched as given."""
     from triton.runtime.errors import OutOfResources
 
     from entropy_kernels.kernel_config import TileConfig, override
@@ -97,7 +98,7 @@ def test_linear_tiles_shrink_until_they_fit(monkeypatch):
     tried = []
 
     def launch(tile):
-        tried.append((tile.block_h, tile.num_stages))
+        tried.append((tile.block_n, tile.block_v, tile.block_h, tile.num_stages))
         if tile.block_h > 16:
             raise OutOfResources(262144, 232448, "shared memory")
         return "ran"
@@ -105,16 +106,22 @@ def test_linear_tiles_shrink_until_they_fit(monkeypatch):
     monkeypatch.setattr(ops, "_fitted", {})
     hidden = torch.zeros(2, 4)
     monkeypatch.setitem(
-        kernel_config.LINEAR_GPU_DEFAULTS, "linear_fwd", TileConfig(32, 32, 64, 4, 3)
+        kernel_config.LINEAR_GPU_DEFAULTS, "linear_fwd", TileConfig(64, 32, 64, 4, 3)
     )
-    monkeypatch.setattr(kernel_config, "LINEAR_INTERPRETER_DEFAULT", TileConfig(32, 32, 64, 4, 3))
+    monkeypatch.setattr(kernel_config, "LINEAR_INTERPRETER_DEFAULT", TileConfig(64, 32, 64, 4, 3))
     assert ops._launch_fitting("linear_fwd", hidden, launch) == "ran"
-    assert tried == [(64, 3), (64, 2), (32, 2), (16, 2)]
+    assert tried == [
+        (64, 32, 64, 3),
+        (64, 32, 64, 2),
+        (32, 32, 64, 2),
+        (32, 32, 32, 2),
+        (32, 32, 16, 2),
+    ]
     tried.clear()
     assert ops._launch_fitting("linear_fwd", hidden, launch) == "ran"
-    assert tried == [(16, 2)]
+    assert tried == [(32, 32, 16, 2)]
     tried.clear()
     with override(linear_fwd=TileConfig(32, 32, 64, 4, 3)), pytest.raises(OutOfResources):
         ops._launch_fitting("linear_fwd", hidden, launch)
-    assert tried == [(64, 3)]
-    assert TileConfig(16, 16, 16, 1, 2).smaller() is None
+    assert tried == [(32, 32, 64, 3)]
+    assert TileConfig(32, 16, 16, 1, 2).smaller() is None
