@@ -6,14 +6,13 @@ Failures are collected on each rank and raised after the last collective (ranks 
 
 from __future__ import annotations
 
-import datetime
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_harness import run_ranks
 
 import entropy_kernels as ek
 from entropy_kernels import reference
@@ -186,39 +185,15 @@ def check_reference(checks, rank, group):
             checks.close(f"reference {name} {what} grad", local[i].grad, want_grad, GRAD_TOL)
 
 
-def worker(rank, world, init_file, results):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+def all_checks(rank, world):
     checks = Checks(rank)
-    try:
-        check_dtensor(checks, rank, world)
-        check_reference(checks, rank, dist.group.WORLD)
-    except Exception as error:  # noqa: BLE001 - reported to the parent process
-        checks.failures.append(f"rank {rank}: {type(error).__name__}: {error}")
-    finally:
-        dist.destroy_process_group()
-    results.put((rank, checks.failures))
+    check_dtensor(checks, rank, world)
+    check_reference(checks, rank, dist.group.WORLD)
+    return checks.failures
 
 
 def test_dtensor_weights_and_reference_tp_group(tmp_path):
-    world = 2
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    results = context.SimpleQueue()
-    mp.start_processes(
-        worker,
-        args=(world, str(tmp_path / "init"), results),
-        nprocs=world,
-        join=True,
-        start_method="forkserver",
-    )
-    failures = [failure for _ in range(world) for failure in results.get()[1]]
-    assert not failures, "\n".join(failures[:20])
+    run_ranks(all_checks, 2, tmp_path, PRELOAD)
 
 
 class _ZeroStatus:
