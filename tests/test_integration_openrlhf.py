@@ -19,6 +19,7 @@ pytest.importorskip("openrlhf")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tiny_models import tiny_causal_lm  # noqa: E402
 
 import entropy_kernels  # noqa: E402
 from entropy_kernels.integrations import openrlhf as adapter  # noqa: E402
@@ -528,28 +529,6 @@ def test_experience_maker_rejects_kl_in_reward(openrlhf, installed):
 
 # ---------------------------------------------------------------------------------------------
 # The fused linear path: hidden states and the LM head, no logits
-
-
-def tiny_causal_lm(seed=0, vocab=29):
-    """A randomly initialised two-layer Qwen2 causal LM (no download), float32."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Qwen2Config"):
-        pytest.skip("transformers is stubbed here")
-    config = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(config).float()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)  # logits with realistic spread
-    return model
 
 
 def actor_scores(actor, sequences, action_mask, weights):

@@ -15,6 +15,7 @@ pytest.importorskip("verl")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from gloo_harness import run_ranks  # noqa: E402
+from tiny_models import tiny_causal_lm  # noqa: E402
 
 import entropy_kernels  # noqa: E402
 from entropy_kernels.integrations import verl as adapter  # noqa: E402
@@ -28,26 +29,6 @@ def installed():
     adapter.install()
     yield
     adapter.uninstall()
-
-
-def tiny_model(seed=0, vocab=37):
-    """A randomly initialised two-layer Qwen2 causal LM (no download), float32."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(config).float()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)  # logits with realistic spread
-    return model
 
 
 def logits_path_scores(model, input_ids, temperature):
@@ -67,7 +48,7 @@ def test_use_fused_kernels_forward_runs_on_the_linear_op(
     the model score from hidden states and the LM head: that scoring is ours (the ``"triton"``
     backend's kernel needs CUDA in verl; ours runs here), with verl's temperature."""
     monkey_patch = importlib.import_module("verl.models.transformers.monkey_patch")
-    model = tiny_model()
+    model = tiny_causal_lm(vocab=37)
     input_ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
     temperature = 0.7
     want = logits_path_scores(model, input_ids, temperature)
