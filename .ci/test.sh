@@ -10,7 +10,8 @@ verl_setup=$!
 .venv/bin/python -m pytest -q
 main_status=$?
 if wait "$verl_setup"; then
-    .venv-verl/bin/python -m pytest -q tests/test_integration_verl.py
+    .venv-verl/bin/python -m pytest -q tests/test_integration_verl.py \
+        tests/test_integration_verl_scale.py
     verl_status=$?
 else
     cat "$verl_log"

@@ -27,6 +27,7 @@ from .policy_loss import (
     check_loss_rows,
     policy_loss_core,
 )
+from .weights import plain_linear_weights
 
 # Keywords of the linear losses besides the surrogate's (LossOptions) and the shaping's.
 _CALL_DEFAULTS = {"temperature": 1.0, "validate": True, "backend": "auto", "tp_group": None}
@@ -106,6 +107,7 @@ def linear_policy_loss(
     """
     tensors, _, options, call = _split_options(policy_loss_options, None)
     old_logprobs, ref_logprobs = tensors
+    weight, bias = plain_linear_weights(hidden, weight, bias, call[-1])
     tokens = check_linear_inputs(hidden, weight, bias, tokens)
     check_loss_rows("hidden", "H", tuple(hidden.shape), options)
     check_loss_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, options)
@@ -118,6 +120,7 @@ def linear_policy_loss(
 def _linear_shaped_loss(hidden, weight, bias, tokens, rewards, mask, groups, options, shaping):
     tensors, shaping, loss_options, call = _split_options(options, shaping)
     old_logprobs, old_entropy, ref_logprobs = tensors
+    weight, bias = plain_linear_weights(hidden, weight, bias, call[-1])
     tokens = check_linear_inputs(hidden, weight, bias, tokens)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (rows are grouped), got {tuple(hidden.shape)}")

@@ -42,6 +42,7 @@ from ._validation import (
 )
 from .ops.linear_lse import finish_rows
 from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
+from .weights import plain_linear_weights
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
 # step holds about four of them whatever N and V are.
@@ -395,6 +396,7 @@ def linear_logprobs_and_entropy(
         is allocated (memory above inputs, outputs and gradients is a few fixed-size tiles).
     """
     check_ignore_index(ignore_index)
+    weight, bias = plain_linear_weights(hidden, weight, bias, tp_group)
     tokens = check_linear_inputs(hidden, weight, bias, tokens, ignore_index)
     options = linear_options(
         hidden, weight, tokens, temperature, ignore_index, validate, backend, tp_group

@@ -94,13 +94,15 @@ def score_shard(
     return _ParallelScoring.apply(_LogitsShard(options), tokens, shard, logits)
 
 
-def linear_score_shard(hidden, weight, bias, tokens, options: LinearOptions):
+def linear_score_shard(hidden, weight, bias, tokens, options: LinearOptions, sum_hidden_grad=True):
     """Vocabulary-parallel ``(logprobs, entropy)`` of ``hidden @ weight.T + bias``.
 
-    ``weight`` / ``bias`` hold this rank's rows; the hidden gradient is summed over the group.
+    ``weight`` / ``bias`` hold this rank's rows; the hidden gradient is summed over the group,
+    or (``sum_hidden_grad=False``, for callers whose next layer reduces it, as Megatron's
+    sequence-parallel gather does) this shard's part only.
     """
     return _ParallelScoring.apply(
-        _LinearShard(options), tokens, options.shard, hidden, weight, bias
+        _LinearShard(options, sum_hidden_grad), tokens, options.shard, hidden, weight, bias
     )
 
 
@@ -138,6 +140,7 @@ class _LinearShard:
     """The local linear op on this rank's ``[V_r, H]`` weight (and ``[V_r]`` bias) rows."""
 
     options: LinearOptions
+    sum_hidden_grad: bool = True
 
     def _local(self) -> LinearOptions:
         return LinearOptions(self.options.temperature, LOCAL_IGNORE, self.options.backend)
@@ -149,7 +152,7 @@ class _LinearShard:
     def backward(self, tensors, local_tokens, normaliser, entropy, grads, needs, group):
         saved = (*tensors, local_tokens, normaliser, entropy)
         grad_hidden, grad_weight, grad_bias = linear_gradients(saved, *grads, needs, self._local())
-        if grad_hidden is not None:
+        if grad_hidden is not None and self.sum_hidden_grad:
             # hidden is replicated: its gradient is the sum of every shard's part.
             torch.distributed.all_reduce(grad_hidden, group=group)
         return grad_hidden, grad_weight, grad_bias

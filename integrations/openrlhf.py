@@ -41,12 +41,14 @@ import torch
 import torch.nn.functional as F
 
 import entropy_kernels
+from entropy_kernels.weights import is_zero3_param
 
 from ._patching import Patches
 
 __all__ = [
     "CONFIG_ENV",
     "SETUP_HOOK",
+    "FusedLinearPolicyLoss",
     "FusedPolicyLoss",
     "install",
     "ray_runtime_env",
@@ -200,22 +202,25 @@ def _fused_actor_forward(original):
                 return_entropy=return_entropy,
                 **mm_inputs,
             )
-        # OpenRLHF's forward up to the float32, temperature-scaled logits; scoring is ours.
-        output = original(
-            self,
-            sequences,
-            None,
-            attention_mask,
-            return_output=True,
-            ring_attn_group=ring_attn_group,
-            packed_seq_lens=packed_seq_lens,
-            **mm_inputs,
-        )
         # Score only what the caller reads: the response window (or every next token).
         start = 0 if action_mask is None else sequences.shape[1] - 1 - action_mask.shape[1]
-        logprobs, entropy = entropy_kernels.logprobs_and_entropy(
-            output["logits"][:, start:-1], sequences[:, start + 1 :]
-        )
+        parts = _backbone_and_head(self)
+        if parts is not None:
+            # Hidden states and the LM head: no logits at all (float32 or otherwise).
+            output, logprobs, entropy = _linear_scores(
+                self, *parts, sequences, attention_mask, start, mm_inputs
+            )
+        else:
+            output, logprobs, entropy = _logits_scores(
+                self,
+                original,
+                sequences,
+                attention_mask,
+                start,
+                ring_attn_group,
+                packed_seq_lens,
+                mm_inputs,
+            )
         if return_entropy:
             # OpenRLHF's layout: [B, S - 1], read back as entropy[:, -num_actions:].
             output.entropy = F.pad(entropy, (start, 0))
@@ -224,6 +229,71 @@ def _fused_actor_forward(original):
         return (logprobs, output) if return_output else logprobs
 
     return forward
+
+
+def _logits_scores(actor, original, sequences, attention_mask, start, ring, packed, mm_inputs):
+    """OpenRLHF's forward up to the float32, temperature-scaled logits; scoring is ours."""
+    output = original(
+        actor,
+        sequences,
+        None,
+        attention_mask,
+        return_output=True,
+        ring_attn_group=ring,
+        packed_seq_lens=packed,
+        **mm_inputs,
+    )
+    logprobs, entropy = entropy_kernels.logprobs_and_entropy(
+        output["logits"][:, start:-1], sequences[:, start + 1 :]
+    )
+    return output, logprobs, entropy
+
+
+def _backbone_and_head(actor):
+    """``(backbone, lm_head)`` when the actor's logits are exactly ``lm_head(backbone(...)[0])``
+    (a plain ``nn.Linear`` head on a decoder, as HF causal LMs and their PEFT wrappers are), else
+    None: soft-capped or scaled logits, MoE router outputs (their aux loss comes with the
+    logits), vision-language models and ZeRO-3-partitioned heads keep the logits path."""
+    model = actor.model
+    config = getattr(model, "config", None)
+    if config is None or getattr(actor, "is_vlm", False):
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(
+        config, "output_router_logits", False
+    ):
+        return None
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    get_head, get_decoder = (
+        getattr(model, n, None) for n in ("get_output_embeddings", "get_decoder")
+    )
+    if not (callable(get_head) and callable(get_decoder)):
+        return None
+    head, backbone = get_head(), get_decoder()
+    if type(head) is not torch.nn.Linear or backbone is None or backbone is model:
+        return None
+    if is_zero3_param(head.weight):
+        return None
+    return backbone, head
+
+
+def _linear_scores(actor, backbone, head, sequences, attention_mask, start, mm_inputs):
+    """Log-probs and entropy from the backbone's last hidden states and the LM head, with
+    OpenRLHF's position ids and temperature; the output is the backbone's (no logits)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    output = backbone(
+        sequences, attention_mask=attention_mask, position_ids=position_ids, **mm_inputs
+    )
+    hidden = output[0]
+    logprobs, entropy = entropy_kernels.linear_logprobs_and_entropy(
+        hidden[:, start:-1],
+        head.weight,
+        sequences[:, start + 1 :],
+        bias=head.bias,
+        temperature=actor.temperature,
+    )
+    return output, logprobs, entropy
 
 
 def _entropy_of_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -525,7 +595,7 @@ class FusedPolicyLoss(torch.nn.Module):
                 # global count, times dp_size.
                 local = (action_mask.sum(-1) > 0).sum()
                 scale = local * dp_size / global_batch_size
-        out = entropy_kernels.policy_loss(
+        out = self._policy_loss(
             logits,
             tokens,
             shaped,
@@ -564,10 +634,16 @@ class FusedPolicyLoss(torch.nn.Module):
             self.is_correction_gating,
             self.is_correction_threshold,
         )
-        log_probs, _ = entropy_kernels.logprobs_and_entropy(
+        log_probs, _ = self._scores(logits, tokens)
+        return loss(log_probs, *args)
+
+    def _policy_loss(self, logits, tokens, advantages, mask, **options):
+        return entropy_kernels.policy_loss(logits, tokens, advantages, mask, **options)
+
+    def _scores(self, logits, tokens):
+        return entropy_kernels.logprobs_and_entropy(
             logits, tokens, temperature=self.temperature, backend=self.backend
         )
-        return loss(log_probs, *args)
 
     @torch.no_grad()
     def _is_correction(self, old_log_probs, rollout_log_probs, action_mask):
@@ -603,6 +679,62 @@ class FusedPolicyLoss(torch.nn.Module):
             filter_ratio = _masked_mean(filtered.float(), action_mask)
         vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, action_mask)
         return weight, filter_ratio, vllm_kl
+
+
+class FusedLinearPolicyLoss(FusedPolicyLoss):
+    """:class:`FusedPolicyLoss` from the last hidden states and the LM head, by
+    :func:`entropy_kernels.linear_policy_loss`: no ``[B, A, V]`` logits are ever formed.
+
+    Same constructor (and :meth:`from_openrlhf`) as :class:`FusedPolicyLoss`; ``"gspo"`` runs
+    OpenRLHF's ``PolicyLoss`` on the log-probs of the fused linear scoring op.
+    """
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        action_mask: torch.Tensor | None = None,
+        rollout_log_probs: torch.Tensor | None = None,
+        dp_size: int = 1,
+        batch_num_tokens: float | torch.Tensor | None = None,
+        global_batch_size: float | torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+    ):
+        """Args as :meth:`FusedPolicyLoss.forward`, with the logits replaced by:
+
+        Args:
+            hidden: ``[B, A, H]`` hidden states predicting the ``A`` action tokens (from a
+                causal LM's ``[B, S, H]`` last hidden states, ``hidden[:, -A - 1 : -1]``).
+            weight: ``[V, H]`` LM head (``lm_head.weight``); bias: ``[V]`` or None. A DTensor
+                (FSDP2) weight is accepted (:mod:`entropy_kernels.weights`).
+        """
+        return super().forward(
+            (hidden, weight, bias),
+            tokens,
+            old_log_probs,
+            advantages,
+            action_mask,
+            rollout_log_probs,
+            dp_size,
+            batch_num_tokens,
+            global_batch_size,
+        )
+
+    def _policy_loss(self, inputs, tokens, advantages, mask, **options):
+        hidden, weight, bias = inputs
+        return entropy_kernels.linear_policy_loss(
+            hidden, weight, tokens, advantages, mask, bias=bias, **options
+        )
+
+    def _scores(self, inputs, tokens):
+        hidden, weight, bias = inputs
+        return entropy_kernels.linear_logprobs_and_entropy(
+            hidden, weight, tokens, bias=bias, temperature=self.temperature, backend=self.backend
+        )
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Tensor:

@@ -49,13 +49,18 @@ from ._patching import Patches
 __all__ = [
     "OLD_ENTROPY_KEY",
     "SETUP_HOOK",
+    "FusedLinearForPPO",
     "compute_gtpo_advantage",
     "compute_grpo_s_advantage",
     "entropy_from_logits",
     "fused_policy_loss",
     "install",
+    "linear_cross_entropy",
     "logprobs_from_logits",
     "uninstall",
+    "vocab_parallel_entropy",
+    "vocab_parallel_entropy_with_chunking",
+    "vocab_parallel_log_probs_from_logits",
 ]
 
 #: Ray ``worker_process_setup_hook`` value that installs the adapter in every worker.
@@ -387,7 +392,15 @@ def install(*, fused_scoring: bool = True) -> None:
     - ``fused_scoring`` (default True): the FSDP engine's ``prepare_model_outputs`` (the path with
       ``use_remove_padding``, verl's default, and without ``use_fused_kernels``) computes
       log-probs and entropy in one fused pass (two fused passes with
-      ``entropy_checkpointing``), for the old-log-prob pass and for training.
+      ``entropy_checkpointing``), for the old-log-prob pass and for training. With
+      ``use_fused_kernels=True`` verl's models score from the hidden states and the LM head:
+      ``FusedLinearForPPO`` and ``linear_cross_entropy`` (HF models, either
+      ``fused_kernels_backend``, and Megatron's fused forward, vocabulary-parallel) become
+      :class:`FusedLinearForPPO` / :func:`linear_cross_entropy` on the fused linear op, which
+      never forms the logits. The Megatron engine's vocabulary-parallel scoring
+      (``vocab_parallel_entropy`` / ``_with_chunking`` / ``vocab_parallel_log_probs_from_logits``)
+      becomes the drop-ins of the same names, on :func:`entropy_kernels.logprobs_and_entropy`
+      with Megatron's tensor-parallel group as ``tp_group``.
     """
     uninstall()
     _patches.on_import("verl.trainer.ppo.core_algos", _register_estimators)
@@ -395,6 +408,8 @@ def install(*, fused_scoring: bool = True) -> None:
     _patches.on_import("verl.trainer.ppo.v1.trainer_base", _patch_v1_trainer)
     if fused_scoring:
         _patches.on_import("verl.workers.engine.fsdp.transformer_impl", _patch_fsdp_engine)
+        for module_name, attributes in {**_FUSED_LINEAR_PATCHES, **_MEGATRON_PATCHES}.items():
+            _patches.on_import(module_name, _patch_attributes(attributes))
 
 
 def uninstall() -> None:
@@ -531,3 +546,143 @@ def _patch_fsdp_engine(transformer_impl) -> None:
 
     _patches.set(engine, "prepare_model_outputs", _prepare_model_outputs)
     _patches.set(transformer_impl, "logprobs_from_logits", _logprobs_of_shared_pass)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear scoring (use_fused_kernels=True) and Megatron vocabulary-parallel scoring
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """Drop-in for ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (the
+    ``use_fused_kernels`` forward of verl's HF models, ``fused_kernels_backend`` ``"torch"`` or
+    ``"liger"``), by :func:`entropy_kernels.linear_logprobs_and_entropy`: log-probs and entropy
+    of ``hidden_states @ vocab_weights.T / temperature`` without forming the logits.
+
+    Same constructor and ``forward`` signature; ``chunk_size`` is accepted and unused (the
+    kernel's memory does not grow with the tokens). Both outputs are float32 (verl's torch
+    implementation returns its entropy in the hidden states' dtype, after computing it in
+    float32). ``vocab_weights`` may be an FSDP2 ``DTensor`` (see :mod:`entropy_kernels.weights`).
+    """
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch") -> None:
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(
+                f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'."
+            )
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+        return entropy_kernels.linear_logprobs_and_entropy(
+            hidden_states, vocab_weights, input_ids.long(), temperature=float(temperature)
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group=None,
+):
+    """Drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (the
+    ``fused_kernels_backend="triton"`` forward of verl's HF models, and the fused forward of
+    its Megatron models): ``(logprobs, entropy)`` of ``hidden @ weight.T / temperature``,
+    flattened to ``[N]`` as verl returns them, by the fused linear op.
+
+    ``reduction`` ``"sum"`` / ``"mean"`` reduce the log-probs (the entropy stays per token), as
+    verl's kernel does. With ``dist_process_group`` the vocabulary is sharded over the group
+    (``weight`` holds this rank's rows) and, as in verl's kernel, ``hidden``'s gradient is this
+    shard's part (Megatron's sequence-parallel gather sums the parts in its backward).
+    """
+    from entropy_kernels.linear_scoring import check_linear_inputs, linear_options
+    from entropy_kernels.parallel import linear_score_shard
+    from entropy_kernels.weights import plain_linear_weights
+
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"Invalid reduction: {reduction}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).long()
+    if dist_process_group is None:
+        logprobs, entropy = entropy_kernels.linear_logprobs_and_entropy(
+            hidden, weight, labels, temperature=float(temperature)
+        )
+    else:
+        weight, _ = plain_linear_weights(hidden, weight, None, dist_process_group)
+        labels = check_linear_inputs(hidden, weight, None, labels)
+        options = linear_options(
+            hidden, weight, labels, float(temperature), -100, True, "auto", dist_process_group
+        )
+        logprobs, entropy = linear_score_shard(
+            hidden, weight, None, labels, options, sum_hidden_grad=False
+        )
+    if reduction == "sum":
+        logprobs = logprobs.sum()
+    elif reduction == "mean":
+        logprobs = logprobs.mean()
+    return logprobs, entropy
+
+
+def _megatron_tp_group(tp_group):
+    if tp_group is not None:
+        return tp_group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Drop-in for ``verl.utils.megatron.tensor_parallel.vocab_parallel_entropy``: float32
+    entropy ``[...]`` of logits whose vocabulary is sharded over Megatron's tensor-parallel
+    group (or ``tp_group``), by :func:`entropy_kernels.logprobs_and_entropy` with ``tp_group``
+    (all-reduces of ``O(N)`` floats). The logits are not modified."""
+    logits = vocab_parallel_logits
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    group = _megatron_tp_group(tp_group)
+    return entropy_kernels.logprobs_and_entropy(logits, tokens, validate=False, tp_group=group)[1]
+
+
+def vocab_parallel_entropy_with_chunking(
+    vocab_parallel_logits: torch.Tensor, chunk_size: int = 2048, tp_group=None
+) -> torch.Tensor:
+    """Drop-in for ``vocab_parallel_entropy_with_chunking``: :func:`vocab_parallel_entropy` (the
+    kernel is memory-bounded, so ``chunk_size`` is ignored)."""
+    return vocab_parallel_entropy(vocab_parallel_logits, tp_group)
+
+
+def vocab_parallel_log_probs_from_logits(logits, labels, tp_group=None) -> torch.Tensor:
+    """Drop-in for ``verl.utils.megatron.tensor_parallel.vocab_parallel_log_probs_from_logits``
+    (Megatron's ``-vocab_parallel_cross_entropy``): float32 log-probs of the global ``labels``
+    under vocabulary-sharded logits, by :func:`entropy_kernels.logprobs_and_entropy`."""
+    group = _megatron_tp_group(tp_group)
+    return entropy_kernels.logprobs_and_entropy(logits, labels.long(), tp_group=group)[0]
+
+
+# Module attributes that install() points at the drop-ins above (each module is patched when
+# verl imports it; modules that import a function by name are patched too).
+_FUSED_LINEAR_PATCHES = {
+    "verl.utils.experimental.torch_functional": {"FusedLinearForPPO": FusedLinearForPPO},
+    "verl.utils.kernel.linear_cross_entropy": {"linear_cross_entropy": linear_cross_entropy},
+    "verl.models.mcore.model_forward_fused": {"linear_cross_entropy": linear_cross_entropy},
+    "verl.models.mcore.model_forward_1f1b_overlap": {"linear_cross_entropy": linear_cross_entropy},
+}
+_MEGATRON_SCORING = {
+    "vocab_parallel_entropy": vocab_parallel_entropy,
+    "vocab_parallel_entropy_with_chunking": vocab_parallel_entropy_with_chunking,
+    "vocab_parallel_log_probs_from_logits": vocab_parallel_log_probs_from_logits,
+}
+_MEGATRON_PATCHES = {
+    "verl.utils.megatron.tensor_parallel": _MEGATRON_SCORING,
+    "verl.workers.engine.megatron.transformer_impl": _MEGATRON_SCORING,
+}
+
+
+def _patch_attributes(attributes: dict):
+    def apply(module) -> None:
+        for name, value in attributes.items():
+            if hasattr(module, name):
+                _patches.set(module, name, value)
+
+    return apply

@@ -19,6 +19,7 @@ pytest.importorskip("openrlhf")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tiny_models import tiny_causal_lm  # noqa: E402
 
 import entropy_kernels  # noqa: E402
 from entropy_kernels.integrations import openrlhf as adapter  # noqa: E402
@@ -524,3 +525,105 @@ def test_experience_maker_rejects_kl_in_reward(openrlhf, installed):
     maker.strategy.args.algo.kl = SimpleNamespace(use_loss=False, init_coef=0.01)
     with pytest.raises(ValueError, match="use_loss"):
         maker.make_experience_batch([])
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused linear path: hidden states and the LM head, no logits
+
+
+def actor_scores(actor, sequences, action_mask, weights):
+    logp, output = actor(
+        sequences,
+        action_mask,
+        torch.ones_like(sequences),
+        return_output=True,
+        return_entropy=True,
+    )
+    entropy = output.entropy[:, -action_mask.shape[1] :]
+    actor.zero_grad()
+    (logp * weights[0] + entropy * weights[1]).sum().backward()
+    return logp, output.entropy, [p.grad.clone() for p in actor.parameters()], output
+
+
+def test_actor_scores_from_hidden_states(openrlhf, installed, monkeypatch):
+    """With an HF causal LM the patched actor scores from the backbone's hidden states and
+    ``lm_head.weight`` (no logits), equal to OpenRLHF's own logits path, gradients included."""
+    actor = openrlhf.actor.Actor(tiny_causal_lm(), temperature=0.7)
+    actor.packing_samples = False
+    generator = torch.Generator().manual_seed(1)
+    sequences = torch.randint(0, 29, (3, 10), generator=generator)
+    action_mask = torch.rand(3, 6, generator=generator) > 0.2
+    weights = torch.randn(2, 3, 6, generator=generator)
+    # OpenRLHF's maths (its logits path, in plain PyTorch: flash-attn is stubbed here).
+    want_logp, want_entropy = reference_scores(actor, sequences)
+    want_logp = want_logp[:, -6:] * action_mask
+    (want_logp * weights[0] + want_entropy[:, -6:] * weights[1]).sum().backward()
+    want = (want_logp, want_entropy, [p.grad.clone() for p in actor.parameters()])
+
+    installed()
+    calls = []
+    for name in ("logprobs_and_entropy", "linear_logprobs_and_entropy"):
+        function = getattr(entropy_kernels, name)
+        monkeypatch.setattr(
+            entropy_kernels,
+            name,
+            lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k),
+        )
+    got = actor_scores(actor, sequences, action_mask, weights)
+    assert calls == ["linear_logprobs_and_entropy"], calls
+    assert "logits" not in got[3], "the linear path forms no logits"
+    torch.testing.assert_close(got[0], want[0], **VALUE_TOL)
+    # OpenRLHF's layout [B, S - 1]; the caller reads the response window.
+    assert got[1].shape == want[1].shape == (3, 9)
+    torch.testing.assert_close(got[1][:, -6:], want[1][:, -6:], **VALUE_TOL)
+    for value, expected in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(value, expected, **GRAD_TOL)
+
+    # Heads the linear path cannot express keep the fused logits path.
+    calls.clear()
+    actor.model.config.final_logit_softcapping = 30.0
+    try:
+        actor(sequences, action_mask, torch.ones_like(sequences))
+    finally:
+        del actor.model.config.final_logit_softcapping
+    assert calls == ["logprobs_and_entropy"], calls
+
+
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+@pytest.mark.parametrize("is_correction_level", ["off", "token"])
+def test_fused_linear_policy_loss_matches_policy_loss(
+    openrlhf, policy_loss_type, is_correction_level
+):
+    _, tokens, old, rollout, advantages, mask = loss_inputs(seed=3)
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(4, 7, 6, generator=generator)
+    weight = torch.randn(13, 6, generator=generator)
+    bias = torch.randn(13, generator=generator)
+    options = dict(
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        dual_clip=3.0 if policy_loss_type == "ppo" else None,
+        policy_loss_type=policy_loss_type,
+        is_correction_level=is_correction_level,
+    )
+    loss_args = (old, advantages, mask, rollout)
+    results = []
+    for fused in (True, False):
+        inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        if fused:
+            loss_fn = adapter.FusedLinearPolicyLoss(**options, temperature=0.9)
+            out = loss_fn(*inputs[:2], tokens, *loss_args, bias=inputs[2])
+        else:
+            logits = (inputs[0] @ inputs[1].T + inputs[2]) / 0.9
+            log_probs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+            out = openrlhf.loss.PolicyLoss(**options)(log_probs, *loss_args)
+        out[0].backward()
+        results.append((out, [t.grad for t in inputs]))
+    (got, got_grads), (want, want_grads) = results
+    for value, expected in zip(got, want, strict=True):
+        if expected is None:
+            assert value is None
+        else:
+            torch.testing.assert_close(value.detach(), expected.detach(), **VALUE_TOL)
+    for value, expected in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(value, expected, **GRAD_TOL)

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .core import logprobs_and_entropy, policy_loss
+from .parallel import gather_vocab
 
 # The option values and whitening constant of the spec (algorithms.md), restated here: the
 # reference imports nothing from the library (tests check that these match it).
@@ -405,8 +406,10 @@ def gtpo_loss(
     inplace_backward=False,
     validate=True,
     backend="auto",
+    tp_group=None,
 ):
     """Reference GTPO loss: reference `policy_loss` with `gtpo_advantages` (Eq. 6, 7)."""
+    logits = gather_vocab(logits, tp_group)
     mask = _active_mask(mask, tokens)
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
     advantages = gtpo_advantages(
@@ -472,8 +475,10 @@ def grpo_s_loss(
     inplace_backward=False,
     validate=True,
     backend="auto",
+    tp_group=None,
 ):
     """Reference GRPO-S loss: reference `policy_loss` with `grpo_s_advantages` on every token."""
+    logits = gather_vocab(logits, tp_group)
     mask = _active_mask(mask, tokens)
     shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
     advantages = grpo_s_advantages(

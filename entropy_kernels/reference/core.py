@@ -13,6 +13,8 @@ from collections import namedtuple
 
 import torch
 
+from .parallel import gather_vocab
+
 AGGREGATIONS = (
     "token-mean",
     "seq-mean-token-mean",
@@ -48,9 +50,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def logprobs_and_entropy(
-    logits, tokens, *, temperature=1.0, ignore_index=-100, validate=True, backend="auto"
+    logits,
+    tokens,
+    *,
+    temperature=1.0,
+    ignore_index=-100,
+    validate=True,
+    backend="auto",
+    tp_group=None,
 ):
-    """Reference of :func:`entropy_kernels.logprobs_and_entropy`; validate/backend are unused."""
+    """Reference of :func:`entropy_kernels.logprobs_and_entropy`; validate/backend are unused.
+    With ``tp_group`` the logits shards are all-gathered first (``reference/parallel.py``)."""
+    logits = gather_vocab(logits, tp_group)
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
     log_probs = torch.log_softmax(z, dim=-1)
     probs = log_probs.exp()
@@ -109,8 +120,10 @@ def policy_loss(
     inplace_backward=False,
     validate=True,
     backend="auto",
+    tp_group=None,
 ):
     """Reference of :func:`entropy_kernels.policy_loss`; metrics as Python-free 0-dim tensors."""
+    logits = gather_vocab(logits, tp_group)
     check_options(clip_low, clip_high, dual_clip, aggregation, normalizer, temperature)
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs [B, T] is required when kl_coef != 0")
