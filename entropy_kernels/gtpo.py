@@ -38,6 +38,7 @@ from .advantages import (
     uniform_group_rows,
 )
 from .objectives import Objective
+from .ops.scoring import ScoringOptions
 from .parallel import vocab_shard
 from .policy_loss import (
     LossOptions,
@@ -48,7 +49,6 @@ from .policy_loss import (
     policy_loss_core,
     without_ignored_tokens,
 )
-from .scoring import ScoringOptions
 
 __all__ = [
     "GTPOShaping",

@@ -40,7 +40,9 @@ from ._validation import (
     check_values,
     resolve_backend,
 )
-from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
+from .backends.torch_scoring import _torch_chunk_backward
+from .ops.rows import as_rows, row_chunks, row_layouts
+from .ops.scoring import ScoringOptions
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
 # step holds about four of them whatever N and V are.

@@ -2,7 +2,7 @@
 
 The vocabulary-sized work (log-softmax, entropy and their gradient) is the kernels': on the
 Triton backend with a gradient, one fused kernel that also writes ``d loss / d logits`` in the
-forward pass (:mod:`entropy_kernels.fused`); otherwise the differentiable scoring op. What
+forward pass (:mod:`entropy_kernels.ops.policy_loss`); otherwise the differentiable scoring op. What
 remains here is per token and per sequence, on ``[B, T]``.
 """
 
@@ -21,10 +21,10 @@ from ._validation import (
     check_values,
     resolve_backend,
 )
-from .fused import LOG_RATIO_LIMIT, policy_loss_fused, policy_loss_fused_
-from .objectives import OBJECTIVE_CODES, Objective, as_objective, objective_loss
+from .objectives import LOG_RATIO_LIMIT, OBJECTIVE_CODES, Objective, as_objective, objective_loss
+from .ops.policy_loss import policy_loss_fused_out
+from .ops.scoring import ScoringOptions, gradient_buffer
 from .parallel import VocabShard, score_shard, vocab_shard
-from .scoring import ScoringOptions
 
 AGGREGATIONS = (
     "token-mean",
@@ -338,13 +338,11 @@ def _fused_policy_loss(
         float(objective.sapo_temperature_neg),
     )
     inplace = scoring.inplace_backward and not torch.compiler.is_compiling()
+    grad_logits = gradient_buffer(logits.detach(), inplace)
     if inplace:
         slot = _GradientSlot()
         edge = _InplaceGradientEdge.apply(logits, slot)
-        logprobs, entropy = policy_loss_fused_(logits.detach(), *args)
-        slot.grad = logits.detach()
-    else:
-        logprobs, entropy, grad_logits = policy_loss_fused(logits.detach(), *args)
+    logprobs, entropy = policy_loss_fused_out(logits.detach(), *args, grad_logits)
     with torch.no_grad():
         out = loss_from_logprobs(
             logprobs,
@@ -355,11 +353,12 @@ def _fused_policy_loss(
             ref_logprobs=ref_logprobs,
             options=options,
         )
-    if not inplace:
-        return PolicyLossOutput(
-            _LossWithGradient.apply(out.loss, logits, grad_logits), logprobs, entropy, out.metrics
-        )
-    return PolicyLossOutput(edge + out.loss, logprobs, entropy, out.metrics)
+    if inplace:
+        slot.grad = grad_logits
+        loss = edge + out.loss
+    else:
+        loss = _LossWithGradient.apply(out.loss, logits, grad_logits)
+    return PolicyLossOutput(loss, logprobs, entropy, out.metrics)
 
 
 def check_inplace_backward(logits: torch.Tensor, inplace_backward: bool) -> None:
