@@ -25,18 +25,17 @@ from ._validation import (
     check_values,
     resolve_backend,
 )
-from .advantages import (
+from .advantage_groups import (
     NORMALIZE_MODES,
     SCOPES,
     check_eps,
     check_groups,
     check_rewards,
     group_layout,
-    grpo_s_advantages,
-    gtpo_advantages,
     success_outcomes,
     uniform_group_rows,
 )
+from .advantages import grpo_s_advantages, gtpo_advantages
 from .objectives import Objective
 from .ops.scoring import ScoringOptions
 from .parallel import vocab_shard
