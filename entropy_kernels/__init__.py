@@ -2,10 +2,10 @@
 and the entropy-weighted advantages of GTPO and GRPO-S (arXiv 2508.04349)."""
 
 from .advantages import grpo_advantages, grpo_s_advantages, gtpo_advantages
-from .gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
+from .gtpo import grpo_s_loss, gtpo_loss
 from .linear_loss import linear_grpo_s_loss, linear_gtpo_loss, linear_policy_loss
 from .linear_scoring import linear_logprobs_and_entropy
-from .modules import PolicyLoss
+from .modules import GRPOSLoss, GTPOLoss, PolicyLoss
 from .packing import packed_shift_labels
 from .policy_loss import PolicyLossOutput, policy_loss
 from .scoring import logprobs_and_entropy

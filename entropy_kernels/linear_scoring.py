@@ -40,8 +40,10 @@ from ._validation import (
     check_values,
     resolve_backend,
 )
+from .backends.torch_scoring import _torch_chunk_backward
 from .ops.linear_lse import finish_rows
-from .scoring import ScoringOptions, _torch_chunk_backward, as_rows, row_chunks, row_layouts
+from .ops.rows import as_rows, row_chunks, row_layouts
+from .ops.scoring import ScoringOptions
 from .weights import plain_linear_weights
 
 # Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile

@@ -76,7 +76,9 @@ OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "gpg": 3}
 _TOKEN_LEVEL_ONLY = ("gpg", "geo_mean", "vespo", "clip_cov", "kl_cov")
 # The log of VESPO's lower bound on the sequence ratio (TRL's log(1e-8)).
 _VESPO_LOG_MIN = math.log(1e-8)
-_LOG_RATIO_LIMIT = 20.0
+# The log-ratio is clamped like verl and OpenRLHF do, so the ratio stays finite (the fused
+# kernel and every torch objective).
+LOG_RATIO_LIMIT = 20.0
 
 
 def _check(name: str, ok: bool, requirement: str, value) -> None:
@@ -291,7 +293,7 @@ def objective_loss(
     ``logprobs`` (differentiable), ``entropy``, ``old``, ``advantages`` ``[B, T]`` float32 and
     zero at inactive positions; ``active`` ``[B, T]`` float 0 / 1.
     """
-    log_ratio = torch.clamp(logprobs - old, -_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    log_ratio = torch.clamp(logprobs - old, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     active_bool = active > 0
     name = objective.name
     clipped = torch.zeros_like(active_bool)

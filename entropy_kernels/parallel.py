@@ -35,7 +35,13 @@ from typing import Any
 import torch
 
 from .linear_scoring import LinearOptions, linear_forward, linear_gradients
-from .scoring import ScoringOptions, score, scoring_backward, scoring_backward_, scoring_forward
+from .ops.scoring import (
+    ScoringOptions,
+    score,
+    scoring_backward,
+    scoring_backward_,
+    scoring_forward,
+)
 
 # Local token codes: the local kernels treat LOCAL_IGNORE as ignore_index (row not read, zero
 # gradient) and NOT_OWNED as an out-of-range token (statistics computed, no one-hot). Neither can

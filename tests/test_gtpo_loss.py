@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import entropy_kernels as ek
 import entropy_kernels.reference
 from entropy_kernels.advantages import grpo_s_advantages, gtpo_advantages
-from entropy_kernels.gtpo import GRPOSLoss, GTPOLoss, grpo_s_loss, gtpo_loss
+from entropy_kernels.gtpo import grpo_s_loss, gtpo_loss
+from entropy_kernels.modules import GRPOSLoss, GTPOLoss
 from entropy_kernels.policy_loss import policy_loss
 from entropy_kernels.reference import advantages as ref
 from entropy_kernels.scoring import logprobs_and_entropy

@@ -5,8 +5,10 @@ import torch
 from test_policy_loss import GRAD_TOL, VALUE_TOL, make_batch
 
 import entropy_kernels as ek
-from entropy_kernels import fused, kernel_config, reference, scoring
+from entropy_kernels import kernel_config, reference
 from entropy_kernels.kernel_config import KernelConfig, override
+from entropy_kernels.ops import policy_loss as policy_loss_op
+from entropy_kernels.ops import scoring as scoring_op
 
 CPU = torch.device("cpu")
 
@@ -58,7 +60,7 @@ def test_every_kernel_gives_reference_results_under_another_configuration(block_
         launched[kernel] = kernel_config.launch_config(kernel, vocab_size, device)
         return launched[kernel]
 
-    for module in (scoring, fused):
+    for module in (scoring_op, policy_loss_op):
         monkeypatch.setattr(module, "launch_config", recording_launch_config)
     logits, tokens, adv, mask, old, _ = make_batch(2, 3, 300, seed=5)
     config = KernelConfig(block_v, 2)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import entropy_kernels as ek
 from entropy_kernels import reference
+from entropy_kernels.ops.scoring import ScoringOptions, scoring_backward
 from entropy_kernels.parallel import (
     LOCAL_IGNORE,
     VocabShard,
@@ -32,7 +33,6 @@ from entropy_kernels.parallel import (
     shard_sums,
     vocab_shard,
 )
-from entropy_kernels.scoring import ScoringOptions, scoring_backward
 
 VALUE_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)

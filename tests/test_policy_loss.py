@@ -338,7 +338,7 @@ def test_no_grad_triton_path_scores_without_gradient():
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_closed_form_aggregation_weights_are_the_gradient(aggregation):
     """The fused kernel's per-token weights equal autograd of the aggregation itself."""
-    from entropy_kernels.policy_loss import LossOptions, _aggregate, aggregation_weights
+    from entropy_kernels.surrogate import LossOptions, _aggregate, aggregation_weights
 
     generator = torch.Generator().manual_seed(12)
     weights = (torch.rand(5, 7, generator=generator) > 0.4).float()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import entropy_kernels as ek
 from entropy_kernels import reference
-from entropy_kernels.scoring import ScoringOptions, score
+from entropy_kernels.ops.scoring import ScoringOptions, score
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -162,7 +162,7 @@ def test_backends_agree_on_flat_and_4d_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_view_is_not_copied(backend, monkeypatch):
     """logits[:, :-1] reaches the backend as the caller's storage, not a copy."""
-    from entropy_kernels import scoring
+    from entropy_kernels.ops import scoring
 
     seen = []
     original = scoring.row_layouts

@@ -20,8 +20,9 @@ the gradient on its closed interval, ``maximum`` / ``minimum`` split it evenly o
 import triton
 import triton.language as tl
 
+from .rows import load_token, row_coordinates
 from .scoring_bwd import write_row_gradient
-from .scoring_fwd import row_statistics, token_logprob
+from .scoring_fwd import score_row
 
 
 @triton.jit
@@ -154,24 +155,13 @@ def policy_loss_fused_kernel(
     HAS_REF_LOGPROBS: tl.constexpr,
     ROUND_BF16_BY_HAND: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    row, outer, inner = row_coordinates(n_inner)
     row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
     grad_row_ptr = grad_logits_ptr + outer * grad_stride_outer + inner * grad_stride_inner
-    token = tl.load(tokens_ptr + outer * tokens_stride_outer + inner * tokens_stride_inner)
-    token = token.to(tl.int64)
-    is_ignored = token == ignore_index
-    n_cols = tl.where(is_ignored, 0, vocab_size)
-
-    row_max, log_norm, entropy = row_statistics(
-        row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V
+    token = load_token(tokens_ptr, outer, inner, tokens_stride_outer, tokens_stride_inner)
+    n_cols, row_max, log_norm, entropy, logprob = score_row(
+        row_ptr, token, vocab_size, ignore_index, inv_temperature, BLOCK_V
     )
-    logprob = token_logprob(
-        row_ptr, token, vocab_size, ignore_index, inv_temperature, row_max, log_norm
-    )
-    logprob = tl.where(is_ignored, 0.0, logprob)
-    entropy = tl.where(is_ignored, 0.0, entropy)
     tl.store(logprobs_ptr + row, logprob)
     tl.store(entropy_ptr + row, entropy)
 

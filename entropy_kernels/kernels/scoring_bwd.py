@@ -12,6 +12,8 @@ read before it is overwritten, by the same program).
 import triton
 import triton.language as tl
 
+from .rows import load_token, row_coordinates
+
 
 @triton.jit
 def to_bfloat16_rtne(x):
@@ -125,13 +127,10 @@ def scoring_bwd_kernel(
     HAS_GRAD_ENTROPY: tl.constexpr,
     ROUND_BF16_BY_HAND: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    row, outer, inner = row_coordinates(n_inner)
     row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
     grad_row_ptr = grad_logits_ptr + outer * grad_stride_outer + inner * grad_stride_inner
-    token = tl.load(tokens_ptr + outer * tokens_stride_outer + inner * tokens_stride_inner)
-    token = token.to(tl.int64)
+    token = load_token(tokens_ptr, outer, inner, tokens_stride_outer, tokens_stride_inner)
     is_ignored = token == ignore_index
 
     grad_logprob = 0.0

@@ -19,6 +19,8 @@ near the maximum, whereas ``x - lse`` (or ``lse - E[x]``) would cancel large log
 import triton
 import triton.language as tl
 
+from .rows import load_token, row_coordinates
+
 
 @triton.jit
 def row_statistics(row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V: tl.constexpr):
@@ -64,6 +66,26 @@ def token_logprob(row_ptr, token, vocab_size, ignore_index, inv_temperature, row
     return (logit.to(tl.float32) - row_max) * inv_temperature - log_norm
 
 
+@triton.jit
+def score_row(row_ptr, token, vocab_size, ignore_index, inv_temperature, BLOCK_V: tl.constexpr):
+    """``(n_cols, row_max, log_norm, entropy, logprob)`` of one row.
+
+    An ignored row reads nothing (``n_cols = 0``: the loop runs zero times) and gets 0 for its
+    log-prob and entropy; its ``row_max`` / ``log_norm`` are those of an empty row.
+    """
+    is_ignored = token == ignore_index
+    n_cols = tl.where(is_ignored, 0, vocab_size)
+    row_max, log_norm, entropy = row_statistics(
+        row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V
+    )
+    logprob = token_logprob(
+        row_ptr, token, vocab_size, ignore_index, inv_temperature, row_max, log_norm
+    )
+    logprob = tl.where(is_ignored, 0.0, logprob)
+    entropy = tl.where(is_ignored, 0.0, entropy)
+    return n_cols, row_max, log_norm, entropy, logprob
+
+
 # Shapes that follow B and T are not specialised, so new batch shapes never recompile.
 @triton.jit(
     do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"],
@@ -101,22 +123,14 @@ def scoring_fwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    row, outer, inner = row_coordinates(n_inner)
     row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
-    token = tl.load(tokens_ptr + outer * tokens_stride_outer + inner * tokens_stride_inner)
-    token = token.to(tl.int64)
+    token = load_token(tokens_ptr, outer, inner, tokens_stride_outer, tokens_stride_inner)
+    _, row_max, log_norm, entropy, logprob = score_row(
+        row_ptr, token, vocab_size, ignore_index, inv_temperature, BLOCK_V
+    )
     is_ignored = token == ignore_index
-    # An ignored row reads nothing: its loop runs zero times and its outputs are 0.
-    n_cols = tl.where(is_ignored, 0, vocab_size)
-    row_max, log_norm, entropy = row_statistics(
-        row_ptr, n_cols, vocab_size, inv_temperature, BLOCK_V
-    )
-    logprob = token_logprob(
-        row_ptr, token, vocab_size, ignore_index, inv_temperature, row_max, log_norm
-    )
-    tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, logprob))
-    tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
+    tl.store(logprobs_ptr + row, logprob)
+    tl.store(entropy_ptr + row, entropy)
     tl.store(row_max_ptr + row, tl.where(is_ignored, 0.0, row_max))
     tl.store(log_norm_ptr + row, tl.where(is_ignored, 0.0, log_norm))

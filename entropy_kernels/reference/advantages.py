@@ -409,43 +409,27 @@ def gtpo_loss(
     tp_group=None,
 ):
     """Reference GTPO loss: reference `policy_loss` with `gtpo_advantages` (Eq. 6, 7)."""
+    loss = {name: value for name, value in locals().items() if name in _LOSS_OPTIONS}
+
+    def advantages_of(shaping_entropy, mask):
+        return gtpo_advantages(
+            rewards,
+            shaping_entropy,
+            mask,
+            groups,
+            alpha1=alpha1,
+            alpha2=alpha2,
+            success_threshold=success_threshold,
+            normalize=normalize,
+            scope=scope,
+            filter_groups=filter_groups,
+            eps=eps,
+        )
+
+    filtering = (success_threshold, filter_groups)
     logits = gather_vocab(logits, tp_group)
-    mask = _active_mask(mask, tokens)
-    shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
-    advantages = gtpo_advantages(
-        rewards,
-        shaping_entropy,
-        mask,
-        groups,
-        alpha1=alpha1,
-        alpha2=alpha2,
-        success_threshold=success_threshold,
-        normalize=normalize,
-        scope=scope,
-        filter_groups=filter_groups,
-        eps=eps,
-    )
-    return _policy_loss_with(
-        advantages,
-        logits,
-        tokens,
-        mask,
-        shaping_entropy,
-        rewards,
-        success_threshold,
-        _filtered(rewards, groups, success_threshold, filter_groups),
-        dict(
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            clip_low=clip_low,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
-            kl_coef=kl_coef,
-            entropy_coef=entropy_coef,
-            temperature=temperature,
-            aggregation=aggregation,
-            normalizer=normalizer,
-        ),
+    return _shaped_loss(
+        advantages_of, logits, tokens, rewards, mask, groups, old_entropy, filtering, loss
     )
 
 
@@ -478,22 +462,52 @@ def grpo_s_loss(
     tp_group=None,
 ):
     """Reference GRPO-S loss: reference `policy_loss` with `grpo_s_advantages` on every token."""
+    loss = {name: value for name, value in locals().items() if name in _LOSS_OPTIONS}
+
+    def advantages_of(shaping_entropy, mask):
+        return grpo_s_advantages(
+            rewards,
+            shaping_entropy,
+            mask,
+            groups,
+            beta1=beta1,
+            beta2=beta2,
+            success_threshold=success_threshold,
+            filter_groups=filter_groups,
+            eps=eps,
+        )
+
+    filtering = (success_threshold, filter_groups)
     logits = gather_vocab(logits, tp_group)
-    mask = _active_mask(mask, tokens)
-    shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, temperature)
-    advantages = grpo_s_advantages(
-        rewards,
-        shaping_entropy,
-        mask,
-        groups,
-        beta1=beta1,
-        beta2=beta2,
-        success_threshold=success_threshold,
-        filter_groups=filter_groups,
-        eps=eps,
+    return _shaped_loss(
+        advantages_of, logits, tokens, rewards, mask, groups, old_entropy, filtering, loss
     )
+
+
+# The reference policy_loss options that the one-call losses pass on.
+_LOSS_OPTIONS = (
+    "old_logprobs",
+    "ref_logprobs",
+    "clip_low",
+    "clip_high",
+    "dual_clip",
+    "kl_coef",
+    "entropy_coef",
+    "temperature",
+    "aggregation",
+    "normalizer",
+)
+
+
+def _shaped_loss(
+    advantages_of, logits, tokens, rewards, mask, groups, old_entropy, filtering, loss
+):
+    """The one-call loss: shaping entropy, ``advantages_of(entropy, mask)``, reference loss."""
+    mask = _active_mask(mask, tokens)
+    shaping_entropy = _shaping_entropy(logits, tokens, old_entropy, loss["temperature"])
+    success_threshold, filter_groups = filtering
     return _policy_loss_with(
-        advantages,
+        advantages_of(shaping_entropy, mask),
         logits,
         tokens,
         mask,
@@ -501,16 +515,5 @@ def grpo_s_loss(
         rewards,
         success_threshold,
         _filtered(rewards, groups, success_threshold, filter_groups),
-        dict(
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            clip_low=clip_low,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
-            kl_coef=kl_coef,
-            entropy_coef=entropy_coef,
-            temperature=temperature,
-            aggregation=aggregation,
-            normalizer=normalizer,
-        ),
+        loss,
     )

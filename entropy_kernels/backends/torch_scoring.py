@@ -1,0 +1,138 @@
+"""The scoring launchers' torch twin: the same maths over chunks of rows.
+
+Same signatures as :func:`entropy_kernels.ops.scoring.triton_forward` / ``triton_backward``:
+each reads the logits through two leading strides (:class:`~entropy_kernels.ops.rows.RowLayout`)
+and writes into the outputs the op allocated. The float32 temporaries are bounded by the chunk,
+never ``[..., V]``.
+"""
+
+import torch
+
+from ..ops.rows import RowLayout, as_rows, row_chunks
+
+# Elements of one float32 temporary in a torch-backend chunk (8 MiB): a chunk holds about four
+# such temporaries, so the peak stays far below the logits themselves at real sizes.
+TORCH_CHUNK_ELEMENTS = 1 << 21
+
+
+def _row_chunks(layout: RowLayout, vocab_size: int):
+    """(outer, inner) index slices covering all rows, each at most TORCH_CHUNK_ELEMENTS logits."""
+    return row_chunks(layout, max(1, TORCH_CHUNK_ELEMENTS // vocab_size))
+
+
+def _torch_chunk_forward(logits_chunk, tokens_chunk, options):
+    vocab_size = logits_chunk.shape[-1]
+    x = logits_chunk.float()
+    # Centred on the row max like the kernel: (x - max) is exact where it matters.
+    row_max = x.amax(-1, keepdim=True)
+    row_max.masked_fill_(row_max == float("-inf"), 0.0)
+    shifted = x - row_max
+    if options.temperature != 1.0:
+        shifted *= 1.0 / options.temperature
+    in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
+    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
+    token_shifted = shifted.gather(-1, index).squeeze(-1)
+    # -inf logits become the most negative float: exp gives 0 and 0 * z = 0 in the dot product
+    # below, with no temporary to mask (clamp keeps NaN, which reaches H through S).
+    shifted.clamp_min_(torch.finfo(torch.float32).min)
+    exp_shifted = shifted.exp()
+    sum_exp = exp_shifted.sum(-1)
+    log_norm = sum_exp.log()
+    # H = log S - sum(e * z) / S.
+    entropy = log_norm - torch.linalg.vecdot(exp_shifted, shifted) / sum_exp
+    token_logprob = token_shifted - log_norm
+    logprobs = torch.where(in_range, token_logprob, float("nan"))
+    ignored = tokens_chunk == options.ignore_index
+    return (
+        logprobs.masked_fill_(ignored, 0.0),
+        entropy.masked_fill_(ignored, 0.0),
+        torch.stack([row_max.squeeze(-1), log_norm]).masked_fill_(ignored, 0.0),
+    )
+
+
+def _torch_chunk_backward(
+    logits_chunk, tokens_chunk, normaliser, entropy, grad_logprobs, grad_entropy, options
+):
+    """``dlogits = g_logp onehot - p (g_logp + g_H (log p + H))``, divided by the temperature.
+
+    Written with in-place updates of two chunk-sized float32 temporaries.
+    """
+    vocab_size = logits_chunk.shape[-1]
+    inv_temperature = 1.0 / options.temperature
+    ignored = tokens_chunk == options.ignore_index
+    row_max, log_norm = normaliser.unsqueeze(-1)
+    log_p = logits_chunk.float() - row_max
+    if inv_temperature != 1.0:
+        log_p *= inv_temperature
+    log_p -= log_norm
+    p = log_p.exp()
+    grad_logp = torch.zeros_like(entropy)
+    if grad_logprobs is not None:
+        grad_logp = grad_logprobs.masked_fill(ignored, 0.0) * inv_temperature
+    if grad_entropy is not None:
+        grad_h = grad_entropy.masked_fill(ignored, 0.0) * inv_temperature
+        coefficient = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_h.unsqueeze(-1))
+        grad = coefficient.add_(grad_logp.unsqueeze(-1)).mul_(p).neg_()
+        # Masked (-inf) vocabulary entries: p = 0 and log p = -inf, whose product is 0.
+        grad.masked_fill_(p == 0, 0.0)
+    else:
+        grad = p.mul_(-grad_logp.unsqueeze(-1))
+    in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
+    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
+    grad.scatter_add_(-1, index, (grad_logp * in_range).unsqueeze(-1))
+    # Ignored rows get exactly 0 even where their logits are not finite. The check spares a
+    # full pass over the chunk; it reads the host, so on a GPU the pass runs regardless.
+    if grad.device.type != "cpu" or bool(ignored.any()):
+        grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
+    return grad
+
+
+def torch_forward(logits, tokens, layouts, outputs, options):
+    """Fill ``outputs`` = ``(logprobs [rows], entropy [rows], normaliser [2, rows])``."""
+    logits_layout, tokens_layout = layouts
+    vocab_size = logits.shape[-1]
+    logits_rows = as_rows(logits, logits_layout, vocab_size)
+    tokens_rows = as_rows(tokens, tokens_layout, None)
+    shape = (logits_layout.n_outer, logits_layout.n_inner)
+    logprobs, entropy, normaliser = outputs
+    logprobs, entropy, normaliser = (
+        logprobs.view(shape),
+        entropy.view(shape),
+        normaliser.view(2, *shape),
+    )
+    for outer, inner in _row_chunks(logits_layout, vocab_size):
+        chunk = logits_rows[outer, inner]
+        chunk_logprobs, chunk_entropy, chunk_normaliser = _torch_chunk_forward(
+            chunk.reshape(-1, vocab_size), tokens_rows[outer, inner].reshape(-1), options
+        )
+        logprobs[outer, inner] = chunk_logprobs.view(chunk.shape[:-1])
+        entropy[outer, inner] = chunk_entropy.view(chunk.shape[:-1])
+        normaliser[:, outer, inner] = chunk_normaliser.view(2, *chunk.shape[:-1])
+
+
+def torch_backward(
+    grad_logits, logits, tokens, layouts, normaliser, entropy, grad_logprobs, grad_entropy, options
+):
+    """Write ``dlogits`` into ``grad_logits``; ``layouts``: logits, gradient, tokens."""
+    logits_layout, grad_layout, tokens_layout = layouts
+    vocab_size = logits.shape[-1]
+    logits_rows = as_rows(logits, logits_layout, vocab_size)
+    grad_rows = as_rows(grad_logits, grad_layout, vocab_size)
+    tokens_rows = as_rows(tokens, tokens_layout, None)
+    shape = (logits_layout.n_outer, logits_layout.n_inner)
+
+    def rows_of(vector, outer, inner):
+        return None if vector is None else vector.view(shape)[outer, inner].reshape(-1)
+
+    for outer, inner in _row_chunks(logits_layout, vocab_size):
+        chunk = logits_rows[outer, inner]
+        grad = _torch_chunk_backward(
+            chunk.reshape(-1, vocab_size),
+            tokens_rows[outer, inner].reshape(-1),
+            normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),
+            rows_of(entropy, outer, inner),
+            rows_of(grad_logprobs, outer, inner),
+            rows_of(grad_entropy, outer, inner),
+            options,
+        )
+        grad_rows[outer, inner] = grad.view(chunk.shape)

@@ -1,0 +1,222 @@
+"""Scoring ops: the Triton launchers of ``scoring_fwd`` / ``scoring_bwd`` and their custom ops.
+
+- ``entropy_kernels::scoring_forward``: ``(logprobs, entropy, normaliser [2, rows])``, a
+  functional op with its autograd formula (torch.library gives autograd to functional ops only).
+- ``entropy_kernels::scoring_backward_out``: ``dlogits`` written into ``out``, which the caller
+  chooses: a new tensor, or the logits themselves for the in-place backward.
+
+Each op computes the row layouts once and runs the Triton launcher or its torch twin
+(:mod:`entropy_kernels.backends.torch_scoring`, same signatures), chosen by ``backend``. They are
+torch.library custom ops so that torch.compile treats them as opaque nodes with known shapes (no
+graph break), and so that the autograd formula lives beside them.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..backends.torch_scoring import torch_backward, torch_forward
+from ..kernel_config import launch_config, round_bf16_by_hand
+from .rows import copy_back, launch_rows, output_rows, row_layouts
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    temperature: float = 1.0
+    ignore_index: int = -100
+    backend: str = "triton"
+    inplace_backward: bool = False
+
+
+def triton_forward(logits, tokens, layouts, outputs, options: ScoringOptions):
+    """Fill ``outputs`` = ``(logprobs [rows], entropy [rows], normaliser [2, rows])``."""
+    logits_layout, tokens_layout = layouts
+    if logits_layout.n_rows == 0:
+        return
+    from ..kernels.scoring_fwd import scoring_fwd_kernel
+
+    logprobs, entropy, normaliser = outputs
+    vocab_size = logits.shape[-1]
+    config = launch_config("scoring_fwd", vocab_size, logits.device)
+    scoring_fwd_kernel[(logits_layout.n_rows,)](
+        logits,
+        tokens,
+        logprobs,
+        entropy,
+        normaliser[0],
+        normaliser[1],
+        *launch_rows(vocab_size, logits_layout, tokens_layout),
+        1.0 / options.temperature,
+        options.ignore_index,
+        BLOCK_V=config.block_v,
+        **config.launch_options(),
+    )
+
+
+def triton_backward(
+    grad_logits, logits, tokens, layouts, normaliser, entropy, grad_logprobs, grad_entropy, options
+):
+    """Write ``dlogits`` into ``grad_logits``; ``layouts``: logits, gradient, tokens."""
+    if layouts[0].n_rows == 0:
+        return
+    from ..kernels.scoring_bwd import scoring_bwd_kernel
+
+    vocab_size = logits.shape[-1]
+    config = launch_config("scoring_bwd", vocab_size, logits.device)
+    scoring_bwd_kernel[(layouts[0].n_rows,)](
+        grad_logits,
+        logits,
+        tokens,
+        normaliser[0],
+        normaliser[1],
+        entropy,
+        grad_logprobs,
+        grad_entropy,
+        *launch_rows(vocab_size, *layouts),
+        1.0 / options.temperature,
+        options.ignore_index,
+        BLOCK_V=config.block_v,
+        ROUND_BF16_BY_HAND=round_bf16_by_hand(grad_logits),
+        **config.launch_options(),
+    )
+
+
+_FORWARD = {"triton": triton_forward, "torch": torch_forward}
+_BACKWARD = {"triton": triton_backward, "torch": torch_backward}
+
+
+@torch.library.custom_op("entropy_kernels::scoring_forward", mutates_args=())
+def scoring_forward(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs, entropy, normaliser [2, rows])``; ``inplace_backward`` is for the backward."""
+    options = ScoringOptions(temperature, ignore_index, backend, inplace_backward)
+    logits, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    n_rows = logits_layout.n_rows
+    logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logprobs)
+    normaliser = torch.empty((2, n_rows), dtype=torch.float32, device=logits.device)
+    outputs = (logprobs, entropy, normaliser)
+    _FORWARD[backend](logits, tokens, (logits_layout, tokens_layout), outputs, options)
+    return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser
+
+
+@scoring_forward.register_fake
+def _(logits, tokens, temperature, ignore_index, backend, inplace_backward):
+    vector = tokens.new_empty(tokens.shape, dtype=torch.float32)
+    return (
+        vector,
+        torch.empty_like(vector),
+        tokens.new_empty((2, tokens.numel()), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("entropy_kernels::scoring_backward_out", mutates_args=("out",))
+def scoring_backward_out(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    normaliser: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    out: torch.Tensor,
+) -> None:
+    """``dlogits`` written into ``out`` (shaped like the logits; may be the logits themselves)."""
+    options = ScoringOptions(temperature, ignore_index, backend)
+    source, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    target, grad_layout = output_rows(out, logits_layout)
+
+    def flat(grad):
+        return None if grad is None else grad.reshape(-1).float().contiguous()
+
+    _BACKWARD[backend](
+        target,
+        source,
+        tokens,
+        (logits_layout, grad_layout, tokens_layout),
+        normaliser,
+        entropy,
+        flat(grad_logprobs),
+        flat(grad_entropy),
+        options,
+    )
+    copy_back(out, target)
+
+
+@scoring_backward_out.register_fake
+def _(logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, *options_and_out):
+    return None
+
+
+def gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Where a backward writes ``dlogits``: the logits themselves when ``inplace`` (not under
+    torch.compile, which would functionalise the write into a copy anyway), else a new tensor."""
+    if inplace and not torch.compiler.is_compiling():
+        return logits
+    return logits.new_empty(logits.shape)
+
+
+def scoring_backward(logits, *args):
+    """``dlogits`` in a new contiguous tensor (``args`` as :func:`scoring_backward_out`'s)."""
+    out = gradient_buffer(logits, inplace=False)
+    scoring_backward_out(logits, *args, out)
+    return out
+
+
+def scoring_backward_(logits, *args):
+    """``dlogits`` written over the logits themselves (``args`` as the op's)."""
+    scoring_backward_out(logits, *args, logits)
+
+
+def _setup_scoring_context(ctx, inputs, output):
+    logits, tokens, temperature, ignore_index, backend, inplace_backward = inputs
+    _, entropy, normaliser = output
+    ctx.save_for_backward(logits, tokens, normaliser, entropy)
+    ctx.constants = (temperature, ignore_index, backend)
+    ctx.inplace_backward = inplace_backward
+    # An output the loss does not use (the entropy, without an entropy bonus) then gets None,
+    # not zeros, and the backward skips its term instead of multiplying by 0.
+    ctx.set_materialize_grads(False)
+
+
+def _scoring_autograd(ctx, grad_logprobs, grad_entropy, _grad_normaliser):
+    if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
+        return None, None, None, None, None, None
+    logits, tokens, normaliser, entropy = ctx.saved_tensors
+    grad_logits = gradient_buffer(logits, ctx.inplace_backward)
+    scoring_backward_out(
+        logits,
+        tokens,
+        normaliser,
+        entropy,
+        grad_logprobs,
+        grad_entropy,
+        *ctx.constants,
+        grad_logits,
+    )
+    return grad_logits, None, None, None, None, None
+
+
+scoring_forward.register_autograd(_scoring_autograd, setup_context=_setup_scoring_context)
+
+
+def score(logits: torch.Tensor, tokens: torch.Tensor, options: ScoringOptions):
+    """Differentiable ``(logprobs, entropy)`` for already-validated arguments."""
+    logprobs, entropy, _ = scoring_forward(
+        logits,
+        tokens,
+        options.temperature,
+        options.ignore_index,
+        options.backend,
+        options.inplace_backward,
+    )
+    return logprobs, entropy
