@@ -20,6 +20,7 @@ from entropy_kernels.gtpo import grpo_s_loss, gtpo_loss
 from entropy_kernels.modules import GRPOSLoss, GTPOLoss
 from entropy_kernels.policy_loss import policy_loss
 from entropy_kernels.reference import advantages as ref
+from entropy_kernels.reference import shaped_losses as ref_losses
 from entropy_kernels.scoring import logprobs_and_entropy
 
 ADVANTAGE_METRICS = (
@@ -277,8 +278,8 @@ def test_losses_match_float64_reference(
     logits64 = logits.double().requires_grad_(True)
     logits.requires_grad_(True)
     cases = [
-        (gtpo_loss, ref.gtpo_loss, dict(normalize=normalize, scope=scope)),
-        (grpo_s_loss, ref.grpo_s_loss, {}),
+        (gtpo_loss, ref_losses.gtpo_loss, dict(normalize=normalize, scope=scope)),
+        (grpo_s_loss, ref_losses.grpo_s_loss, {}),
     ]
     for loss, reference, options in cases:
         out = loss(
@@ -326,7 +327,10 @@ def test_filtered_groups_match_reference(given_entropy, filter_groups):
     logits64 = logits.double().requires_grad_(True)
     logits.requires_grad_(True)
     options = dict(old_logprobs=old_logprobs, old_entropy=old_entropy, filter_groups=filter_groups)
-    for loss, reference in ((gtpo_loss, ref.gtpo_loss), (grpo_s_loss, ref.grpo_s_loss)):
+    for loss, reference in (
+        (gtpo_loss, ref_losses.gtpo_loss),
+        (grpo_s_loss, ref_losses.grpo_s_loss),
+    ):
         out = loss(logits, tokens, rewards, mask, groups, backend="torch", **options)
         expected = reference(logits64, tokens, rewards, mask, groups, **options)
         torch.testing.assert_close(out.loss.double(), expected.loss, rtol=RTOL, atol=ATOL)
@@ -357,7 +361,9 @@ def test_triton_backend_matches_reference():
     out = gtpo_loss(
         logits, tokens, rewards, mask, groups, old_logprobs=old_logprobs, backend="triton"
     )
-    expected = ref.gtpo_loss(logits64, tokens, rewards, mask, groups, old_logprobs=old_logprobs)
+    expected = ref_losses.gtpo_loss(
+        logits64, tokens, rewards, mask, groups, old_logprobs=old_logprobs
+    )
     torch.testing.assert_close(out.loss.double(), expected.loss, rtol=RTOL, atol=ATOL)
     grad64 = grad_of(expected.loss, logits64)
     torch.testing.assert_close(

@@ -1,12 +1,6 @@
 """Plain PyTorch references of every public function, for tests and benchmarks."""
 
-from .advantages import (
-    grpo_advantages,
-    grpo_s_advantages,
-    grpo_s_loss,
-    gtpo_advantages,
-    gtpo_loss,
-)
+from .advantages import grpo_advantages, grpo_s_advantages, gtpo_advantages
 from .core import logprobs_and_entropy, policy_loss
 from .linear import (
     linear_grpo_s_loss,
@@ -16,6 +10,7 @@ from .linear import (
     linear_policy_loss,
 )
 from .packing import packed_shift_labels
+from .shaped_losses import grpo_s_loss, gtpo_loss
 
 __all__ = [
     "grpo_advantages",

@@ -3,9 +3,9 @@ logits references. Gradients reach hidden, weight and bias through plain autogra
 
 from __future__ import annotations
 
-from .advantages import grpo_s_loss, gtpo_loss
 from .core import logprobs_and_entropy, policy_loss
 from .parallel import gather_vocab
+from .shaped_losses import grpo_s_loss, gtpo_loss
 
 
 def linear_logits(hidden, weight, bias=None, tp_group=None):
