@@ -66,6 +66,11 @@ def parse_args(argv=None):
     parser.add_argument("--shape", default="4096x2048x151936", help="NxHxV")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument(
+        "--routes-only",
+        action="store_true",
+        help="skip the tiles: time forward + backward of each gradient route only",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,6 +116,46 @@ def sweep(kernel, candidates, problem, device) -> list[dict]:
     return rows
 
 
+def time_routes(shape, dtype, device) -> dict:
+    """Forward + backward (hidden and weight gradients) of ``linear_logprobs_and_entropy`` by
+    each route: the Triton backend with the tl.dot gradient kernels ("triton-tiles") or with
+    cuBLAS tiles and the torch fold ("triton-blas"), and the torch backend ("torch")."""
+    import entropy_kernels as ek
+    from entropy_kernels import kernel_config
+
+    tokens_n, size, vocab = shape
+    gen = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn((tokens_n, size), generator=gen, device=device).to(dtype)
+    weight = (torch.randn((vocab, size), generator=gen, device=device) * 2 / size**0.5).to(dtype)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    tokens = torch.randint(0, vocab, (tokens_n,), generator=gen, device=device)
+
+    def step(backend):
+        def run():
+            logprobs, entropy = ek.linear_logprobs_and_entropy(
+                hidden, weight, tokens, backend=backend
+            )
+            grads = torch.autograd.grad(logprobs.sum() + 0.01 * entropy.sum(), (hidden, weight))
+            return grads
+
+        return run
+
+    routes, saved = {}, kernel_config.LINEAR_GPU_BACKWARD
+    try:
+        for name, backend, gradients in (
+            ("triton-tiles", "triton", "tiles"),
+            ("triton-blas", "triton", "blas"),
+            ("torch", "torch", saved),
+        ):
+            kernel_config.LINEAR_GPU_BACKWARD = gradients
+            routes[name] = measure.median_time_ms(step(backend), device)
+            print("route", name, routes[name], flush=True)
+    finally:
+        kernel_config.LINEAR_GPU_BACKWARD = saved
+    return routes
+
+
 def matmul_ms(problem, device) -> float:
     hidden, weight = problem[0][0], problem[0][1]
     return measure.median_time_ms(lambda: hidden @ weight.T, device)
@@ -135,6 +180,13 @@ def main(argv=None) -> int:
     result["matmul_ms"] = matmul_ms(problem, device)
     n, h, v = shape
     result["matmul_tflops"] = 2 * n * h * v / (result["matmul_ms"] * 1e-3) / 1e12
+    if args.routes_only:
+        result["routes_ms"] = time_routes(shape, getattr(torch, args.dtype), device)
+        print(json.dumps({k: result[k] for k in ("matmul_ms", "routes_ms")}))
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=1)
+        return 0
     best = {}
     for kernel, candidates in CANDIDATES.items():
         rows = sweep(kernel, QUICK if args.quick else candidates, problem, device)

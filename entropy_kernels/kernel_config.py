@@ -109,6 +109,11 @@ LINEAR_GPU_DEFAULTS = {
     "linear_bwd_hidden": TileConfig(128, 128, 64, 8, 4),
     "linear_bwd_weight": TileConfig(256, 128, 64, 16, 2),
 }
+# How the "triton" backend computes the fused linear gradients on a GPU: "blas" (cuBLAS tiles
+# with float32 output and the torch fold, entropy_kernels.backends.torch_linear) or "tiles" (the
+# tl.dot kernels of entropy_kernels.ops.linear). Chosen by measurement on an H200
+# (benchmarks/results/nvidia-h200-2026-11-26-linear-backward.*).
+LINEAR_GPU_BACKWARD = "blas"
 # Small tiles under the interpreter, so that test shapes span several tiles and splits.
 LINEAR_INTERPRETER_DEFAULT = TileConfig(16, 32, 16, 4)
 

@@ -1,6 +1,6 @@
 """Log-probs and entropy of ``hidden @ weight.T + bias`` without ever forming the logits.
 
-The logits exist only as tiles of at most ``TILE_ROWS x TILE_VOCAB`` float32 values:
+The logits exist only as tiles of a fixed size (``backends.torch_linear.tile_shape``):
 
 - forward: per block of rows, an online log-sum-exp over vocabulary tiles (the same running
   maximum / sum of exponentials / sum of ``exp(z) z`` as the scoring kernel) gives the log-prob
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import kernel_config
 from ._validation import (
     LOGIT_DTYPES,
     check_ignore_index,
@@ -40,16 +41,9 @@ from ._validation import (
     check_values,
     resolve_backend,
 )
-from .backends.torch_scoring import _torch_chunk_backward
-from .ops.linear_lse import finish_rows
-from .ops.rows import as_rows, row_chunks, row_layouts
-from .ops.scoring import ScoringOptions
+from .backends.torch_linear import torch_linear_backward, torch_linear_forward
+from .ops.rows import hidden_rows
 from .weights import plain_linear_weights
-
-# Torch backend tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile
-# step holds about four of them whatever N and V are.
-TILE_ROWS = 256
-TILE_VOCAB = 4096
 
 
 @dataclass(frozen=True)
@@ -113,154 +107,6 @@ def linear_options(
     )
 
 
-def hidden_rows(hidden: torch.Tensor, tokens: torch.Tensor):
-    """``(hidden, tokens, hidden_layout, tokens_layout)`` over a common two-level row split.
-
-    ``hidden`` keeps its strides (``hidden[:, :-1]`` is read in place); only a last dimension
-    without unit stride is copied (``row_layouts`` assumes it).
-    """
-    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    return row_layouts(hidden, tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch backend
-
-
-def logit_block(hidden_f32, weight, bias, start, stop):
-    """``hidden @ weight[start:stop].T + bias[start:stop]`` in float32, ``[rows, stop - start]``."""
-    block = weight[start:stop].float()
-    if bias is None:
-        return hidden_f32 @ block.T
-    return torch.addmm(bias[start:stop].float(), hidden_f32, block.T)
-
-
-def _torch_rows_forward(hidden_f32, tokens, weight, bias, masked: bool, options: LinearOptions):
-    """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
-
-    ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped.
-    """
-    rows, vocab_size = hidden_f32.shape[0], weight.shape[0]
-    inv_temperature = 1.0 / options.temperature
-    row_max = hidden_f32.new_full((rows,), float("-inf"))
-    sum_exp = hidden_f32.new_zeros(rows)
-    sum_exp_z = hidden_f32.new_zeros(rows)
-    token_logit = hidden_f32.new_full((rows,), float("nan"))
-    for start in range(0, vocab_size, TILE_VOCAB):
-        stop = min(start + TILE_VOCAB, vocab_size)
-        logits = logit_block(hidden_f32, weight, bias, start, stop)
-        in_tile = (tokens >= start) & (tokens < stop)
-        index = (tokens - start).clamp(0, stop - start - 1).long().unsqueeze(-1)
-        token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
-        new_max = torch.maximum(row_max, logits.amax(-1))
-        # While every logit seen is -inf, centre on 0 so that no inf - inf appears.
-        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-        rescale = ((row_max - shift) * inv_temperature).exp()
-        recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
-        sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
-        sum_exp = rescale * sum_exp
-        z = logits.sub_(shift.unsqueeze(-1))
-        if inv_temperature != 1.0:
-            z *= inv_temperature
-        if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
-            z.clamp_min_(torch.finfo(torch.float32).min)
-        exp_z = z.exp()
-        sum_exp += exp_z.sum(-1)
-        sum_exp_z += torch.linalg.vecdot(exp_z, z)
-        row_max = new_max
-    ignored = tokens == options.ignore_index
-    return finish_rows(row_max, sum_exp, sum_exp_z, token_logit, ignored, inv_temperature)
-
-
-def _torch_forward(hidden, weight, bias, tokens, options: LinearOptions):
-    hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
-    rows = as_rows(hidden, layout, hidden.shape[-1])
-    token_rows = as_rows(tokens, tokens_layout, None)
-    shape = (layout.n_outer, layout.n_inner)
-    logprobs = torch.empty(shape, device=hidden.device)
-    entropy = torch.empty(shape, device=hidden.device)
-    normaliser = torch.empty((2, *shape), device=hidden.device)
-    masked = bias is not None and bool(torch.isneginf(bias).any())
-    for outer, inner in row_chunks(layout, TILE_ROWS):
-        block = rows[outer, inner]
-        chunk_shape = block.shape[:-1]
-        outputs = _torch_rows_forward(
-            block.reshape(-1, block.shape[-1]).float(),
-            token_rows[outer, inner].reshape(-1),
-            weight,
-            bias,
-            masked,
-            options,
-        )
-        logprobs[outer, inner] = outputs[0].view(chunk_shape)
-        entropy[outer, inner] = outputs[1].view(chunk_shape)
-        normaliser[:, outer, inner] = outputs[2].view(2, *chunk_shape)
-    return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser.view(2, -1)
-
-
-def _torch_rows_backward(hidden_f32, tokens, weight, bias, saved, grads, accumulators, options):
-    """Add one row block's gradients: returns its ``dhidden`` (float32) or None."""
-    grad_hidden_rows, grad_weight, grad_bias = accumulators
-    ignored = tokens == options.ignore_index
-    if grad_weight is not None and bool(ignored.any()):
-        # Ignored rows take no part in the weight gradient, even with non-finite hidden states.
-        hidden_f32 = hidden_f32.masked_fill(ignored.unsqueeze(-1), 0.0)
-    scoring = ScoringOptions(options.temperature, -1)
-    for start in range(0, weight.shape[0], TILE_VOCAB):
-        stop = min(start + TILE_VOCAB, weight.shape[0])
-        in_tile = (tokens >= start) & (tokens < stop)
-        # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
-        tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
-        grad = _torch_chunk_backward(
-            logit_block(hidden_f32, weight, bias, start, stop), tile_tokens, *saved, *grads, scoring
-        )
-        if grad_hidden_rows is not None:
-            grad_hidden_rows.addmm_(grad, weight[start:stop].float())
-        if grad_weight is not None:
-            grad_weight[start:stop].addmm_(grad.T, hidden_f32)
-        if grad_bias is not None:
-            grad_bias[start:stop] += grad.sum(0)
-
-
-def _torch_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
-    hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
-    size = hidden.shape[-1]
-    rows = as_rows(hidden, layout, size)
-    token_rows = as_rows(tokens, tokens_layout, None)
-    shape = (layout.n_outer, layout.n_inner)
-    grad_hidden = hidden.new_empty((*shape, size)) if needs[0] else None
-    # Weight and bias gradients are accumulated in float32 over all rows, rounded once.
-    grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if needs[1] else None
-    grad_bias = weight.new_zeros(weight.shape[0], dtype=torch.float32) if needs[2] else None
-
-    def rows_of(vector, outer, inner):
-        return None if vector is None else vector.reshape(shape)[outer, inner].reshape(-1)
-
-    for outer, inner in row_chunks(layout, TILE_ROWS):
-        block = rows[outer, inner]
-        hidden_f32 = block.reshape(-1, size).float()
-        grad_rows = hidden_f32.new_zeros(hidden_f32.shape) if needs[0] else None
-        saved = (
-            normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),
-            rows_of(entropy, outer, inner),
-        )
-        chunk_grads = tuple(rows_of(grad, outer, inner) for grad in grads)
-        _torch_rows_backward(
-            hidden_f32,
-            token_rows[outer, inner].reshape(-1),
-            weight,
-            bias,
-            saved,
-            chunk_grads,
-            (grad_rows, grad_weight, grad_bias),
-            options,
-        )
-        if grad_hidden is not None:
-            grad_hidden[outer, inner] = grad_rows.view(block.shape)
-    return grad_hidden, grad_weight, grad_bias
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton backend (kernels imported when first launched)
 
@@ -277,6 +123,12 @@ def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions):
 
 
 def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
+    if hidden.is_cuda and kernel_config.LINEAR_GPU_BACKWARD == "blas":
+        # cuBLAS tiles with float32 output and the torch fold: measured faster on an H200
+        # than the tl.dot kernels, whose float32 accumulators make the backward memory-bound.
+        return torch_linear_backward(
+            hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options
+        )
     from .ops.linear import linear_grad_hidden, linear_grad_weight
 
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
@@ -304,7 +156,7 @@ def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, n
 
 def linear_forward(hidden, weight, bias, tokens, options: LinearOptions):
     """``(logprobs, entropy, normaliser [2, rows])`` of validated arguments."""
-    forward = _triton_forward if options.backend == "triton" else _torch_forward
+    forward = _triton_forward if options.backend == "triton" else torch_linear_forward
     return forward(hidden, weight, bias, tokens, options)
 
 
@@ -318,7 +170,7 @@ def linear_gradients(saved, grad_logprobs, grad_entropy, needs, options: LinearO
         None if grad is None else grad.reshape(-1).float().contiguous()
         for grad in (grad_logprobs, grad_entropy)
     )
-    backward = _triton_backward if options.backend == "triton" else _torch_backward
+    backward = _triton_backward if options.backend == "triton" else torch_linear_backward
     grad_hidden, grad_weight, grad_bias = backward(
         hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options
     )

@@ -18,13 +18,14 @@ def _head(dtype, batch, seq, size, vocab, seed=0):
     return [None if t is None else t.cuda() for t in make_head(batch, seq, size, vocab, seed=seed)]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 97, 200, 5003), (16, 64, 1024, 32011)])
-def test_linear_policy_loss_against_float64(dtype, shape):
+def test_linear_policy_loss_against_float64(dtype, shape, backend):
     hidden, weight, bias, tokens = _head(dtype, *shape)
     generator = torch.Generator(device="cuda").manual_seed(1)
     advantages = torch.randn(tokens.shape, device="cuda", generator=generator)
-    options = dict(temperature=0.7, entropy_coef=0.01)
+    options = dict(temperature=0.7, entropy_coef=0.01, backend=backend)
     mask = torch.ones(tokens.shape, device="cuda")
     mask[:, -3:] = 0.0
     with torch.no_grad():
@@ -39,6 +40,7 @@ def test_linear_policy_loss_against_float64(dtype, shape):
     )
     out.loss.backward()
     refs = leaves((hidden, weight, bias), dtype)
+    del options["backend"]
     want = reference.linear_policy_loss(
         refs[0], refs[1], tokens, advantages, mask, old_logprobs=old, bias=refs[2], **options
     )
@@ -49,12 +51,15 @@ def test_linear_policy_loss_against_float64(dtype, shape):
     assert_grads(ours, refs)
 
 
-def test_linear_gradients_are_deterministic():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_linear_gradients_are_deterministic(backend):
     hidden, weight, bias, tokens = _head(torch.bfloat16, 8, 257, 512, 40003)
     runs = []
     for _ in range(2):
         leaf = leaves((hidden, weight, bias), torch.bfloat16)
-        logprobs, entropy = ek.linear_logprobs_and_entropy(leaf[0], leaf[1], tokens, bias=leaf[2])
+        logprobs, entropy = ek.linear_logprobs_and_entropy(
+            leaf[0], leaf[1], tokens, bias=leaf[2], backend=backend
+        )
         (logprobs.sum() + 0.1 * entropy.sum()).backward()
         runs.append([t.grad for t in leaf])
     for first, second in zip(*runs, strict=True):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import entropy_kernels as ek
-from entropy_kernels import linear_scoring, reference
+from entropy_kernels import reference
+from entropy_kernels.backends import torch_linear
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,8 +24,8 @@ GRAD_ATOL = 16 * torch.finfo(torch.float32).eps
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     # Test shapes then span several torch-backend tiles of rows and of vocabulary.
-    monkeypatch.setattr(linear_scoring, "TILE_ROWS", 8)
-    monkeypatch.setattr(linear_scoring, "TILE_VOCAB", 64)
+    monkeypatch.setattr(torch_linear, "TILE_ROWS", 8)
+    monkeypatch.setattr(torch_linear, "TILE_VOCAB", 64)
 
 
 def make_head(batch, seq, size, vocab, *, dtype=torch.float32, bias=True, seed=0):

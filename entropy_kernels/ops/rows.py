@@ -111,3 +111,14 @@ def launch_rows(vocab_size: int, *layouts: RowLayout) -> tuple[int, ...]:
         stride for layout in layouts for stride in (layout.stride_outer, layout.stride_inner)
     ]
     return (layouts[0].n_inner, vocab_size, *strides)
+
+
+def hidden_rows(hidden: torch.Tensor, tokens: torch.Tensor):
+    """``(hidden, tokens, hidden_layout, tokens_layout)`` over a common two-level row split.
+
+    ``hidden`` keeps its strides (``hidden[:, :-1]`` is read in place); only a last dimension
+    without unit stride is copied (``row_layouts`` assumes it).
+    """
+    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    return row_layouts(hidden, tokens)

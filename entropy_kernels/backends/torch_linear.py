@@ -1,0 +1,199 @@
+"""Torch backend of the fused linear scoring: BLAS matmul tiles with float32 output and a torch
+fold, never an ``[N, V]`` tensor.
+
+Forward: per block of rows, an online log-sum-exp over vocabulary tiles (running maximum, sum of
+exponentials, sum of ``exp(z) z``) whose epilogue :func:`entropy_kernels.ops.linear_lse.finish_rows`
+is shared with the Triton launcher. Backward: each tile is recomputed and turned into ``dlogits``
+by the scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight += dlogits^T
+@ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once.
+
+Matmul precision: off the GPU (and for float32 inputs) the tiles are multiplied in float32. On
+CUDA, half-precision inputs are multiplied by cuBLAS in their own dtype with float32
+accumulation and output (``out_dtype``): the same exact products, never a bfloat16-rounded
+logit. The gradient matmuls take float32 ``dlogits``; for bfloat16 inputs on CUDA they are split
+into bfloat16 high + low parts (two matmuls, relative error about 2^-16, where rounding
+``dlogits`` to bfloat16 as eager autograd does would be 2^-9).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.linear_lse import finish_rows
+from ..ops.rows import as_rows, hidden_rows, row_chunks
+from ..ops.scoring import ScoringOptions
+from .torch_scoring import _torch_chunk_backward
+
+# CPU tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile step holds
+# about four of them whatever N and V are.
+TILE_ROWS = 256
+TILE_VOCAB = 4096
+# CUDA tile: 2048 x 16384 (128 MiB per float32 temporary): large enough for cuBLAS's full rate.
+GPU_TILE_ROWS = 2048
+GPU_TILE_VOCAB = 16384
+HALF = (torch.float16, torch.bfloat16)
+
+
+def tile_shape(device: torch.device) -> tuple[int, int]:
+    return (GPU_TILE_ROWS, GPU_TILE_VOCAB) if device.type == "cuda" else (TILE_ROWS, TILE_VOCAB)
+
+
+def matmul_rows(block: torch.Tensor) -> torch.Tensor:
+    """A row block as the tiles' matmul operand: its own dtype where cuBLAS multiplies it with
+    float32 output (half precision on CUDA), else float32."""
+    return block if block.is_cuda and block.dtype in HALF else block.float()
+
+
+def logit_block(rows, weight_tile, bias, start, stop):
+    """``rows @ weight_tile.T + bias[start:stop]`` in float32, ``[rows, stop - start]``."""
+    if rows.dtype == torch.float32:
+        weight_tile = weight_tile.float()
+        if bias is None:
+            return rows @ weight_tile.T
+        return torch.addmm(bias[start:stop].float(), rows, weight_tile.T)
+    if bias is None:
+        return torch.mm(rows, weight_tile.T, out_dtype=torch.float32)
+    return torch.addmm(bias[start:stop].float(), rows, weight_tile.T, out_dtype=torch.float32)
+
+
+def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor) -> None:
+    """``acc += grad @ operand``: float32 ``acc`` and ``grad``, ``operand`` in the matmul dtype."""
+    if operand.dtype == torch.bfloat16:
+        high = grad.to(torch.bfloat16)
+        low = grad.sub(high.float()).to(torch.bfloat16)
+        torch.addmm(acc, high, operand, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, low, operand, out_dtype=torch.float32, out=acc)
+    else:  # float32, or float16 (whose range cannot hold the low part): float32 products
+        acc.addmm_(grad, operand.float())
+
+
+def _rows_forward(rows, tokens, weight, bias, masked: bool, options):
+    """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
+
+    ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped.
+    """
+    n_rows, vocab_size = rows.shape[0], weight.shape[0]
+    tile_vocab = tile_shape(rows.device)[1]
+    inv_temperature = 1.0 / options.temperature
+    row_max = torch.full((n_rows,), float("-inf"), device=rows.device)
+    sum_exp = torch.zeros(n_rows, device=rows.device)
+    sum_exp_z = torch.zeros(n_rows, device=rows.device)
+    token_logit = torch.full((n_rows,), float("nan"), device=rows.device)
+    for start in range(0, vocab_size, tile_vocab):
+        stop = min(start + tile_vocab, vocab_size)
+        logits = logit_block(rows, weight[start:stop], bias, start, stop)
+        in_tile = (tokens >= start) & (tokens < stop)
+        index = (tokens - start).clamp(0, stop - start - 1).long().unsqueeze(-1)
+        token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
+        new_max = torch.maximum(row_max, logits.amax(-1))
+        # While every logit seen is -inf, centre on 0 so that no inf - inf appears.
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        rescale = ((row_max - shift) * inv_temperature).exp()
+        recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
+        sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
+        sum_exp = rescale * sum_exp
+        z = logits.sub_(shift.unsqueeze(-1))
+        if inv_temperature != 1.0:
+            z *= inv_temperature
+        if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
+            z.clamp_min_(torch.finfo(torch.float32).min)
+        exp_z = z.exp()
+        sum_exp += exp_z.sum(-1)
+        sum_exp_z += torch.linalg.vecdot(exp_z, z)
+        row_max = new_max
+    ignored = tokens == options.ignore_index
+    return finish_rows(row_max, sum_exp, sum_exp_z, token_logit, ignored, inv_temperature)
+
+
+def torch_linear_forward(hidden, weight, bias, tokens, options):
+    """``(logprobs, entropy, normaliser [2, rows])`` of validated arguments."""
+    hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
+    rows = as_rows(hidden, layout, hidden.shape[-1])
+    token_rows = as_rows(tokens, tokens_layout, None)
+    shape = (layout.n_outer, layout.n_inner)
+    logprobs = torch.empty(shape, device=hidden.device)
+    entropy = torch.empty(shape, device=hidden.device)
+    normaliser = torch.empty((2, *shape), device=hidden.device)
+    masked = bias is not None and bool(torch.isneginf(bias).any())
+    for outer, inner in row_chunks(layout, tile_shape(hidden.device)[0]):
+        block = rows[outer, inner]
+        chunk_shape = block.shape[:-1]
+        outputs = _rows_forward(
+            matmul_rows(block.reshape(-1, block.shape[-1])),
+            token_rows[outer, inner].reshape(-1),
+            weight,
+            bias,
+            masked,
+            options,
+        )
+        logprobs[outer, inner] = outputs[0].view(chunk_shape)
+        entropy[outer, inner] = outputs[1].view(chunk_shape)
+        normaliser[:, outer, inner] = outputs[2].view(2, *chunk_shape)
+    return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser.view(2, -1)
+
+
+def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, options):
+    """Add one row block's gradients to ``accumulators`` (float32)."""
+    grad_hidden_rows, grad_weight, grad_bias = accumulators
+    ignored = tokens == options.ignore_index
+    if grad_weight is not None and bool(ignored.any()):
+        # Ignored rows take no part in the weight gradient, even with non-finite hidden states.
+        rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
+    scoring = ScoringOptions(options.temperature, -1)
+    tile_vocab = tile_shape(rows.device)[1]
+    for start in range(0, weight.shape[0], tile_vocab):
+        stop = min(start + tile_vocab, weight.shape[0])
+        weight_tile = weight[start:stop]
+        if rows.dtype == torch.float32:
+            weight_tile = weight_tile.float()
+        in_tile = (tokens >= start) & (tokens < stop)
+        # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
+        tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
+        grad = _torch_chunk_backward(
+            logit_block(rows, weight_tile, bias, start, stop), tile_tokens, *saved, *grads, scoring
+        )
+        if grad_hidden_rows is not None:
+            add_grad_matmul(grad_hidden_rows, grad, weight_tile)
+        if grad_weight is not None:
+            add_grad_matmul(grad_weight[start:stop], grad.T, rows)
+        if grad_bias is not None:
+            grad_bias[start:stop] += grad.sum(0)
+
+
+def torch_linear_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
+    """``(dhidden in hidden's dtype, dweight float32, dbias float32)``, None where not needed."""
+    hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
+    size = hidden.shape[-1]
+    rows = as_rows(hidden, layout, size)
+    token_rows = as_rows(tokens, tokens_layout, None)
+    shape = (layout.n_outer, layout.n_inner)
+    grad_hidden = hidden.new_empty((*shape, size)) if needs[0] else None
+    # Weight and bias gradients are accumulated in float32 over all rows, rounded once.
+    grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if needs[1] else None
+    grad_bias = weight.new_zeros(weight.shape[0], dtype=torch.float32) if needs[2] else None
+
+    def rows_of(vector, outer, inner):
+        return None if vector is None else vector.reshape(shape)[outer, inner].reshape(-1)
+
+    for outer, inner in row_chunks(layout, tile_shape(hidden.device)[0]):
+        block = rows[outer, inner]
+        operand = matmul_rows(block.reshape(-1, size))
+        grad_rows = torch.zeros(operand.shape, device=hidden.device) if needs[0] else None
+        saved = (
+            normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),
+            rows_of(entropy, outer, inner),
+        )
+        chunk_grads = tuple(rows_of(grad, outer, inner) for grad in grads)
+        _rows_backward(
+            operand,
+            token_rows[outer, inner].reshape(-1),
+            weight,
+            bias,
+            saved,
+            chunk_grads,
+            (grad_rows, grad_weight, grad_bias),
+            options,
+        )
+        if grad_hidden is not None:
+            grad_hidden[outer, inner] = grad_rows.view(block.shape)
+    return grad_hidden, grad_weight, grad_bias
