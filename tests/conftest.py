@@ -1,7 +1,13 @@
 import os
+import tempfile
 
 # The Triton backend runs on CPU tensors only under the interpreter; set it before triton loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per run: a cache left by another version of this package can hold a
+# compiled backward that calls a custom op since renamed (its key does not cover the op).
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="entropy-kernels-inductor-")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
