@@ -127,3 +127,19 @@ def test_linear_tiles_shrink_until_they_fit(monkeypatch):
         ops._launch_fitting("linear_fwd", hidden, launch)
     assert tried == [(32, 32, 64, 3)]
     assert TileConfig(32, 16, 16, 1, 2).smaller() is None
+
+
+def test_vocabulary_splits_cover_the_vocabulary(monkeypatch):
+    """Splits fill the device's programs, cover every vocabulary tile once, and the hidden
+    gradient's (one float32 [rows, H] part each) are capped."""
+    from entropy_kernels.ops import linear as ops
+
+    monkeypatch.setattr(ops, "_target_programs", lambda device: 264)
+    cpu = torch.device("cpu")
+    for row_blocks, vocab, most in ((1, 151936, None), (1, 151936, 8), (300, 151936, None)):
+        splits, per_split = ops.vocab_splits(row_blocks, vocab, 128, cpu, most)
+        tiles = -(-vocab // 128)
+        assert (splits - 1) * per_split < tiles <= splits * per_split
+        assert splits <= (most or tiles)
+    assert ops.vocab_splits(300, 151936, 128, cpu) == (1, 1187)
+    assert ops.vocab_splits(1, 151936, 128, cpu)[0] >= 200

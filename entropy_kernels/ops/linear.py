@@ -19,6 +19,9 @@ from .linear_lse import finish_rows, merge_states
 PROGRAMS_PER_SM = 2
 # Under the interpreter: a small target, so that test shapes take several splits.
 INTERPRETER_PROGRAMS = 4
+# The hidden gradient's splits each hold a float32 [rows, H] part: at most this many, so that a
+# few rows never get hundreds of parts.
+MAX_HIDDEN_SPLITS = 8
 
 
 @functools.cache
@@ -28,11 +31,15 @@ def _target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def vocab_splits(n_row_blocks: int, vocab_size: int, block_v: int, device) -> tuple[int, int]:
+def vocab_splits(
+    n_row_blocks: int, vocab_size: int, block_v: int, device, most: int | None = None
+) -> tuple[int, int]:
     """``(splits, tiles_per_split)``: enough vocabulary ranges that ``n_row_blocks * splits``
-    programs fill the device (one range when the row blocks alone do)."""
+    programs fill the device (one range when the row blocks alone do), at most ``most``."""
     tiles = -(-vocab_size // block_v)
     wanted = max(1, min(tiles, -(-_target_programs(device) // max(n_row_blocks, 1))))
+    if most is not None:
+        wanted = min(wanted, most)
     tiles_per_split = -(-tiles // wanted)
     return -(-tiles // tiles_per_split), tiles_per_split
 
@@ -154,7 +161,7 @@ def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, cons
     def launch(tile: TileConfig):
         n_row_blocks = -(-n_rows // tile.block_n)
         splits, tiles_per_split = vocab_splits(
-            n_row_blocks, weight.shape[0], tile.block_v, hidden.device
+            n_row_blocks, weight.shape[0], tile.block_v, hidden.device, MAX_HIDDEN_SPLITS
         )
         partial = torch.zeros((splits, n_rows, size), dtype=torch.float32, device=hidden.device)
         if n_rows > 0:
