@@ -14,6 +14,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tensordict import NonTensorStack, TensorDict  # noqa: E402
 
 import entropy_kernels  # noqa: E402
+from entropy_kernels.integrations import _verl_loss  # noqa: E402
 from entropy_kernels.integrations import verl as adapter  # noqa: E402
 from entropy_kernels.objectives import Objective  # noqa: E402
 
@@ -402,9 +403,9 @@ def test_token_local_modes_are_fused(verl, loss_mode):
     interpreter), not verl's function, with verl's numbers; modes that need a reduction across
     tokens run verl's own function."""
     config = actor_config(verl, {"loss_mode": loss_mode}, **BATCH_INFO["global"])
-    assert adapter._fused_objective(loss_mode, config) is not None
+    assert _verl_loss._fused_objective(loss_mode, config) is not None
     for other in ("gspo", "clip_cov", "geo_mean"):
-        assert adapter._fused_objective(other, actor_config(verl, {"loss_mode": other})) is None
+        assert _verl_loss._fused_objective(other, actor_config(verl, {"loss_mode": other})) is None
     logits, tokens, old, advantages, mask, weights = loss_inputs(seed=9, batch=3, seq=4)
     assert_fused_equals_verl(
         verl.core_algos.get_policy_loss_fn(loss_mode),
@@ -456,7 +457,7 @@ def test_policy_loss_objectives_match_verl(verl, loss_mode, loss_agg_mode):
     )
     expected.backward()
 
-    aggregation, normalizer, _ = adapter._aggregation(loss_agg_mode, mask)
+    aggregation, normalizer, _ = _verl_loss._aggregation(loss_agg_mode, mask)
     got_logits = logits.clone().requires_grad_(True)
     torch.manual_seed(3)
     out = entropy_kernels.policy_loss(

@@ -18,6 +18,7 @@ from gloo_harness import run_ranks  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
 
 import entropy_kernels  # noqa: E402
+from entropy_kernels.integrations import _verl_scoring  # noqa: E402
 from entropy_kernels.integrations import verl as adapter  # noqa: E402
 
 VALUE_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -159,11 +160,11 @@ def megatron_checks(rank, failures):
         return ret["log_probs"], ret["entropy"], shard.grad
 
     adapter.uninstall()
-    originals = {name: getattr(tensor_parallel, name) for name in adapter._MEGATRON_SCORING}
+    originals = {name: getattr(tensor_parallel, name) for name in _verl_scoring._MEGATRON_SCORING}
     want = engine_scores()
     adapter.install()
     try:
-        for name, drop_in in adapter._MEGATRON_SCORING.items():
+        for name, drop_in in _verl_scoring._MEGATRON_SCORING.items():
             if getattr(tensor_parallel, name) is not drop_in or getattr(
                 engine_module, name
             ) is not (drop_in):
@@ -182,7 +183,7 @@ def megatron_checks(rank, failures):
 
     # Each drop-in against verl's function of the same name (and Megatron's cross entropy).
     for name, original in originals.items():
-        drop_in = adapter._MEGATRON_SCORING[name]
+        drop_in = _verl_scoring._MEGATRON_SCORING[name]
         outs = []
         for function in (drop_in, original):
             shard = logits[..., low:high].clone().requires_grad_()
