@@ -1,10 +1,12 @@
-"""Launch configuration of the vocabulary-row kernels: one fixed choice per kernel, no autotuning.
+"""Launch configuration of the kernels: one fixed choice per kernel, no autotuning.
 
 Every row kernel (scoring forward, scoring backward, fused policy loss) sweeps a row in
-``block_v``-wide blocks with ``num_warps`` warps. The defaults are chosen for H100/H200 but have
-not been tuned on one (no GPU was available when they were written); ``benchmarks/sweep.py``
-times the alternatives on a GPU through :func:`override`, which is also how a user with another
-GPU can pin a configuration without editing the package.
+``block_v``-wide blocks with ``num_warps`` warps (:class:`KernelConfig`; chosen for H100/H200
+before one was available, timed by ``benchmarks/sweep.py``). The fused linear kernels take
+two-dimensional tiles (:class:`TileConfig`), chosen by ``benchmarks/linear_sweep.py`` on an H200
+and shrunk at the first launch on a device that cannot hold them. :func:`override` is how the
+sweeps time alternatives, and how a user with another GPU can pin a configuration without
+editing the package.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 
   * without ``tp_group``, any ``Shard`` / ``Replicate`` placement is all-gathered with
     ``full_tensor`` (one ``[V, H]`` gather per call; the weight is needed whole). The gradient
-    goes back through the gather as a ``Partial`` (summed) gradient: each rank's gradient is the
-    sum over the mesh of every rank's gradient, that of the sum of the ranks' losses (as a
-    data-parallel all-reduce would give; scale the loss by ``1 / world`` for FSDP2's mean);
+    goes back through the gather as a ``Partial("avg")`` gradient: each rank's shard gets the
+    mean over the mesh of every rank's gradient, that of the mean of the ranks' losses, as
+    FSDP2's reduce-scatter gives every other parameter;
   * with ``tp_group`` (vocabulary-parallel), the DTensor must be ``Shard(0)`` on a 1-D mesh over
     that group: its local rows are this rank's vocabulary shard (``to_local``, no gather), and
     its gradient is its shard's.
@@ -76,7 +76,7 @@ def _from_dtensor(name: str, value, tp_group):
             "(redistribute to Shard / Replicate)"
         )
     if tp_group is None:
-        return value.full_tensor(grad_placements=[Partial()] * len(placements))
+        return value.full_tensor(grad_placements=[Partial("avg")] * len(placements))
     mesh = value.device_mesh
     dist = torch.distributed
     same_group = mesh.ndim == 1 and dist.get_process_group_ranks(

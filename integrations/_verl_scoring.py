@@ -131,7 +131,7 @@ def linear_cross_entropy(
     from entropy_kernels.weights import plain_linear_weights
 
     if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"Invalid reduction: {reduction}")
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).long()
     if dist_process_group is None:

@@ -60,8 +60,9 @@ def score(hidden, weight, bias, tokens, **options):
 
 
 def check_dtensor(checks, rank, world):
-    """Without tp_group: any Shard / Replicate weight is gathered; the gradient is the sum over
-    the ranks' losses. With tp_group: a Shard(0) weight is this rank's vocabulary shard."""
+    """Without tp_group: any Shard / Replicate weight is gathered; the gradient is the mean over
+    the ranks' losses (FSDP2's reduction). With tp_group: a Shard(0) weight is this rank's
+    vocabulary shard."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
@@ -75,7 +76,7 @@ def check_dtensor(checks, rank, world):
         for r, hidden in enumerate(hiddens):
             logp, entropy, loss = score(hidden, *full, tokens)
             grads = torch.autograd.grad(loss, full)
-            want_grads = [a + g for a, g in zip(want_grads, grads, strict=True)]
+            want_grads = [a + g / world for a, g in zip(want_grads, grads, strict=True)]
             if r == rank:
                 want = (logp, entropy)
         bias_placement = Replicate() if placement == Shard(1) else placement

@@ -293,3 +293,23 @@ def test_triton_gradients_are_deterministic():
         results.append([t.grad for t in mine])
     for first, second in zip(*results, strict=True):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_expanded_bias(backend):
+    """A bias view with a stride (a column of a matrix) or stride 0 (expanded) is read as its
+    values, not as memory from its first element on (found by review: the kernels read
+    ``bias_ptr + v``)."""
+    hidden, weight, _, tokens = make_head(2, 5, 24, 40)
+    for bias in (torch.randn(40, 3)[:, 1], torch.randn(1).expand(40)):
+        ours = leaves((hidden, weight, bias))
+        logprobs, entropy = ek.linear_logprobs_and_entropy(
+            ours[0], ours[1], tokens, bias=ours[2], backend=backend
+        )
+        (logprobs.sum() + entropy.sum()).backward()
+        refs = leaves((hidden, weight, bias), torch.float64)
+        want = reference.linear_logprobs_and_entropy(refs[0], refs[1], tokens, bias=refs[2])
+        (want[0].sum() + want[1].sum()).backward()
+        torch.testing.assert_close(logprobs.double(), want[0], **VALUE_TOL)
+        torch.testing.assert_close(entropy.double(), want[1], **VALUE_TOL)
+        assert_grads(ours, refs)

@@ -32,6 +32,8 @@ TILE_VOCAB = 4096
 GPU_TILE_ROWS = 2048
 GPU_TILE_VOCAB = 16384
 HALF = (torch.float16, torch.bfloat16)
+# torch.mm / addmm(..., out_dtype=torch.float32) from half-precision operands (torch >= 2.8, CUDA).
+HAS_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def tile_shape(device: torch.device) -> tuple[int, int]:
@@ -40,8 +42,8 @@ def tile_shape(device: torch.device) -> tuple[int, int]:
 
 def matmul_rows(block: torch.Tensor) -> torch.Tensor:
     """A row block as the tiles' matmul operand: its own dtype where cuBLAS multiplies it with
-    float32 output (half precision on CUDA), else float32."""
-    return block if block.is_cuda and block.dtype in HALF else block.float()
+    float32 output (half precision on CUDA, torch >= 2.8), else float32."""
+    return block if HAS_OUT_DTYPE and block.is_cuda and block.dtype in HALF else block.float()
 
 
 def logit_block(rows, weight_tile, bias, start, stop):

@@ -19,9 +19,11 @@ from .linear_lse import finish_rows, merge_states
 PROGRAMS_PER_SM = 2
 # Under the interpreter: a small target, so that test shapes take several splits.
 INTERPRETER_PROGRAMS = 4
-# The hidden gradient's splits each hold a float32 [rows, H] part: at most this many, so that a
-# few rows never get hundreds of parts.
+# The hidden gradient's splits each hold a float32 [rows, H] part: at most this many, and at most
+# this many bytes of parts beyond the first (the gradient's own size), so that neither a few rows
+# nor many rows get a large buffer.
 MAX_HIDDEN_SPLITS = 8
+HIDDEN_SPLIT_BYTES = 256 * 2**20
 
 
 @functools.cache
@@ -88,8 +90,8 @@ _fitted: dict[tuple, TileConfig] = {}
 
 
 def _launch_fitting(kernel: str, hidden: torch.Tensor, launch):
-    """``launch(tile)`` with the kernel's tile for hidden's device, shrunk (fewer stages, then
-    narrower ``block_h``) while the device lacks the shared memory or registers for it: the
+    """``launch(tile)`` with the kernel's tile for hidden's device, shrunk by
+    :meth:`TileConfig.smaller` while the device lacks the shared memory or registers for it: the
     defaults are sized for an H100 / H200, and float32 operands take twice the space. A tile
     set by :func:`entropy_kernels.kernel_config.override` is launched as given."""
     from triton.runtime.errors import OutOfResources
@@ -112,13 +114,18 @@ def _unit_stride(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.stride(-1) == 1 else weight.contiguous()
 
 
+def _dense(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read ``bias[v]`` at ``bias_ptr + v``: a strided or expanded bias is copied."""
+    return None if bias is None else bias.contiguous()
+
+
 def linear_forward(hidden, weight, bias, tokens, layouts, constants):
     """``(logprobs [rows], entropy [rows], normaliser [2, rows])`` of validated arguments."""
     from ..kernels.linear_fwd import linear_fwd_kernel
 
     n_rows = layouts[0].n_rows
     inv_temperature, ignore_index = constants
-    weight = _unit_stride(weight)
+    weight, bias = _unit_stride(weight), _dense(bias)
     args, flags = _shape_args(hidden, weight, layouts, constants)
 
     def launch(tile: TileConfig):
@@ -154,14 +161,15 @@ def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, cons
     from ..kernels.linear_bwd_hidden import linear_bwd_hidden_kernel
 
     n_rows, size = layouts[0].n_rows, hidden.shape[-1]
-    weight = _unit_stride(weight)
+    weight, bias = _unit_stride(weight), _dense(bias)
     normaliser, entropy = saved
     args, flags = _shape_args(hidden, weight, layouts, constants)
 
     def launch(tile: TileConfig):
         n_row_blocks = -(-n_rows // tile.block_n)
+        most = min(MAX_HIDDEN_SPLITS, 1 + HIDDEN_SPLIT_BYTES // max(4 * n_rows * size, 1))
         splits, tiles_per_split = vocab_splits(
-            n_row_blocks, weight.shape[0], tile.block_v, hidden.device, MAX_HIDDEN_SPLITS
+            n_row_blocks, weight.shape[0], tile.block_v, hidden.device, most
         )
         partial = torch.zeros((splits, n_rows, size), dtype=torch.float32, device=hidden.device)
         if n_rows > 0:
@@ -197,7 +205,7 @@ def linear_grad_weight(hidden, weight, bias, tokens, layouts, saved, grads, cons
     from ..kernels.linear_bwd_weight import linear_bwd_weight_kernel
 
     needs_weight, needs_bias = needs
-    weight = _unit_stride(weight)
+    weight, bias = _unit_stride(weight), _dense(bias)
     vocab_size = weight.shape[0]
     normaliser, entropy = saved
     args, flags = _shape_args(hidden, weight, layouts, constants)
