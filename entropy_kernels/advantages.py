@@ -189,13 +189,28 @@ def gtpo_advantages(
     affected outputs; a group holding a NaN reward is never filtered.
     """
     rewards = check_rewards(rewards)
-    batch, device = rewards.shape[0], rewards.device
-    entropy, mask = check_token_inputs(entropy, mask, batch, device)
+    entropy, mask = check_token_inputs(entropy, mask, rewards.shape[0], rewards.device)
     check_choice("normalize", normalize, NORMALIZE_MODES)
     check_choice("scope", scope, SCOPES)
     check_eps(eps)
     check_shaping_constant("alpha2", alpha2)
     check_threshold(success_threshold)
+    return gtpo_advantages_core(
+        rewards,
+        entropy,
+        mask,
+        groups,
+        (alpha1, alpha2, success_threshold, normalize, scope, filter_groups, eps),
+        backend,
+    )
+
+
+def gtpo_advantages_core(rewards, entropy, mask, groups, options: tuple, backend: str):
+    """:func:`gtpo_advantages` of validated arguments (``rewards`` / ``entropy`` detached);
+    ``options``: ``(alpha1, alpha2, success_threshold, normalize, scope, filter_groups, eps)``.
+    The one-call losses call it with options checked once, by ``GTPOShaping``."""
+    alpha1, alpha2, success_threshold, normalize, scope, filter_groups, eps = options
+    batch, device = rewards.shape[0], rewards.device
     layout = group_layout(groups, batch, device)
     backend = resolve_backend(backend, device)
     outcomes = success_outcomes(rewards, success_threshold)
@@ -313,13 +328,24 @@ def grpo_s_advantages(
     to every active token of the row. A NaN or infinite reward or entropy propagates to its
     group.
     """
-    advantages = _grpo_s(
-        rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore=True
-    )
+    rewards = check_rewards(rewards)
+    entropy, mask = check_token_inputs(entropy, mask, rewards.shape[0], rewards.device)
+    check_eps(eps)
+    check_shaping_constant("beta2", beta2)
+    check_threshold(success_threshold)
+    options = (beta1, beta2, success_threshold, eps, filter_groups)
+    return grpo_s_advantages_core(rewards, entropy, mask, groups, options, backend)
+
+
+def grpo_s_advantages_core(rewards, entropy, mask, groups, options: tuple, backend: str):
+    """:func:`grpo_s_advantages` of validated arguments (``rewards`` / ``entropy`` detached);
+    ``options``: ``(beta1, beta2, success_threshold, eps, filter_groups)``."""
+    *shaping, filter_groups = options
+    advantages = grpo_s_core(rewards, entropy, mask, groups, tuple(shaping), backend, zscore=True)
     if not filter_groups:
         return advantages
     layout = group_layout(groups, advantages.shape[0], advantages.device)
-    uniform = uniform_group_rows(success_outcomes(rewards.detach(), success_threshold), layout)
+    uniform = uniform_group_rows(success_outcomes(rewards, shaping[2]), layout)
     return torch.where(uniform, 0.0, advantages)
 
 
@@ -365,11 +391,20 @@ def _groups_of_nonempty_rows(groups, entropy, mask):
 
 def _grpo_s(rewards, entropy, mask, groups, beta1, beta2, success_threshold, eps, backend, zscore):
     rewards = check_rewards(rewards)
-    batch, device = rewards.shape[0], rewards.device
-    entropy, mask = check_token_inputs(entropy, mask, batch, device)
+    entropy, mask = check_token_inputs(entropy, mask, rewards.shape[0], rewards.device)
     check_eps(eps)
     check_shaping_constant("beta2", beta2)
     check_threshold(success_threshold)
+    return grpo_s_core(
+        rewards, entropy, mask, groups, (beta1, beta2, success_threshold, eps), backend, zscore
+    )
+
+
+def grpo_s_core(rewards, entropy, mask, groups, options: tuple, backend: str, zscore: bool):
+    """GRPO-S rewards (``zscore=False``) or advantages of validated arguments;
+    ``options``: ``(beta1, beta2, success_threshold, eps)``."""
+    beta1, beta2, success_threshold, eps = options
+    batch, device = rewards.shape[0], rewards.device
     layout = group_layout(_groups_of_nonempty_rows(groups, entropy, mask), batch, device)
     outcomes = success_outcomes(rewards, success_threshold)
     # r = +-base + s, where s keeps the precision that base would round away (kernel module).

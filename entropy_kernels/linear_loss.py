@@ -19,6 +19,7 @@ from .gtpo import (
     check_shaped_loss_inputs,
     shaped_loss_core,
 )
+from .linear_fused_loss import applies, fused_linear_policy_loss
 from .linear_scoring import check_linear_inputs, linear_options, linear_score
 from .policy_loss import (
     LossOptions,
@@ -67,13 +68,31 @@ def _linear_call_options(hidden, weight, tokens, call, **checks):
 
 
 def _linear_scorers(hidden, weight, bias, options):
-    """``(scorer, None)`` for the loss cores: the linear scoring op has no fused loss path."""
+    """``(scorer, fused)`` for the loss cores; ``fused`` (the gradient formed in the forward,
+    :mod:`entropy_kernels.linear_fused_loss`) where it applies, else None."""
     rows = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
 
     def scorer(tokens):
         return linear_score(rows, weight, bias, tokens, options)
 
-    return scorer, None
+    if not applies(hidden, weight, bias, options):
+        return scorer, None
+
+    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options):
+        return fused_linear_policy_loss(
+            rows,
+            weight,
+            bias,
+            tokens,
+            advantages,
+            mask,
+            old_logprobs,
+            ref_logprobs,
+            options,
+            loss_options,
+        )
+
+    return scorer, fused
 
 
 def linear_policy_loss(

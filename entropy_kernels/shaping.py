@@ -17,7 +17,7 @@ from .advantage_groups import (
     check_eps,
     success_outcomes,
 )
-from .advantages import grpo_s_advantages, gtpo_advantages
+from .advantages import grpo_s_advantages_core, gtpo_advantages_core
 
 # The paper's clip-higher bound (DAPO), the default of both one-call losses.
 PAPER_CLIP_HIGH = 0.28
@@ -45,19 +45,18 @@ class GTPOShaping:
         check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
-        return gtpo_advantages(
-            rewards,
-            entropy,
-            mask,
-            groups,
-            alpha1=self.alpha1,
-            alpha2=self.alpha2,
-            success_threshold=self.success_threshold,
-            normalize=self.normalize,
-            scope=self.scope,
-            filter_groups=self.filter_groups,
-            eps=self.eps,
-            backend=backend,
+        """:func:`entropy_kernels.gtpo_advantages` of arguments the loss validated."""
+        options = (
+            self.alpha1,
+            self.alpha2,
+            self.success_threshold,
+            self.normalize,
+            self.scope,
+            self.filter_groups,
+            self.eps,
+        )
+        return gtpo_advantages_core(
+            rewards.detach(), entropy.detach(), mask, groups, options, backend
         )
 
 
@@ -77,17 +76,15 @@ class GRPOSShaping:
         check_threshold(self.success_threshold)
 
     def advantages(self, rewards, entropy, mask, groups, backend: str) -> torch.Tensor:
-        return grpo_s_advantages(
-            rewards,
-            entropy,
+        """:func:`entropy_kernels.grpo_s_advantages` of arguments the loss validated."""
+        options = (self.beta1, self.beta2, self.success_threshold, self.eps, self.filter_groups)
+        return grpo_s_advantages_core(
+            rewards.detach(),
+            entropy.detach(),
             mask,
             groups,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            success_threshold=self.success_threshold,
-            filter_groups=self.filter_groups,
-            eps=self.eps,
-            backend=backend,
+            options,
+            backend,
         )
 
 

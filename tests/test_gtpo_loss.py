@@ -506,3 +506,25 @@ def test_ignored_tokens_leave_the_shaping(backend, loss):
     want = ek.policy_loss(logits, tokens, advantages, active, clip_high=0.28, backend=backend)
     got = one_call(logits, tokens, rewards, mask, 4, old_entropy=old_entropy, backend=backend)
     torch.testing.assert_close(got.loss, want.loss)
+
+
+@pytest.mark.parametrize("loss", ["gtpo", "grpo_s"])
+def test_one_call_losses_validate_once(monkeypatch, loss):
+    """The one-call losses check the rewards once (their shaping runs on the checked values),
+    not once more inside the public advantage functions."""
+    from entropy_kernels import advantage_groups, advantages, gtpo
+
+    calls = []
+
+    def counted(rewards):
+        calls.append(1)
+        return advantage_groups.check_rewards(rewards)
+
+    monkeypatch.setattr(gtpo, "check_rewards", counted)
+    monkeypatch.setattr(advantages, "check_rewards", counted)
+    logits, tokens, rewards, mask, groups, old_logprobs, _ = make_batch(
+        0, 2, 4, 5, 30, False, "bool", balanced=True
+    )
+    function = gtpo_loss if loss == "gtpo" else grpo_s_loss
+    function(logits, tokens, rewards, mask, groups, old_logprobs=old_logprobs, backend="torch")
+    assert len(calls) == 1

@@ -203,3 +203,72 @@ def test_gradient_scaled_by_the_outer_gradient(backend):
     for plain, scaled in zip(*grads, strict=True):
         # Rounding differs only where the scale enters before the matmuls (the scoring op).
         assert (scaled - plain * 2.5).norm() <= 1e-6 * (plain * 2.5).norm()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(aggregation="seq-mean-token-sum-norm", entropy_coef=0.01, temperature=0.7),
+        dict(aggregation="seq-mean-token-mean", dual_clip=3.0, kl_coef=0.1),
+        dict(objective="cispo", entropy_coef=0.02),
+        dict(objective="sapo", normalizer=11.0),
+    ],
+    ids=["clip", "seq-sum-norm", "dual-kl", "cispo", "sapo"],
+)
+def test_gradient_formed_in_the_forward_equals_the_recomputing_backward(monkeypatch, options):
+    """float32 on CPU with the torch backend forms the gradient in the forward pass (three
+    matmul passes); its loss, scores, metrics and gradients equal the recomputing backward's,
+    over several row blocks, with a masked vocabulary entry and ignored tokens."""
+    from entropy_kernels import linear_fused_loss, linear_loss
+
+    hidden, weight, bias, tokens = make_head(3, 7, 20, 90)
+    bias[5] = float("-inf")
+    tokens[0, 2] = -100
+    generator = torch.Generator().manual_seed(3)
+    advantages = torch.randn(3, 7, generator=generator)
+    mask = (torch.rand(3, 7, generator=generator) > 0.2).float() * 0.5
+    old = -torch.rand(3, 7, generator=generator) * 3
+    ref = -torch.rand(3, 7, generator=generator) * 3
+    monkeypatch.setattr(linear_fused_loss, "BLOCK_BYTES", 4 * 90 * 4)  # 4 rows per block
+    calls = []
+    original = linear_fused_loss.fused_rows
+    monkeypatch.setattr(linear_fused_loss, "fused_rows", lambda *a: calls.append(1) or original(*a))
+
+    def run(fused):
+        monkeypatch.setattr(
+            linear_loss, "applies", linear_fused_loss.applies if fused else lambda *a: False
+        )
+        leaf = leaves((hidden, weight, bias))
+        out = ek.linear_policy_loss(
+            leaf[0],
+            leaf[1],
+            tokens,
+            advantages,
+            mask,
+            bias=leaf[2],
+            old_logprobs=old,
+            ref_logprobs=ref,
+            backend="torch",
+            **options,
+        )
+        (2.5 * out.loss).backward()
+        return out, [t.grad for t in leaf]
+
+    fused, fused_grads = run(True)
+    assert len(calls) == 6  # 21 rows in blocks of 4
+    plain, plain_grads = run(False)
+    assert_output(fused, plain)
+    for got, want in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_formed_in_the_forward_is_handed_over_once():
+    hidden, weight, bias, tokens = make_head(2, 3, 8, 30)
+    leaf = leaves((hidden, weight, bias))
+    out = ek.linear_policy_loss(
+        leaf[0], leaf[1], tokens, torch.randn(2), bias=leaf[2], backend="torch"
+    )
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        out.loss.backward()

@@ -69,42 +69,92 @@ def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor
         acc.addmm_(grad, operand.float())
 
 
+def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
+    """Fold a float32 ``[rows, width]`` logits tile of vocabulary ``start:start + width`` into the
+    online state ``(row_max, sum_exp, sum_exp_z, token_logit)``; ``logits`` is not modified."""
+    row_max, sum_exp, sum_exp_z, token_logit = state
+    width = logits.shape[-1]
+    in_tile = (tokens >= start) & (tokens < start + width)
+    index = (tokens - start).clamp(0, width - 1).long().unsqueeze(-1)
+    token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
+    new_max = torch.maximum(row_max, logits.amax(-1))
+    # While every logit seen is -inf, centre on 0 so that no inf - inf appears.
+    shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+    rescale = ((row_max - shift) * inv_temperature).exp()
+    recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
+    sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
+    sum_exp = rescale * sum_exp
+    z = logits - shift.unsqueeze(-1)
+    if inv_temperature != 1.0:
+        z *= inv_temperature
+    if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
+        z.clamp_min_(torch.finfo(torch.float32).min)
+    exp_z = z.exp()
+    sum_exp = sum_exp + exp_z.sum(-1)
+    sum_exp_z = sum_exp_z + torch.linalg.vecdot(exp_z, z)
+    return new_max, sum_exp, sum_exp_z, token_logit
+
+
+def _initial_state(n_rows: int, device) -> tuple:
+    return (
+        torch.full((n_rows,), float("-inf"), device=device),
+        torch.zeros(n_rows, device=device),
+        torch.zeros(n_rows, device=device),
+        torch.full((n_rows,), float("nan"), device=device),
+    )
+
+
 def _rows_forward(rows, tokens, weight, bias, masked: bool, options):
     """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
 
     ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped.
     """
-    n_rows, vocab_size = rows.shape[0], weight.shape[0]
+    vocab_size = weight.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
     inv_temperature = 1.0 / options.temperature
-    row_max = torch.full((n_rows,), float("-inf"), device=rows.device)
-    sum_exp = torch.zeros(n_rows, device=rows.device)
-    sum_exp_z = torch.zeros(n_rows, device=rows.device)
-    token_logit = torch.full((n_rows,), float("nan"), device=rows.device)
+    state = _initial_state(rows.shape[0], rows.device)
     for start in range(0, vocab_size, tile_vocab):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop)
-        in_tile = (tokens >= start) & (tokens < stop)
-        index = (tokens - start).clamp(0, stop - start - 1).long().unsqueeze(-1)
-        token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
-        new_max = torch.maximum(row_max, logits.amax(-1))
-        # While every logit seen is -inf, centre on 0 so that no inf - inf appears.
-        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-        rescale = ((row_max - shift) * inv_temperature).exp()
-        recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
-        sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
-        sum_exp = rescale * sum_exp
-        z = logits.sub_(shift.unsqueeze(-1))
-        if inv_temperature != 1.0:
-            z *= inv_temperature
-        if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
-            z.clamp_min_(torch.finfo(torch.float32).min)
-        exp_z = z.exp()
-        sum_exp += exp_z.sum(-1)
-        sum_exp_z += torch.linalg.vecdot(exp_z, z)
-        row_max = new_max
+        state = _fold(state, logits, tokens, start, masked, inv_temperature)
     ignored = tokens == options.ignore_index
-    return finish_rows(row_max, sum_exp, sum_exp_z, token_logit, ignored, inv_temperature)
+    return finish_rows(*state, ignored, inv_temperature)
+
+
+def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, accumulators):
+    """Scores and gradients of one row block whose float32 logits ``[rows, V]`` are formed once:
+    the log-sum-exp, then ``coefficients(logprobs, entropy)`` gives ``(d loss / d logprobs,
+    d loss / d entropy)`` of those rows (None for an unused term), then ``dlogits`` and the two
+    gradient matmuls into ``accumulators`` (float32). Three matmul passes over the vocabulary
+    where the forward + recomputing backward takes four. Returns ``(logprobs, entropy)``."""
+    inv_temperature = 1.0 / options.temperature
+    weight_operand = weight.float() if rows.dtype == torch.float32 else weight
+    logits = logit_block(rows, weight_operand, bias, 0, weight.shape[0])
+    state = _fold(
+        _initial_state(rows.shape[0], rows.device), logits, tokens, 0, masked, inv_temperature
+    )
+    ignored = tokens == options.ignore_index
+    logprobs, entropy, normaliser = finish_rows(*state, ignored, inv_temperature)
+    grad_logp, grad_entropy = coefficients(logprobs, entropy)
+    grad = _torch_chunk_backward(
+        logits,
+        tokens.masked_fill(ignored, -1),
+        normaliser,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ScoringOptions(options.temperature, -1),
+    )
+    grad_rows, grad_weight, grad_bias = accumulators
+    if grad_rows is not None:
+        add_grad_matmul(grad_rows, grad, weight_operand)
+    if grad_weight is not None:
+        if bool(ignored.any()):  # ignored rows reach no weight gradient, even non-finite ones
+            rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
+        add_grad_matmul(grad_weight, grad.T, rows)
+    if grad_bias is not None:
+        grad_bias += grad.sum(0)
+    return logprobs, entropy
 
 
 def torch_linear_forward(hidden, weight, bias, tokens, options):
