@@ -69,7 +69,7 @@ class _LinearLossWithGradient(torch.autograd.Function):
 
 
 def fused_linear_policy_loss(
-    hidden, weight, bias, tokens, advantages, mask, old_logprobs, ref_logprobs, linear, options
+    hidden, weight, bias, linear, tokens, advantages, mask, old_logprobs, ref_logprobs, options
 ) -> PolicyLossOutput:
     """:func:`loss_from_logprobs` of the linear scores, its gradient formed in the forward.
 

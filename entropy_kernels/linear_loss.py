@@ -78,19 +78,8 @@ def _linear_scorers(hidden, weight, bias, options):
     if not applies(hidden, weight, bias, options):
         return scorer, None
 
-    def fused(tokens, advantages, mask, old_logprobs, ref_logprobs, loss_options):
-        return fused_linear_policy_loss(
-            rows,
-            weight,
-            bias,
-            tokens,
-            advantages,
-            mask,
-            old_logprobs,
-            ref_logprobs,
-            options,
-            loss_options,
-        )
+    def fused(*loss_arguments):  # (tokens, advantages, mask, old, ref, loss options)
+        return fused_linear_policy_loss(rows, weight, bias, options, *loss_arguments)
 
     return scorer, fused
 
