@@ -231,6 +231,7 @@ def test_gradient_formed_in_the_forward_equals_the_recomputing_backward(monkeypa
     old = -torch.rand(3, 7, generator=generator) * 3
     ref = -torch.rand(3, 7, generator=generator) * 3
     monkeypatch.setattr(linear_fused_loss, "BLOCK_BYTES", 4 * 90 * 4)  # 4 rows per block
+    monkeypatch.setattr(linear_fused_loss, "MIN_HIDDEN", 1)
     calls = []
     original = linear_fused_loss.fused_rows
     monkeypatch.setattr(linear_fused_loss, "fused_rows", lambda *a: calls.append(1) or original(*a))
@@ -263,7 +264,10 @@ def test_gradient_formed_in_the_forward_equals_the_recomputing_backward(monkeypa
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_formed_in_the_forward_is_handed_over_once():
+def test_gradient_formed_in_the_forward_is_handed_over_once(monkeypatch):
+    from entropy_kernels import linear_fused_loss
+
+    monkeypatch.setattr(linear_fused_loss, "MIN_HIDDEN", 1)
     hidden, weight, bias, tokens = make_head(2, 3, 8, 30)
     leaf = leaves((hidden, weight, bias))
     out = ek.linear_policy_loss(
