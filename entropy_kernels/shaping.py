@@ -17,7 +17,8 @@ from .advantage_groups import (
     check_eps,
     success_outcomes,
 )
-from .advantages import grpo_s_advantages_core, gtpo_advantages_core
+from .advantages import gtpo_advantages_core
+from .sequence_advantages import grpo_s_advantages_core
 
 # The paper's clip-higher bound (DAPO), the default of both one-call losses.
 PAPER_CLIP_HIGH = 0.28

@@ -512,7 +512,7 @@ def test_ignored_tokens_leave_the_shaping(backend, loss):
 def test_one_call_losses_validate_once(monkeypatch, loss):
     """The one-call losses check the rewards once (their shaping runs on the checked values),
     not once more inside the public advantage functions."""
-    from entropy_kernels import advantage_groups, advantages, gtpo
+    from entropy_kernels import advantage_groups, advantages, gtpo, sequence_advantages
 
     calls = []
 
@@ -522,6 +522,7 @@ def test_one_call_losses_validate_once(monkeypatch, loss):
 
     monkeypatch.setattr(gtpo, "check_rewards", counted)
     monkeypatch.setattr(advantages, "check_rewards", counted)
+    monkeypatch.setattr(sequence_advantages, "check_rewards", counted)
     logits, tokens, rewards, mask, groups, old_logprobs, _ = make_batch(
         0, 2, 4, 5, 30, False, "bool", balanced=True
     )
