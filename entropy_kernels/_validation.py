@@ -11,6 +11,9 @@ import os
 import torch
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The label of tokens that are not scored (PyTorch's and the trainers' default): the default
+# `ignore_index`, and the tokens the losses leave out whatever the mask says.
+IGNORE_INDEX = -100
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -84,7 +87,7 @@ def check_positive_float(name: str, value: float) -> None:
 
 
 def check_logits_and_tokens(
-    logits: torch.Tensor, tokens: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, tokens: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Shapes, dtypes and devices of ``logits [..., V]`` and ``tokens``; returns the tokens as
     int32 / int64 (other integer dtypes, e.g. uint8 or int16, are widened to int64: a copy of
@@ -109,7 +112,7 @@ def check_logits_and_tokens(
 
 
 def check_tokens(
-    tokens: torch.Tensor, name: str, scored: torch.Tensor, ignore_index: int = -100
+    tokens: torch.Tensor, name: str, scored: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Integer ``tokens`` with the leading shape of ``scored [..., V or H]``, on its device;
     returned as int32 / int64 (narrower or unsigned dtypes widened to int64, int32 too when

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import (
+    IGNORE_INDEX,
     check_companion,
     check_logits_and_tokens,
     check_mask_dtype,
@@ -77,8 +78,10 @@ def _entropy_shaped_loss(
     shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
         log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-        check_values(tokens, shard.total, -100, mask, log_probs, {"old_entropy": old_entropy})
-    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+        check_values(
+            tokens, shard.total, IGNORE_INDEX, mask, log_probs, {"old_entropy": old_entropy}
+        )
+    scoring = ScoringOptions(float(temperature), IGNORE_INDEX, backend, inplace_backward)
     return shaped_loss_core(
         logits_scorers(logits, scoring, shard),
         tokens,

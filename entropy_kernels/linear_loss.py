@@ -12,6 +12,7 @@ from dataclasses import fields
 
 import torch
 
+from ._validation import IGNORE_INDEX
 from .gtpo import (
     PAPER_CLIP_HIGH,
     GRPOSShaping,
@@ -63,7 +64,7 @@ def _linear_call_options(hidden, weight, tokens, call, **checks):
     """``linear_options`` of a loss call; ``call`` from :func:`_split_options`."""
     temperature, validate, backend, tp_group = call
     return linear_options(
-        hidden, weight, tokens, temperature, -100, validate, backend, tp_group, **checks
+        hidden, weight, tokens, temperature, IGNORE_INDEX, validate, backend, tp_group, **checks
     )
 
 

@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from . import kernel_config
 from ._validation import (
+    IGNORE_INDEX,
     LOGIT_DTYPES,
     check_ignore_index,
     check_positive_float,
@@ -49,13 +50,13 @@ from .weights import plain_linear_weights
 @dataclass(frozen=True)
 class LinearOptions:
     temperature: float = 1.0
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     backend: str = "torch"
     # The vocabulary shard (entropy_kernels.parallel.VocabShard) when the weight is sharded.
     shard: Any = None
 
 
-def check_linear_inputs(hidden, weight, bias, tokens, ignore_index=-100) -> torch.Tensor:
+def check_linear_inputs(hidden, weight, bias, tokens, ignore_index=IGNORE_INDEX) -> torch.Tensor:
     """Types, dtypes, shapes and devices of ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``;
     the tokens as int32 / int64."""
     for name, value in (("hidden", hidden), ("weight", weight), ("tokens", tokens)):
@@ -223,7 +224,7 @@ def linear_logprobs_and_entropy(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     validate: bool = True,
     backend: str = "auto",
     tp_group=None,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import IGNORE_INDEX
+
 
 def packed_shift_labels(
-    input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = -100
+    input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Next-token labels of a packed batch, shifted within each sequence.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import (
+    IGNORE_INDEX,
     check_companion,
     check_logits_and_tokens,
     check_mask_dtype,
@@ -50,7 +51,7 @@ __all__ = [
 
 def without_ignored_tokens(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     """The mask with tokens equal to -100 made inactive."""
-    kept = tokens != -100
+    kept = tokens != IGNORE_INDEX
     if mask is None:
         return kept
     return mask & kept if mask.dtype == torch.bool else mask * kept
@@ -169,8 +170,8 @@ def policy_loss(
     shard = vocab_shard(logits.shape[-1], logits.device, tp_group)
     if validate:
         log_probs = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-        check_values(tokens, shard.total, -100, mask, log_probs)
-    scoring = ScoringOptions(float(temperature), -100, backend, inplace_backward)
+        check_values(tokens, shard.total, IGNORE_INDEX, mask, log_probs)
+    scoring = ScoringOptions(float(temperature), IGNORE_INDEX, backend, inplace_backward)
     rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
     return policy_loss_core(
         logits_scorers(rows, scoring, shard),

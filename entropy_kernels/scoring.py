@@ -17,6 +17,7 @@ so views such as ``logits[:, :-1]`` are used in place.
 import torch
 
 from ._validation import (
+    IGNORE_INDEX,
     check_ignore_index,
     check_logits_and_tokens,
     check_positive_float,
@@ -32,7 +33,7 @@ def logprobs_and_entropy(
     tokens: torch.Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     validate: bool = True,
     backend: str = "auto",
     tp_group=None,

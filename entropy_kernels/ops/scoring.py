@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .._validation import IGNORE_INDEX
 from ..backends.torch_scoring import torch_backward, torch_forward
 from ..kernel_config import launch_config, round_bf16_by_hand
 from .rows import copy_back, launch_rows, output_rows, row_layouts
@@ -24,7 +25,7 @@ from .rows import copy_back, launch_rows, output_rows, row_layouts
 @dataclass(frozen=True)
 class ScoringOptions:
     temperature: float = 1.0
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     backend: str = "triton"
     inplace_backward: bool = False
 
