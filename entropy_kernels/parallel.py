@@ -37,9 +37,9 @@ import torch
 from .linear_scoring import LinearOptions, linear_forward, linear_gradients
 from .ops.scoring import (
     ScoringOptions,
+    gradient_buffer,
     score,
-    scoring_backward,
-    scoring_backward_,
+    scoring_backward_out,
     scoring_forward,
 )
 
@@ -135,10 +135,9 @@ class _LogitsShard:
         options = self.options
         args = (local_tokens, normaliser, entropy.reshape(-1), *grads)
         consts = (options.temperature, LOCAL_IGNORE, options.backend)
-        if options.inplace_backward and not torch.compiler.is_compiling():
-            scoring_backward_(logits, *args, *consts)
-            return (logits,)
-        return (scoring_backward(logits, *args, *consts),)
+        grad_logits = gradient_buffer(logits, options.inplace_backward)
+        scoring_backward_out(logits, *args, *consts, grad_logits)
+        return (grad_logits,)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import entropy_kernels as ek
 from entropy_kernels import reference
-from entropy_kernels.ops.scoring import ScoringOptions, scoring_backward
+from entropy_kernels.ops.scoring import ScoringOptions, scoring_backward_out
 from entropy_kernels.parallel import (
     LOCAL_IGNORE,
     VocabShard,
@@ -365,10 +365,11 @@ def combined_by_hand(logits, tokens, sizes, options, grads):
     sums = torch.stack([shard_sums(shard, peak, options) for shard in rows]).sum(0)
     logprobs, entropy, normaliser = global_rows(sums, peak, tokens, rows[0], shard)
     consts = (options.temperature, LOCAL_IGNORE, options.backend)
-    grad = [
-        scoring_backward(part, shard.local_tokens, normaliser, entropy.reshape(-1), *grads, *consts)
-        for part, shard in zip(parts, rows, strict=True)
-    ]
+    grad = []
+    for part, shard in zip(parts, rows, strict=True):
+        grad.append(torch.empty_like(part))
+        args = (shard.local_tokens, normaliser, entropy.reshape(-1), *grads, *consts)
+        scoring_backward_out(part, *args, grad[-1])
     return logprobs, entropy, torch.cat(grad, -1)
 
 

@@ -166,18 +166,6 @@ def gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
     return logits.new_empty(logits.shape)
 
 
-def scoring_backward(logits, *args):
-    """``dlogits`` in a new contiguous tensor (``args`` as :func:`scoring_backward_out`'s)."""
-    out = gradient_buffer(logits, inplace=False)
-    scoring_backward_out(logits, *args, out)
-    return out
-
-
-def scoring_backward_(logits, *args):
-    """``dlogits`` written over the logits themselves (``args`` as the op's)."""
-    scoring_backward_out(logits, *args, logits)
-
-
 def _setup_scoring_context(ctx, inputs, output):
     logits, tokens, temperature, ignore_index, backend, inplace_backward = inputs
     _, entropy, normaliser = output
