@@ -69,9 +69,10 @@ def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor
         acc.addmm_(grad, operand.float())
 
 
-def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
+def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float, keep: bool):
     """Fold a float32 ``[rows, width]`` logits tile of vocabulary ``start:start + width`` into the
-    online state ``(row_max, sum_exp, sum_exp_z, token_logit)``; ``logits`` is not modified."""
+    online state ``(row_max, sum_exp, sum_exp_z, token_logit)``; ``keep``: leave ``logits``
+    as they are (else the tile is overwritten, sparing a tile-sized temporary)."""
     row_max, sum_exp, sum_exp_z, token_logit = state
     width = logits.shape[-1]
     in_tile = (tokens >= start) & (tokens < start + width)
@@ -84,7 +85,7 @@ def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: floa
     recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
     sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
     sum_exp = rescale * sum_exp
-    z = logits - shift.unsqueeze(-1)
+    z = logits - shift.unsqueeze(-1) if keep else logits.sub_(shift.unsqueeze(-1))
     if inv_temperature != 1.0:
         z *= inv_temperature
     if masked:  # -inf logits become the most negative float: exp gives 0 and 0 * z = 0
@@ -116,7 +117,7 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options):
     for start in range(0, vocab_size, tile_vocab):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop)
-        state = _fold(state, logits, tokens, start, masked, inv_temperature)
+        state = _fold(state, logits, tokens, start, masked, inv_temperature, keep=False)
     ignored = tokens == options.ignore_index
     return finish_rows(*state, ignored, inv_temperature)
 
@@ -130,9 +131,8 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
     inv_temperature = 1.0 / options.temperature
     weight_operand = weight.float() if rows.dtype == torch.float32 else weight
     logits = logit_block(rows, weight_operand, bias, 0, weight.shape[0])
-    state = _fold(
-        _initial_state(rows.shape[0], rows.device), logits, tokens, 0, masked, inv_temperature
-    )
+    state = _initial_state(rows.shape[0], rows.device)
+    state = _fold(state, logits, tokens, 0, masked, inv_temperature, keep=True)
     ignored = tokens == options.ignore_index
     logprobs, entropy, normaliser = finish_rows(*state, ignored, inv_temperature)
     grad_logp, grad_entropy = coefficients(logprobs, entropy)

@@ -62,9 +62,13 @@ def _hidden_unit(hidden: torch.Tensor, layout) -> int:
     return 8 if aligned else 1
 
 
-def _shape_args(hidden, weight, layouts, constants):
-    """The kernels' arguments from ``n_rows`` to ``ignore_index`` and the hidden stride unit."""
+def _prepare(hidden, weight, bias, tokens, layouts, constants):
+    """``(inputs, args, flags)`` every fused linear kernel takes: the ``(hidden, weight, bias,
+    tokens)`` pointers (a weight with unit last stride, a dense bias: the kernels read
+    ``bias_ptr + v``), the arguments from ``n_rows`` to ``ignore_index``, and the flags."""
     layout, tokens_layout = layouts
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     unit = _hidden_unit(hidden, layout)
     args = (
         layout.n_rows,
@@ -79,10 +83,24 @@ def _shape_args(hidden, weight, layouts, constants):
         *constants,
     )
     flags = {
+        "HAS_BIAS": bias is not None,
         "CAST_F32": hidden.dtype != torch.float32 and hidden.device.type != "cuda",
         "HIDDEN_UNIT": unit,
     }
-    return args, flags
+    return (hidden, weight, bias, tokens), args, flags
+
+
+def _gradient_inputs(hidden, saved, grads):
+    """``(pointers, flags)`` of the two gradient kernels: the saved row statistics and the
+    incoming gradients (None where unused), and the gradient matmul's precision."""
+    normaliser, entropy = saved
+    pointers = (normaliser[0], normaliser[1], entropy, grads[0], grads[1])
+    flags = {
+        "DOT": _dot_mode(hidden.dtype, hidden.device),
+        "HAS_GRAD_LOGP": grads[0] is not None,
+        "HAS_GRAD_ENTROPY": grads[1] is not None,
+    }
+    return pointers, flags
 
 
 # The tile each (kernel, device, dtype) was found to fit in, after a launch ran out of resources.
@@ -110,23 +128,13 @@ def _launch_fitting(kernel: str, hidden: torch.Tensor, launch):
             _fitted[key] = tile = smaller
 
 
-def _unit_stride(weight: torch.Tensor) -> torch.Tensor:
-    return weight if weight.stride(-1) == 1 else weight.contiguous()
-
-
-def _dense(bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernels read ``bias[v]`` at ``bias_ptr + v``: a strided or expanded bias is copied."""
-    return None if bias is None else bias.contiguous()
-
-
 def linear_forward(hidden, weight, bias, tokens, layouts, constants):
     """``(logprobs [rows], entropy [rows], normaliser [2, rows])`` of validated arguments."""
     from ..kernels.linear_fwd import linear_fwd_kernel
 
     n_rows = layouts[0].n_rows
     inv_temperature, ignore_index = constants
-    weight, bias = _unit_stride(weight), _dense(bias)
-    args, flags = _shape_args(hidden, weight, layouts, constants)
+    inputs, args, flags = _prepare(hidden, weight, bias, tokens, layouts, constants)
 
     def launch(tile: TileConfig):
         n_row_blocks = -(-n_rows // tile.block_n)
@@ -137,15 +145,11 @@ def linear_forward(hidden, weight, bias, tokens, layouts, constants):
         token_logit = torch.full((n_rows,), float("nan"), device=hidden.device)
         if n_rows > 0:
             linear_fwd_kernel[(n_row_blocks, splits)](
-                hidden,
-                weight,
-                bias,
-                tokens,
+                *inputs,
                 state,
                 token_logit,
                 *args,
                 tiles_per_split,
-                HAS_BIAS=bias is not None,
                 **flags,
                 **tile.launch_options(),
             )
@@ -160,37 +164,26 @@ def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, cons
     """``dhidden`` as a float32 ``[rows, H]`` tensor (rows in the layout's order)."""
     from ..kernels.linear_bwd_hidden import linear_bwd_hidden_kernel
 
-    n_rows, size = layouts[0].n_rows, hidden.shape[-1]
-    weight, bias = _unit_stride(weight), _dense(bias)
-    normaliser, entropy = saved
-    args, flags = _shape_args(hidden, weight, layouts, constants)
+    n_rows, size, vocab_size = layouts[0].n_rows, hidden.shape[-1], weight.shape[0]
+    inputs, args, flags = _prepare(hidden, weight, bias, tokens, layouts, constants)
+    pointers, gradient_flags = _gradient_inputs(hidden, saved, grads)
 
     def launch(tile: TileConfig):
         n_row_blocks = -(-n_rows // tile.block_n)
         most = min(MAX_HIDDEN_SPLITS, 1 + HIDDEN_SPLIT_BYTES // max(4 * n_rows * size, 1))
         splits, tiles_per_split = vocab_splits(
-            n_row_blocks, weight.shape[0], tile.block_v, hidden.device, most
+            n_row_blocks, vocab_size, tile.block_v, hidden.device, most
         )
         partial = torch.zeros((splits, n_rows, size), dtype=torch.float32, device=hidden.device)
         if n_rows > 0:
             linear_bwd_hidden_kernel[(n_row_blocks, splits)](
                 partial,
-                hidden,
-                weight,
-                bias,
-                tokens,
-                normaliser[0],
-                normaliser[1],
-                entropy,
-                grads[0],
-                grads[1],
+                *inputs,
+                *pointers,
                 *args,
                 tiles_per_split,
-                HAS_BIAS=bias is not None,
-                DOT=_dot_mode(hidden.dtype, hidden.device),
-                HAS_GRAD_LOGP=grads[0] is not None,
-                HAS_GRAD_ENTROPY=grads[1] is not None,
                 **flags,
+                **gradient_flags,
                 **tile.launch_options(),
             )
         return partial
@@ -205,10 +198,9 @@ def linear_grad_weight(hidden, weight, bias, tokens, layouts, saved, grads, cons
     from ..kernels.linear_bwd_weight import linear_bwd_weight_kernel
 
     needs_weight, needs_bias = needs
-    weight, bias = _unit_stride(weight), _dense(bias)
     vocab_size = weight.shape[0]
-    normaliser, entropy = saved
-    args, flags = _shape_args(hidden, weight, layouts, constants)
+    inputs, args, flags = _prepare(hidden, weight, bias, tokens, layouts, constants)
+    pointers, gradient_flags = _gradient_inputs(hidden, saved, grads)
 
     def launch(tile: TileConfig):
         grad_weight = grad_bias = None
@@ -219,23 +211,13 @@ def linear_grad_weight(hidden, weight, bias, tokens, layouts, saved, grads, cons
         linear_bwd_weight_kernel[(-(-vocab_size // tile.block_v),)](
             grad_weight,
             grad_bias,
-            hidden,
-            weight,
-            bias,
-            tokens,
-            normaliser[0],
-            normaliser[1],
-            entropy,
-            grads[0],
-            grads[1],
+            *inputs,
+            *pointers,
             *args,
-            HAS_BIAS=bias is not None,
-            DOT=_dot_mode(hidden.dtype, hidden.device),
-            HAS_GRAD_LOGP=grads[0] is not None,
-            HAS_GRAD_ENTROPY=grads[1] is not None,
             NEEDS_WEIGHT=needs_weight,
             NEEDS_BIAS=needs_bias,
             **flags,
+            **gradient_flags,
             **tile.launch_options(),
         )
         return grad_weight, grad_bias
