@@ -32,14 +32,14 @@ def _torch_chunk_forward(logits_chunk, tokens_chunk, options):
     in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
     index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
     token_shifted = shifted.gather(-1, index).squeeze(-1)
-    # -inf logits become the most negative float: exp gives 0 and 0 * z = 0 in the dot product
-    # below, with no temporary to mask (clamp keeps NaN, which reaches H through S).
+    # -inf logits become the most negative float: exp gives 0 and 0 * z = 0 in the sum below,
+    # with no temporary to mask (clamp keeps NaN, which reaches H through S).
     shifted.clamp_min_(torch.finfo(torch.float32).min)
     exp_shifted = shifted.exp()
     sum_exp = exp_shifted.sum(-1)
     log_norm = sum_exp.log()
-    # H = log S - sum(e * z) / S.
-    entropy = log_norm - torch.linalg.vecdot(exp_shifted, shifted) / sum_exp
+    # H = log S - sum(e * z) / S, e * z written over z (the token's value is gathered above).
+    entropy = log_norm - shifted.mul_(exp_shifted).sum(-1) / sum_exp
     token_logprob = token_shifted - log_norm
     logprobs = torch.where(in_range, token_logprob, float("nan"))
     ignored = tokens_chunk == options.ignore_index
@@ -50,41 +50,68 @@ def _torch_chunk_forward(logits_chunk, tokens_chunk, options):
     )
 
 
+# Below this, exp of a float32 log-probability is 0: clamping there changes no probability and
+# makes ``p log p`` 0 where a logit is -inf (else 0 * inf = NaN).
+LOG_FLOOR = -200.0
+
+
+def row_coefficients(ignored, entropy, grad_logprobs, grad_entropy, inv_temperature):
+    """``(g_logp, g_H)`` of the rows, 0 where ignored, times ``1 / T``; ``g_H`` None if unused."""
+    grad_logp = torch.zeros_like(entropy)
+    if grad_logprobs is not None:
+        grad_logp = grad_logprobs.masked_fill(ignored, 0.0) * inv_temperature
+    if grad_entropy is None:
+        return grad_logp, None
+    return grad_logp, grad_entropy.masked_fill(ignored, 0.0) * inv_temperature
+
+
+def dlogits_(weighted, probs, scale, offset, grad_token, tokens, ignored):
+    """``dlogits = scale weighted + offset probs + grad_token onehot(tokens)`` with ``weighted =
+    probs * log_terms``, written over ``weighted`` (with ``scale`` None, no entropy term, it is
+    only the output buffer). ``scale`` / ``offset`` / ``grad_token``: ``[rows]``. Ignored rows get
+    exactly 0, even where their logits are not finite; tokens outside ``[0, width)`` add no
+    one-hot term.
+
+    Every softmax gradient of this backend is this expression, over ``p log p`` and ``p`` (the
+    logits backward) or over ``exp(z) z`` and ``exp(z)`` with ``1 / S`` folded into the row
+    coefficients (the fused linear rows).
+    """
+    if scale is None:
+        grad = torch.mul(probs, offset.unsqueeze(-1), out=weighted)
+    else:
+        grad = weighted.mul_(scale.unsqueeze(-1)).addcmul_(probs, offset.unsqueeze(-1))
+    width = grad.shape[-1]
+    in_range = (tokens >= 0) & (tokens < width)
+    index = tokens.clamp(0, width - 1).long().unsqueeze(-1)
+    grad.scatter_add_(-1, index, (grad_token * in_range).unsqueeze(-1))
+    # The check spares a full pass over the tile; it reads the host, so on a GPU the pass runs.
+    if grad.device.type != "cpu" or bool(ignored.any()):
+        grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
+    return grad
+
+
 def _torch_chunk_backward(
     logits_chunk, tokens_chunk, normaliser, entropy, grad_logprobs, grad_entropy, options
 ):
-    """``dlogits = g_logp onehot - p (g_logp + g_H (log p + H))``, divided by the temperature.
-
-    Written with in-place updates of two chunk-sized float32 temporaries.
-    """
-    vocab_size = logits_chunk.shape[-1]
+    """``dlogits = g_logp onehot - p (g_logp + g_H (log p + H))``, divided by the temperature,
+    over two chunk-sized float32 temporaries (``log p`` and ``p``)."""
     inv_temperature = 1.0 / options.temperature
     ignored = tokens_chunk == options.ignore_index
     row_max, log_norm = normaliser.unsqueeze(-1)
+    # log p = (x - m) / T - log S (x - m first: exact near the maximum), the input never written.
     log_p = logits_chunk.float() - row_max
     if inv_temperature != 1.0:
         log_p *= inv_temperature
     log_p -= log_norm
-    p = log_p.exp()
-    grad_logp = torch.zeros_like(entropy)
-    if grad_logprobs is not None:
-        grad_logp = grad_logprobs.masked_fill(ignored, 0.0) * inv_temperature
-    if grad_entropy is not None:
-        grad_h = grad_entropy.masked_fill(ignored, 0.0) * inv_temperature
-        coefficient = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_h.unsqueeze(-1))
-        grad = coefficient.add_(grad_logp.unsqueeze(-1)).mul_(p).neg_()
-        # Masked (-inf) vocabulary entries: p = 0 and log p = -inf, whose product is 0.
-        grad.masked_fill_(p == 0, 0.0)
-    else:
-        grad = p.mul_(-grad_logp.unsqueeze(-1))
-    in_range = (tokens_chunk >= 0) & (tokens_chunk < vocab_size)
-    index = tokens_chunk.clamp(0, vocab_size - 1).long().unsqueeze(-1)
-    grad.scatter_add_(-1, index, (grad_logp * in_range).unsqueeze(-1))
-    # Ignored rows get exactly 0 even where their logits are not finite. The check spares a
-    # full pass over the chunk; it reads the host, so on a GPU the pass runs regardless.
-    if grad.device.type != "cpu" or bool(ignored.any()):
-        grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
-    return grad
+    grad_logp, grad_h = row_coefficients(
+        ignored, entropy, grad_logprobs, grad_entropy, inv_temperature
+    )
+    p = log_p.clamp_min_(LOG_FLOOR).exp()
+    if grad_h is None:
+        return dlogits_(log_p, p, None, -grad_logp, grad_logp, tokens_chunk, ignored)
+    # -p (g_logp + g_H (log p + H)) = -g_H p log p - (g_logp + g_H H) p
+    offset = -(grad_logp + grad_h * entropy)
+    return dlogits_(log_p.mul_(p), p, -grad_h, offset, grad_logp, tokens_chunk, ignored)
 
 
 def torch_forward(logits, tokens, layouts, outputs, options):
