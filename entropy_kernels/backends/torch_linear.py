@@ -99,6 +99,29 @@ def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: floa
     return new_max, sum_exp, sum_exp_z, token_logit
 
 
+def _groups(tile: torch.Tensor) -> list[slice]:
+    """Row slices of ``tile`` of about :data:`GROUP_BYTES` of float32 each; one on a GPU, where
+    small launches cost more than the cache saves."""
+    if tile.device.type != "cpu":
+        return [slice(None)]
+    step = max(1, GROUP_BYTES // (4 * tile.shape[-1]))
+    return [slice(start, start + step) for start in range(0, tile.shape[0], step)]
+
+
+def _fold_groups(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
+    """:func:`_fold` over the tile's row groups (each folded while in the cache)."""
+    groups = _groups(logits)
+    if len(groups) == 1:
+        return _fold(state, logits, tokens, start, masked, inv_temperature)
+    folded = tuple(torch.empty_like(part) for part in state)
+    for group in groups:
+        parts = _fold(tuple(part[group] for part in state), logits[group], tokens[group], start,
+                      masked, inv_temperature)  # fmt: skip
+        for whole, part in zip(folded, parts, strict=True):
+            whole[group] = part
+    return folded
+
+
 def _initial_state(n_rows: int, device) -> tuple:
     return (
         torch.full((n_rows,), float("-inf"), device=device),
@@ -120,7 +143,7 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options):
     for start in range(0, vocab_size, tile_vocab):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop)
-        state = _fold(state, logits, tokens, start, masked, inv_temperature)
+        state = _fold_groups(state, logits, tokens, start, masked, inv_temperature)
     ignored = tokens == options.ignore_index
     return finish_rows(*state, ignored, inv_temperature)
 
@@ -139,14 +162,8 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
     inv_temperature = 1.0 / options.temperature
     weight_operand = weight.float() if rows.dtype == torch.float32 else weight
     z = logit_block(rows, weight_operand, bias, 0, weight.shape[0])
-    step = max(1, GROUP_BYTES // (4 * z.shape[-1]))
-    groups = [slice(start, start + step) for start in range(0, z.shape[0], step)]
     state = _initial_state(z.shape[0], z.device)
-    for group in groups:
-        folded = _fold(_initial_state(z[group].shape[0], z.device), z[group], tokens[group], 0,
-                       masked, inv_temperature)  # fmt: skip
-        for whole, part in zip(state, folded, strict=True):
-            whole[group] = part
+    state = _fold_groups(state, z, tokens, 0, masked, inv_temperature)
     ignored = tokens == options.ignore_index
     logprobs, entropy, _ = finish_rows(*state, ignored, inv_temperature)
     grad_logp, grad_h = row_coefficients(
@@ -160,7 +177,7 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
     else:
         scale = -grad_h / sum_exp
         offset = (grad_h * sum_exp_z / sum_exp - grad_logp) / sum_exp
-    for group in groups:
+    for group in _groups(z):
         exp_z = z[group].exp()
         weighted = z[group] if scale is None else z[group].mul_(exp_z)
         dlogits_(weighted, exp_z, None if scale is None else scale[group], offset[group],
