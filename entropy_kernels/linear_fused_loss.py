@@ -112,6 +112,8 @@ def fused_linear_policy_loss(
     masked = bias is not None and bool(torch.isneginf(bias).any())
     detached = tuple(None if t is None else t.detach() for t in (weight, bias))
     block_rows = rows_per_block(size, vocab_size)
+    # One tile for every block: a fresh one per block would be page-faulted in each time.
+    tile = torch.empty((min(block_rows, shape[0] * shape[1]), vocab_size))
 
     for outer, inner in row_chunks(layout, block_rows):
 
@@ -144,7 +146,7 @@ def fused_linear_policy_loss(
                 masked,
                 linear,
                 coefficients,
-                (grad_rows, grad_weight, grad_bias),
+                (tile, grad_rows, grad_weight, grad_bias),
             )
         logprobs[outer, inner] = block_logprobs.view(piece.shape[:-1])
         entropy[outer, inner] = block_entropy.view(piece.shape[:-1])

@@ -23,9 +23,11 @@ GRAD_ATOL = 16 * torch.finfo(torch.float32).eps
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    # Test shapes then span several torch-backend tiles of rows and of vocabulary.
+    # Test shapes then span several torch-backend tiles of rows and of vocabulary, and the
+    # element-wise passes several row groups of a tile (3 rows of a 64-wide tile).
     monkeypatch.setattr(torch_linear, "TILE_ROWS", 8)
     monkeypatch.setattr(torch_linear, "TILE_VOCAB", 64)
+    monkeypatch.setattr(torch_linear, "GROUP_BYTES", 3 * 64 * 4)
 
 
 def make_head(batch, seq, size, vocab, *, dtype=torch.float32, bias=True, seed=0):

@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear_lse import finish_rows
+from ..ops.linear_lse import finish_rows, merge_states
 from ..ops.rows import as_rows, hidden_rows, row_chunks
 from ..ops.scoring import ScoringOptions
-from .torch_scoring import LOG_FLOOR, _torch_chunk_backward, dlogits_, row_coefficients
+from .torch_scoring import (
+    LOG_FLOOR,
+    _torch_chunk_backward,
+    add_token_grad_,
+    row_coefficients,
+    softmax_grad_,
+)
 
 # CPU tile: 256 rows x 4096 vocabulary entries, 4 MiB per float32 temporary; a tile step holds
 # about four of them whatever N and V are.
@@ -49,16 +55,19 @@ def matmul_rows(block: torch.Tensor) -> torch.Tensor:
     return block if HAS_OUT_DTYPE and block.is_cuda and block.dtype in HALF else block.float()
 
 
-def logit_block(rows, weight_tile, bias, start, stop):
-    """``rows @ weight_tile.T + bias[start:stop]`` in float32, ``[rows, stop - start]``."""
+def logit_block(rows, weight_tile, bias, start, stop, out=None):
+    """``rows @ weight_tile.T + bias[start:stop]`` in float32, ``[rows, stop - start]``, written
+    into ``out`` when given (a buffer reused across blocks is not page-faulted in again)."""
     if rows.dtype == torch.float32:
         weight_tile = weight_tile.float()
         if bias is None:
-            return rows @ weight_tile.T
-        return torch.addmm(bias[start:stop].float(), rows, weight_tile.T)
+            return torch.mm(rows, weight_tile.T, out=out)
+        return torch.addmm(bias[start:stop].float(), rows, weight_tile.T, out=out)
     if bias is None:
-        return torch.mm(rows, weight_tile.T, out_dtype=torch.float32)
-    return torch.addmm(bias[start:stop].float(), rows, weight_tile.T, out_dtype=torch.float32)
+        return torch.mm(rows, weight_tile.T, out_dtype=torch.float32, out=out)
+    return torch.addmm(
+        bias[start:stop].float(), rows, weight_tile.T, out_dtype=torch.float32, out=out
+    )
 
 
 def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor) -> None:
@@ -72,33 +81,6 @@ def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor
         acc.addmm_(grad, operand.float())
 
 
-def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
-    """Fold a float32 ``[rows, width]`` logits tile of vocabulary ``start:start + width`` into the
-    online state ``(row_max, sum_exp, sum_exp_z, token_logit)`` and return the new state; the
-    tile is left holding ``z = (logits - shift) / T``."""
-    row_max, sum_exp, sum_exp_z, token_logit = state
-    width = logits.shape[-1]
-    in_tile = (tokens >= start) & (tokens < start + width)
-    index = (tokens - start).clamp(0, width - 1).long().unsqueeze(-1)
-    token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), token_logit)
-    new_max = torch.maximum(row_max, logits.amax(-1))
-    # While every logit seen is -inf, centre on 0 so that no inf - inf appears.
-    shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-    rescale = ((row_max - shift) * inv_temperature).exp()
-    recentre = torch.where(row_max == float("-inf"), 0.0, (row_max - shift) * inv_temperature)
-    sum_exp_z = rescale * (sum_exp_z + recentre * sum_exp)
-    sum_exp = rescale * sum_exp
-    z = logits.sub_(shift.unsqueeze(-1))
-    if inv_temperature != 1.0:
-        z *= inv_temperature
-    if masked:  # -inf logits: exp(LOG_FLOOR) is 0, and 0 * z = 0 and scale * z stay finite
-        z.clamp_min_(LOG_FLOOR)
-    exp_z = z.exp()
-    sum_exp = sum_exp + exp_z.sum(-1)
-    sum_exp_z = sum_exp_z + exp_z.mul_(z).sum(-1)
-    return new_max, sum_exp, sum_exp_z, token_logit
-
-
 def _groups(tile: torch.Tensor) -> list[slice]:
     """Row slices of ``tile`` of about :data:`GROUP_BYTES` of float32 each; one on a GPU, where
     small launches cost more than the cache saves."""
@@ -108,27 +90,39 @@ def _groups(tile: torch.Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, tile.shape[0], step)]
 
 
-def _fold_groups(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
-    """:func:`_fold` over the tile's row groups (each folded while in the cache)."""
-    groups = _groups(logits)
-    if len(groups) == 1:
-        return _fold(state, logits, tokens, start, masked, inv_temperature)
-    folded = tuple(torch.empty_like(part) for part in state)
-    for group in groups:
-        parts = _fold(tuple(part[group] for part in state), logits[group], tokens[group], start,
-                      masked, inv_temperature)  # fmt: skip
-        for whole, part in zip(folded, parts, strict=True):
-            whole[group] = part
-    return folded
+def _tile_state(logits, tokens, start: int, masked: bool, inv_temperature: float):
+    """The log-sum-exp state ``(m, s, w, token_logit)`` of a float32 ``[rows, width]`` logits
+    tile of vocabulary ``start:start + width`` (``token_logit`` NaN where the token lies outside);
+    the tile is left holding ``z = (logits - shift) / T``."""
+    width = logits.shape[-1]
+    in_tile = (tokens >= start) & (tokens < start + width)
+    index = (tokens - start).clamp(0, width - 1).long().unsqueeze(-1)
+    token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), float("nan"))
+    row_max = logits.amax(-1)
+    # Where every logit is -inf, centre on 0 so that no inf - inf appears.
+    shift = row_max.masked_fill(row_max == float("-inf"), 0.0).unsqueeze(-1)
+    sum_exp, sum_exp_z = torch.empty_like(row_max), torch.empty_like(row_max)
+    for group in _groups(logits):
+        z = logits[group].sub_(shift[group])
+        if inv_temperature != 1.0:
+            z *= inv_temperature
+        if masked:  # -inf logits: exp(LOG_FLOOR) is 0, and 0 * z = 0 and scale * z stay finite
+            z.clamp_min_(LOG_FLOOR)
+        exp_z = z.exp()
+        torch.sum(exp_z, -1, out=sum_exp[group])
+        torch.sum(exp_z.mul_(z), -1, out=sum_exp_z[group])
+    return row_max, sum_exp, sum_exp_z, token_logit
 
 
-def _initial_state(n_rows: int, device) -> tuple:
-    return (
-        torch.full((n_rows,), float("-inf"), device=device),
-        torch.zeros(n_rows, device=device),
-        torch.zeros(n_rows, device=device),
-        torch.full((n_rows,), float("nan"), device=device),
-    )
+def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
+    """``state`` (None before the first tile) with one more vocabulary tile folded in."""
+    tile = _tile_state(logits, tokens, start, masked, inv_temperature)
+    if state is None:
+        return tile
+    merged = merge_states(torch.stack([torch.stack(state[:3]), torch.stack(tile[:3])]),
+                          inv_temperature)  # fmt: skip
+    in_tile = (tokens >= start) & (tokens < start + logits.shape[-1])
+    return (*merged, torch.where(in_tile, tile[3], state[3]))
 
 
 def _rows_forward(rows, tokens, weight, bias, masked: bool, options):
@@ -139,31 +133,32 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options):
     vocab_size = weight.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
     inv_temperature = 1.0 / options.temperature
-    state = _initial_state(rows.shape[0], rows.device)
+    state = None
     for start in range(0, vocab_size, tile_vocab):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop)
-        state = _fold_groups(state, logits, tokens, start, masked, inv_temperature)
+        state = _fold(state, logits, tokens, start, masked, inv_temperature)
     ignored = tokens == options.ignore_index
     return finish_rows(*state, ignored, inv_temperature)
 
 
-def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, accumulators):
+def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, buffers):
     """Scores and gradients of one row block whose float32 logits ``[rows, V]`` are formed once:
     the log-sum-exp, then ``coefficients(logprobs, entropy)`` gives ``(d loss / d logprobs,
     d loss / d entropy)`` of those rows (None for an unused term), then ``dlogits`` and the two
-    gradient matmuls into ``accumulators`` (float32). Three matmul passes over the vocabulary
-    where the forward + recomputing backward takes four. Returns ``(logprobs, entropy)``.
+    gradient matmuls. Three matmul passes over the vocabulary where the forward + recomputing
+    backward takes four. ``buffers``: ``(tile, grad_rows, grad_weight, grad_bias)``, float32, the
+    tile (at least ``[rows, V]``) overwritten, the gradients (None where not wanted) added to.
+    Returns ``(logprobs, entropy)``.
 
-    The one tile holds the logits, then ``z``, then ``dlogits``; the element-wise passes run over
-    groups of :data:`GROUP_BYTES`, which stay in the cache (``exp(z)`` is recomputed per group
-    rather than held as a second tile).
+    The tile holds the logits, then ``z``, then ``dlogits``; the element-wise passes run over
+    cache-sized row groups (``exp(z)`` is recomputed per group rather than held as a second tile).
     """
     inv_temperature = 1.0 / options.temperature
     weight_operand = weight.float() if rows.dtype == torch.float32 else weight
-    z = logit_block(rows, weight_operand, bias, 0, weight.shape[0])
-    state = _initial_state(z.shape[0], z.device)
-    state = _fold_groups(state, z, tokens, 0, masked, inv_temperature)
+    tile, grad_rows, grad_weight, grad_bias = buffers
+    z = logit_block(rows, weight_operand, bias, 0, weight.shape[0], out=tile[: rows.shape[0]])
+    state = _tile_state(z, tokens, 0, masked, inv_temperature)
     ignored = tokens == options.ignore_index
     logprobs, entropy, _ = finish_rows(*state, ignored, inv_temperature)
     grad_logp, grad_h = row_coefficients(
@@ -179,11 +174,11 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
         offset = (grad_h * sum_exp_z / sum_exp - grad_logp) / sum_exp
     for group in _groups(z):
         exp_z = z[group].exp()
-        weighted = z[group] if scale is None else z[group].mul_(exp_z)
-        dlogits_(weighted, exp_z, None if scale is None else scale[group], offset[group],
-                 grad_logp[group], tokens[group], ignored[group])  # fmt: skip
-    grad = z
-    grad_rows, grad_weight, grad_bias = accumulators
+        if scale is None:
+            softmax_grad_(z[group], exp_z, None, offset[group])
+        else:
+            softmax_grad_(z[group].mul_(exp_z), exp_z, scale[group], offset[group])
+    grad = add_token_grad_(z, grad_logp, tokens, ignored)
     if grad_rows is not None:
         add_grad_matmul(grad_rows, grad, weight_operand)
     if grad_weight is not None:

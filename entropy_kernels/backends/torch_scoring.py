@@ -65,21 +65,23 @@ def row_coefficients(ignored, entropy, grad_logprobs, grad_entropy, inv_temperat
     return grad_logp, grad_entropy.masked_fill(ignored, 0.0) * inv_temperature
 
 
-def dlogits_(weighted, probs, scale, offset, grad_token, tokens, ignored):
-    """``dlogits = scale weighted + offset probs + grad_token onehot(tokens)`` with ``weighted =
-    probs * log_terms``, written over ``weighted`` (with ``scale`` None, no entropy term, it is
-    only the output buffer). ``scale`` / ``offset`` / ``grad_token``: ``[rows]``. Ignored rows get
-    exactly 0, even where their logits are not finite; tokens outside ``[0, width)`` add no
-    one-hot term.
+def softmax_grad_(weighted, probs, scale, offset):
+    """``scale weighted + offset probs`` with ``weighted = probs * log_terms``, written over
+    ``weighted`` (with ``scale`` None, no entropy term, it is only the output buffer);
+    ``scale`` / ``offset``: ``[rows]``.
 
-    Every softmax gradient of this backend is this expression, over ``p log p`` and ``p`` (the
-    logits backward) or over ``exp(z) z`` and ``exp(z)`` with ``1 / S`` folded into the row
-    coefficients (the fused linear rows).
+    Every softmax gradient of this backend is this expression plus :func:`add_token_grad_`, over
+    ``p log p`` and ``p`` (the logits backward) or over ``exp(z) z`` and ``exp(z)`` with
+    ``1 / S`` folded into the row coefficients (the fused linear rows).
     """
     if scale is None:
-        grad = torch.mul(probs, offset.unsqueeze(-1), out=weighted)
-    else:
-        grad = weighted.mul_(scale.unsqueeze(-1)).addcmul_(probs, offset.unsqueeze(-1))
+        return torch.mul(probs, offset.unsqueeze(-1), out=weighted)
+    return weighted.mul_(scale.unsqueeze(-1)).addcmul_(probs, offset.unsqueeze(-1))
+
+
+def add_token_grad_(grad, grad_token, tokens, ignored):
+    """Add ``grad_token`` at each row's token (none for a token outside ``[0, width)``) and
+    zero the ignored rows, even where their logits are not finite."""
     width = grad.shape[-1]
     in_range = (tokens >= 0) & (tokens < width)
     index = tokens.clamp(0, width - 1).long().unsqueeze(-1)
@@ -108,10 +110,10 @@ def _torch_chunk_backward(
     )
     p = log_p.clamp_min_(LOG_FLOOR).exp()
     if grad_h is None:
-        return dlogits_(log_p, p, None, -grad_logp, grad_logp, tokens_chunk, ignored)
-    # -p (g_logp + g_H (log p + H)) = -g_H p log p - (g_logp + g_H H) p
-    offset = -(grad_logp + grad_h * entropy)
-    return dlogits_(log_p.mul_(p), p, -grad_h, offset, grad_logp, tokens_chunk, ignored)
+        grad = softmax_grad_(log_p, p, None, -grad_logp)
+    else:  # -p (g_logp + g_H (log p + H)) = -g_H p log p - (g_logp + g_H H) p
+        grad = softmax_grad_(log_p.mul_(p), p, -grad_h, -(grad_logp + grad_h * entropy))
+    return add_token_grad_(grad, grad_logp, tokens_chunk, ignored)
 
 
 def torch_forward(logits, tokens, layouts, outputs, options):
