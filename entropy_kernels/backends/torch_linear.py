@@ -1,11 +1,14 @@
 """Torch backend of the fused linear scoring: BLAS matmul tiles with float32 output and a torch
 fold, never an ``[N, V]`` tensor.
 
-Forward: per block of rows, an online log-sum-exp over vocabulary tiles (running maximum, sum of
-exponentials, sum of ``exp(z) z``) whose epilogue :func:`entropy_kernels.ops.linear_lse.finish_rows`
-is shared with the Triton launcher. Backward: each tile is recomputed and turned into ``dlogits``
-by the scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight += dlogits^T
-@ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once.
+Forward: per block of rows, each vocabulary tile's log-sum-exp state (maximum, sum of
+exponentials, sum of ``exp(z) z``) merged into the running one by
+:func:`entropy_kernels.ops.linear_lse.merge_states`, finished by ``finish_rows``: the split
+merge and epilogue of the Triton launcher. Backward: each tile is recomputed and turned into
+``dlogits`` by the scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight +=
+dlogits^T @ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The loss
+of :mod:`entropy_kernels.linear_fused_loss` forms ``dlogits`` in the forward (:func:`fused_rows`).
+On CPU the element-wise passes over a tile run in row groups of :data:`GROUP_BYTES`.
 
 Matmul precision: off the GPU (and for float32 inputs) the tiles are multiplied in float32. On
 CUDA, half-precision inputs are multiplied by cuBLAS in their own dtype with float32
