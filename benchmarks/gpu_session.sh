@@ -16,7 +16,8 @@ timeout "${TEST_S:-150}" python -m pytest tests/test_gpu_linear.py tests/test_gp
     -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/test_gpu.txt"
 cd benchmarks
 # SWEEP_S=0: no sweep, the benchmark runs the package's default tiles. ROUTES_S: time the
-# fused linear gradient routes (tl.dot kernels, cuBLAS tiles, torch backend) first.
+# fused linear gradient routes (tl.dot kernels, cuBLAS tiles with the torch or the Triton
+# fold, torch backend) first.
 if [ "${ROUTES_S:-0}" != 0 ]; then
     timeout "$ROUTES_S" python linear_sweep.py --routes-only --out "$OUT/routes.json" 2>&1 | tail -8
 fi

@@ -118,8 +118,9 @@ def sweep(kernel, candidates, problem, device) -> list[dict]:
 
 def time_routes(shape, dtype, device) -> dict:
     """Forward + backward (hidden and weight gradients) of ``linear_logprobs_and_entropy`` by
-    each route: the Triton backend with the tl.dot gradient kernels ("triton-tiles") or with
-    cuBLAS tiles and the torch fold ("triton-blas"), and the torch backend ("torch")."""
+    each route: the Triton backend with the tl.dot gradient kernels ("triton-tiles"), with
+    cuBLAS tiles and the torch fold ("triton-blas") or the scoring backward kernel as the fold
+    ("triton-blas-triton-fold"), and the torch backend ("torch")."""
     import entropy_kernels as ek
     from entropy_kernels import kernel_config
 
@@ -146,6 +147,7 @@ def time_routes(shape, dtype, device) -> dict:
         for name, backend, gradients in (
             ("triton-tiles", "triton", "tiles"),
             ("triton-blas", "triton", "blas"),
+            ("triton-blas-triton-fold", "triton", "blas-triton-fold"),
             ("torch", "torch", saved),
         ):
             kernel_config.LINEAR_GPU_BACKWARD = gradients

@@ -116,6 +116,9 @@ LINEAR_GPU_DEFAULTS = {
 # tl.dot kernels of entropy_kernels.ops.linear). Chosen by measurement on an H200
 # (benchmarks/results/nvidia-h200-2026-11-26-linear-backward-routes.json: forward + backward
 # 55.2 ms by "blas", 100.4 ms by "tiles", at bfloat16 N = 4096, H = 2048, V = 151936).
+# "blas-triton-fold": the cuBLAS tiles with the scoring backward kernel as the fold (one pass
+# over each tile where the torch fold makes about six); tested on CPU, not yet timed on a GPU,
+# so not the default until benchmarks/linear_sweep.py --routes-only has measured it.
 LINEAR_GPU_BACKWARD = "blas"
 # Small tiles under the interpreter, so that test shapes span several tiles and splits.
 LINEAR_INTERPRETER_DEFAULT = TileConfig(16, 32, 16, 4)

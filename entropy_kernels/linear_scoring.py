@@ -124,11 +124,13 @@ def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions):
 
 
 def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
-    if hidden.is_cuda and kernel_config.LINEAR_GPU_BACKWARD == "blas":
-        # cuBLAS tiles with float32 output and the torch fold: measured faster on an H200
-        # than the tl.dot kernels, whose float32 accumulators make the backward memory-bound.
+    route = kernel_config.LINEAR_GPU_BACKWARD
+    if hidden.is_cuda and route in ("blas", "blas-triton-fold"):
+        # cuBLAS tiles with float32 output and a fold: measured faster on an H200 than the
+        # tl.dot kernels, whose float32 accumulators make the backward memory-bound.
+        fold = "triton" if route == "blas-triton-fold" else "torch"
         return torch_linear_backward(
-            hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options
+            hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options, fold
         )
     from .ops.linear import linear_grad_hidden, linear_grad_weight
 

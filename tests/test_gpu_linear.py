@@ -7,7 +7,7 @@ import torch
 from test_linear import VALUE_TOL, assert_grads, leaves, make_head
 
 import entropy_kernels as ek
-from entropy_kernels import reference
+from entropy_kernels import kernel_config, reference
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -22,6 +22,18 @@ def _head(dtype, batch, seq, size, vocab, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 97, 200, 5003), (16, 64, 1024, 32011)])
 def test_linear_policy_loss_against_float64(dtype, shape, backend):
+    check_policy_loss(dtype, shape, backend)
+
+
+@pytest.mark.parametrize("route", ["tiles", "blas-triton-fold"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_other_gradient_routes_against_float64(monkeypatch, route, dtype):
+    """The GPU gradient routes besides the default (kernel_config.LINEAR_GPU_BACKWARD)."""
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_BACKWARD", route)
+    check_policy_loss(dtype, (3, 97, 200, 5003), "triton")
+
+
+def check_policy_loss(dtype, shape, backend):
     hidden, weight, bias, tokens = _head(dtype, *shape)
     generator = torch.Generator(device="cuda").manual_seed(1)
     advantages = torch.randn(tokens.shape, device="cuda", generator=generator)

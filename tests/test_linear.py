@@ -128,6 +128,40 @@ def test_scoring_values_and_gradients(backend, dtype, bias):
     assert_grads(ours, refs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype):
+    """The cuBLAS-tiled gradients with the scoring backward kernel as the fold (the GPU route
+    "blas-triton-fold"), run here under the interpreter through the torch backend's tiles: each
+    tile's tokens are tile-local, outside the tile for most rows, -1 for ignored ones."""
+    from entropy_kernels import linear_scoring
+    from entropy_kernels.backends.torch_linear import torch_linear_backward
+
+    folds = []
+
+    def with_triton_fold(*args):
+        folds.append(1)
+        return torch_linear_backward(*args, fold="triton")
+
+    monkeypatch.setattr(linear_scoring, "torch_linear_backward", with_triton_fold)
+    hidden, weight, head_bias, tokens = make_head(2, 5, 37, 203, dtype=dtype)
+    tokens[1, 2] = -100
+    head_bias[7] = float("-inf")  # a masked vocabulary entry
+    ours = leaves((hidden, weight, head_bias))
+    refs = leaves((hidden, weight, head_bias), torch.float64)
+    logp, entropy = ek.linear_logprobs_and_entropy(
+        *ours[:2], tokens, bias=ours[2], temperature=0.7, backend="torch"
+    )
+    ref_logp, ref_entropy = reference.linear_logprobs_and_entropy(
+        *refs[:2], tokens, bias=refs[2], temperature=0.7
+    )
+    generator = torch.Generator().manual_seed(2)
+    grad_logp, grad_entropy = torch.randn(2, 2, 5, generator=generator)
+    ((logp * grad_logp).sum() + (entropy * grad_entropy).sum()).backward()
+    ((ref_logp * grad_logp).sum() + (ref_entropy * grad_entropy).sum()).backward()
+    assert folds == [1]
+    assert_grads(ours, refs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_only_where_required(backend):
     hidden, weight, bias, tokens = make_head(2, 3, 16, 40)

@@ -24,7 +24,7 @@ import torch
 
 from ..ops.linear_lse import finish_rows, merge_states
 from ..ops.rows import as_rows, hidden_rows, row_chunks
-from ..ops.scoring import ScoringOptions
+from ..ops.scoring import ScoringOptions, scoring_backward_out
 from .torch_scoring import (
     LOG_FLOOR,
     _torch_chunk_backward,
@@ -220,14 +220,14 @@ def torch_linear_forward(hidden, weight, bias, tokens, options):
     return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser.view(2, -1)
 
 
-def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, options):
-    """Add one row block's gradients to ``accumulators`` (float32)."""
+def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, options, scoring):
+    """Add one row block's gradients to ``accumulators`` (float32); ``scoring``: the tiles'
+    fold (its ``backend``) and temperature, with ignore index -1 (tile-local tokens)."""
     grad_hidden_rows, grad_weight, grad_bias = accumulators
     ignored = tokens == options.ignore_index
     if grad_weight is not None and bool(ignored.any()):
         # Ignored rows take no part in the weight gradient, even with non-finite hidden states.
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
-    scoring = ScoringOptions(options.temperature, -1)
     tile_vocab = tile_shape(rows.device)[1]
     for start in range(0, weight.shape[0], tile_vocab):
         stop = min(start + tile_vocab, weight.shape[0])
@@ -237,9 +237,12 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
         in_tile = (tokens >= start) & (tokens < stop)
         # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
         tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
-        grad = _torch_chunk_backward(
-            logit_block(rows, weight_tile, bias, start, stop), tile_tokens, *saved, *grads, scoring
-        )
+        grad = logit_block(rows, weight_tile, bias, start, stop)
+        if scoring.backend == "triton":  # the scoring backward kernel, in place on the tile
+            scoring_backward_out(grad, tile_tokens, *saved, *grads, scoring.temperature, -1,
+                                 "triton", grad)  # fmt: skip
+        else:
+            grad = _torch_chunk_backward(grad, tile_tokens, *saved, *grads, scoring)
         if grad_hidden_rows is not None:
             add_grad_matmul(grad_hidden_rows, grad, weight_tile)
         if grad_weight is not None:
@@ -248,8 +251,14 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
             grad_bias[start:stop] += grad.sum(0)
 
 
-def torch_linear_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
-    """``(dhidden in hidden's dtype, dweight float32, dbias float32)``, None where not needed."""
+def torch_linear_backward(
+    hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options, fold="torch"
+):
+    """``(dhidden in hidden's dtype, dweight float32, dbias float32)``, None where not needed.
+
+    ``fold``: what turns a logits tile into ``dlogits``: ``"torch"`` (the torch twin) or
+    ``"triton"`` (the scoring backward kernel, in place on the tile)."""
+    scoring = ScoringOptions(options.temperature, -1, fold)
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
     size = hidden.shape[-1]
     rows = as_rows(hidden, layout, size)
@@ -281,6 +290,7 @@ def torch_linear_backward(hidden, weight, bias, tokens, normaliser, entropy, gra
             chunk_grads,
             (grad_rows, grad_weight, grad_bias),
             options,
+            scoring,
         )
         if grad_hidden is not None:
             grad_hidden[outer, inner] = grad_rows.view(block.shape)
