@@ -102,12 +102,12 @@ def _tile_state(logits, tokens, start: int, masked: bool, inv_temperature: float
     in_tile = (tokens >= start) & (tokens < start + width)
     index = (tokens - start).clamp(0, width - 1).long().unsqueeze(-1)
     token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), float("nan"))
-    row_max = logits.amax(-1)
-    # Where every logit is -inf, centre on 0 so that no inf - inf appears.
-    shift = row_max.masked_fill(row_max == float("-inf"), 0.0).unsqueeze(-1)
-    sum_exp, sum_exp_z = torch.empty_like(row_max), torch.empty_like(row_max)
+    row_max, sum_exp, sum_exp_z = torch.empty((3, logits.shape[0]), device=logits.device)
     for group in _groups(logits):
-        z = logits[group].sub_(shift[group])
+        group_max = torch.amax(logits[group], -1, out=row_max[group])
+        # Where every logit is -inf, centre on 0 so that no inf - inf appears.
+        shift = group_max.masked_fill(group_max == float("-inf"), 0.0)
+        z = logits[group].sub_(shift.unsqueeze(-1))
         if inv_temperature != 1.0:
             z *= inv_temperature
         if masked:  # -inf logits: exp(LOG_FLOOR) is 0, and 0 * z = 0 and scale * z stay finite
