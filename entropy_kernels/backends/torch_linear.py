@@ -261,7 +261,7 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
             scoring_backward_out(grad, tile_tokens, *saved, *grads, scoring.temperature, -1,
                                  "triton", grad)  # fmt: skip
         else:
-            grad = _torch_chunk_backward(grad, tile_tokens, *saved, *grads, scoring)
+            grad = _torch_chunk_backward(grad, tile_tokens, *saved, *grads, scoring, grad)
         if grad_hidden_rows is not None:
             add_grad_matmul(grad_hidden_rows, grad, weight_tile)
         if grad_weight is not None:

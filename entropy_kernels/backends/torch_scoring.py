@@ -93,15 +93,16 @@ def add_token_grad_(grad, grad_token, tokens, ignored):
 
 
 def _torch_chunk_backward(
-    logits_chunk, tokens_chunk, normaliser, entropy, grad_logprobs, grad_entropy, options
+    logits_chunk, tokens_chunk, normaliser, entropy, grad_logprobs, grad_entropy, options, out=None
 ):
     """``dlogits = g_logp onehot - p (g_logp + g_H (log p + H))``, divided by the temperature,
-    over two chunk-sized float32 temporaries (``log p`` and ``p``)."""
+    over two chunk-sized float32 temporaries (``log p`` and ``p``); ``log p``, then the gradient,
+    is written into ``out`` when given (float32, shaped like the chunk, may be the chunk)."""
     inv_temperature = 1.0 / options.temperature
     ignored = tokens_chunk == options.ignore_index
     row_max, log_norm = normaliser.unsqueeze(-1)
-    # log p = (x - m) / T - log S (x - m first: exact near the maximum), the input never written.
-    log_p = logits_chunk.float() - row_max
+    # log p = (x - m) / T - log S (x - m first: exact near the maximum).
+    log_p = torch.sub(logits_chunk.float(), row_max, out=out)
     if inv_temperature != 1.0:
         log_p *= inv_temperature
     log_p -= log_norm
@@ -155,6 +156,9 @@ def torch_backward(
 
     for outer, inner in _row_chunks(logits_layout, vocab_size):
         chunk = logits_rows[outer, inner]
+        # A float32 gradient whose rows are one strided block is computed in place there: no
+        # chunk-sized temporary and no copy pass.
+        target = _rows_view(grad_rows[outer, inner], vocab_size)
         grad = _torch_chunk_backward(
             chunk.reshape(-1, vocab_size),
             tokens_rows[outer, inner].reshape(-1),
@@ -163,5 +167,17 @@ def torch_backward(
             rows_of(grad_logprobs, outer, inner),
             rows_of(grad_entropy, outer, inner),
             options,
+            target,
         )
-        grad_rows[outer, inner] = grad.view(chunk.shape)
+        if target is None:
+            grad_rows[outer, inner] = grad.view(chunk.shape)
+
+
+def _rows_view(rows: torch.Tensor, vocab_size: int):
+    """``rows`` as a float32 ``[n, V]`` view, or None (another dtype, or no such view)."""
+    if rows.dtype != torch.float32:
+        return None
+    try:
+        return rows.view(-1, vocab_size)
+    except RuntimeError:
+        return None
