@@ -9,7 +9,7 @@ import torch
 
 import entropy_kernels as ek
 from entropy_kernels import reference
-from entropy_kernels.backends import torch_linear
+from entropy_kernels.backends import torch_linear, torch_scoring
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -27,7 +27,7 @@ def small_tiles(monkeypatch):
     # element-wise passes several row groups of a tile (3 rows of a 64-wide tile).
     monkeypatch.setattr(torch_linear, "TILE_ROWS", 8)
     monkeypatch.setattr(torch_linear, "TILE_VOCAB", 64)
-    monkeypatch.setattr(torch_linear, "GROUP_BYTES", 3 * 64 * 4)
+    monkeypatch.setattr(torch_scoring, "GROUP_BYTES", 3 * 64 * 4)
 
 
 def make_head(batch, seq, size, vocab, *, dtype=torch.float32, bias=True, seed=0):

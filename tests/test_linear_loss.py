@@ -221,7 +221,7 @@ def test_gradient_formed_in_the_forward_equals_the_recomputing_backward(monkeypa
     matmul passes); its loss, scores, metrics and gradients equal the recomputing backward's,
     over several row blocks, with a masked vocabulary entry and ignored tokens."""
     from entropy_kernels import linear_fused_loss, linear_loss
-    from entropy_kernels.backends import torch_linear
+    from entropy_kernels.backends import torch_scoring
 
     hidden, weight, bias, tokens = make_head(3, 7, 20, 90)
     bias[5] = float("-inf")
@@ -232,7 +232,7 @@ def test_gradient_formed_in_the_forward_equals_the_recomputing_backward(monkeypa
     old = -torch.rand(3, 7, generator=generator) * 3
     ref = -torch.rand(3, 7, generator=generator) * 3
     monkeypatch.setattr(linear_fused_loss, "BLOCK_BYTES", 4 * 90 * 4)  # 4 rows per block
-    monkeypatch.setattr(torch_linear, "GROUP_BYTES", 3 * 90 * 4)  # in groups of 3 and 1
+    monkeypatch.setattr(torch_scoring, "GROUP_BYTES", 3 * 90 * 4)  # in groups of 3 and 1
     calls = []
     original = linear_fused_loss.fused_rows
     monkeypatch.setattr(linear_fused_loss, "fused_rows", lambda *a: calls.append(1) or original(*a))

@@ -8,7 +8,8 @@ merge and epilogue of the Triton launcher. Backward: each tile is recomputed and
 ``dlogits`` by the scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight +=
 dlogits^T @ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The loss
 of :mod:`entropy_kernels.linear_fused_loss` forms ``dlogits`` in the forward (:func:`fused_rows`).
-On CPU the element-wise passes over a tile run in row groups of :data:`GROUP_BYTES`.
+On CPU the element-wise passes over a tile run in cache-sized row groups
+(``torch_scoring.GROUP_BYTES``).
 
 Matmul precision: off the GPU (and for float32 inputs) the tiles are multiplied in float32. On
 CUDA, half-precision inputs are multiplied by cuBLAS in their own dtype with float32
@@ -26,7 +27,8 @@ from ..ops.linear_lse import finish_rows, merge_states
 from ..ops.rows import as_rows, hidden_rows, row_chunks
 from ..ops.scoring import ScoringOptions, scoring_backward_out
 from .torch_scoring import (
-    LOG_FLOOR,
+    _groups,
+    _tile_state,
     _torch_chunk_backward,
     add_token_grad_,
     row_coefficients,
@@ -44,9 +46,6 @@ TILE_VOCAB = 2048
 GPU_TILE_ROWS = 2048
 GPU_TILE_VOCAB = 16384
 HALF = (torch.float16, torch.bfloat16)
-# The fused rows' element-wise passes run over this many bytes of their tile at a time: in the
-# cache, about 1.9x faster than passes over a whole 33 MiB tile (CPU, 1 thread).
-GROUP_BYTES = 2**20
 # torch.mm / addmm(..., out_dtype=torch.float32) from half-precision operands (torch >= 2.8, CUDA).
 HAS_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
@@ -85,39 +84,6 @@ def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor
         torch.addmm(acc, low, operand, out_dtype=torch.float32, out=acc)
     else:  # float32, or float16 (whose range cannot hold the low part): float32 products
         acc.addmm_(grad, operand.float())
-
-
-def _groups(tile: torch.Tensor) -> list[slice]:
-    """Row slices of ``tile`` of about :data:`GROUP_BYTES` of float32 each; one on a GPU, where
-    small launches cost more than the cache saves."""
-    if tile.device.type != "cpu":
-        return [slice(None)]
-    step = max(1, GROUP_BYTES // (4 * tile.shape[-1]))
-    return [slice(start, start + step) for start in range(0, tile.shape[0], step)]
-
-
-def _tile_state(logits, tokens, start: int, masked: bool, inv_temperature: float):
-    """The log-sum-exp state ``(m, s, w, token_logit)`` of a float32 ``[rows, width]`` logits
-    tile of vocabulary ``start:start + width`` (``token_logit`` NaN where the token lies outside);
-    the tile is left holding ``z = (logits - shift) / T``."""
-    width = logits.shape[-1]
-    in_tile = (tokens >= start) & (tokens < start + width)
-    index = (tokens - start).clamp(0, width - 1).long().unsqueeze(-1)
-    token_logit = torch.where(in_tile, logits.gather(-1, index).squeeze(-1), float("nan"))
-    row_max, sum_exp, sum_exp_z = torch.empty((3, logits.shape[0]), device=logits.device)
-    for group in _groups(logits):
-        group_max = torch.amax(logits[group], -1, out=row_max[group])
-        # Where every logit is -inf, centre on 0 so that no inf - inf appears.
-        shift = group_max.masked_fill(group_max == float("-inf"), 0.0)
-        z = logits[group].sub_(shift.unsqueeze(-1))
-        if inv_temperature != 1.0:
-            z *= inv_temperature
-        if masked:  # -inf logits: exp(LOG_FLOOR) is 0, and 0 * z = 0 and scale * z stay finite
-            z.clamp_min_(LOG_FLOOR)
-        exp_z = z.exp()
-        torch.sum(exp_z, -1, out=sum_exp[group])
-        torch.sum(exp_z.mul_(z), -1, out=sum_exp_z[group])
-    return row_max, sum_exp, sum_exp_z, token_logit
 
 
 def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
