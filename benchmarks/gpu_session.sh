@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One batched device session: GPU tests, the fused linear tile sweep, then the linear workloads
-# against every peer with the sweep's best tiles. Peers' pure-Python wheels (trl, liger-kernel,
-# cut-cross-entropy) unpacked under .whl/site and verl's file under .whl/cache travel with the
-# tree (the device has no network). Writes everything under $OUT.
+# One batched device session: GPU tests, the fused linear GPU routes, a profile of the fastest,
+# an optional tile sweep, then the linear workloads against every peer with the fastest routes.
+# Peers' pure-Python wheels (trl, liger-kernel, cut-cross-entropy) unpacked under .whl/site and
+# verl's file under .whl/cache travel with the tree (the device has no network). Writes
+# everything under $OUT.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/.whl/site" TRITON_INTERPRET=0
+export PYTHONPATH="$PWD:$PWD/.whl/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 export ENTROPY_KERNELS_BENCH_CACHE="$PWD/.whl/cache"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -15,14 +16,21 @@ echo "tree: $(cat .tree-commit 2>/dev/null || git rev-parse HEAD)"
 timeout "${TEST_S:-150}" python -m pytest tests/test_gpu_linear.py tests/test_gpu.py -q -x \
     -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/test_gpu.txt"
 cd benchmarks
-# SWEEP_S=0: no sweep, the benchmark runs the package's default tiles. ROUTES_S: time the
-# fused linear gradient routes (tl.dot kernels, cuBLAS tiles with the torch or the Triton
-# fold, torch backend) first.
+# ROUTES_S: time the fused linear GPU routes (forward and forward + backward) first; the fastest
+# pair then serves the profile and the peers' run (ENTROPY_KERNELS_LINEAR_GPU_* variables).
 if [ "${ROUTES_S:-0}" != 0 ]; then
-    timeout "$ROUTES_S" python linear_sweep.py --routes-only --out "$OUT/routes.json" 2>&1 | tail -8
+    timeout "$ROUTES_S" python linear_sweep.py --routes-only --out "$OUT/routes.json" 2>&1 | tail -12
+    if [ -s "$OUT/routes.json" ]; then
+        best=$(python -c "import json; print(json.load(open('$OUT/routes.json'))['routes_ms']['best'])")
+        export ENTROPY_KERNELS_LINEAR_GPU_FORWARD="${best%%/*}" ENTROPY_KERNELS_LINEAR_GPU_BACKWARD="${best##*/}"
+        echo "fastest routes: $best"
+    fi
 fi
-if [ "${SWEEP_S:-150}" != 0 ]; then
-    timeout "${SWEEP_S:-150}" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40
+if [ "${PROFILE_S:-0}" != 0 ]; then
+    timeout "$PROFILE_S" python profile_linear.py --out "$OUT/profile.txt" 2>&1 | tail -30
+fi
+if [ "${SWEEP_S:-0}" != 0 ]; then
+    timeout "$SWEEP_S" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40
 fi
 tiles=()
 [ -s "$OUT/tiles.json" ] && tiles=(--linear-tiles "$OUT/tiles.json")

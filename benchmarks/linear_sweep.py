@@ -116,11 +116,20 @@ def sweep(kernel, candidates, problem, device) -> list[dict]:
     return rows
 
 
+ROUTES = (  # name: (forward, backward) of kernel_config.LINEAR_GPU_FORWARD / _BACKWARD
+    ("tiles/tiles", "tiles", "tiles"),
+    ("tiles/blas", "tiles", "blas"),
+    ("tiles/blas-triton-fold", "tiles", "blas-triton-fold"),
+    ("blas-triton-fold/blas-triton-fold", "blas-triton-fold", "blas-triton-fold"),
+)
+
+
 def time_routes(shape, dtype, device) -> dict:
-    """Forward + backward (hidden and weight gradients) of ``linear_logprobs_and_entropy`` by
-    each route: the Triton backend with the tl.dot gradient kernels ("triton-tiles"), with
-    cuBLAS tiles and the torch fold ("triton-blas") or the scoring backward kernel as the fold
-    ("triton-blas-triton-fold"), and the torch backend ("torch")."""
+    """Milliseconds of ``linear_logprobs_and_entropy`` on the Triton backend by each GPU route:
+    the forward alone (``"forward <route>"``) and forward + backward of hidden and weight
+    (``"<forward route>/<backward route>"``): tl.dot kernels ("tiles"), cuBLAS tiles with the
+    torch fold ("blas") or the scoring kernels as the fold ("blas-triton-fold"); then the torch
+    backend ("torch"). The fastest pair goes in ``"best"``."""
     import entropy_kernels as ek
     from entropy_kernels import kernel_config
 
@@ -132,29 +141,30 @@ def time_routes(shape, dtype, device) -> dict:
     weight.requires_grad_()
     tokens = torch.randint(0, vocab, (tokens_n,), generator=gen, device=device)
 
-    def step(backend):
-        def run():
-            logprobs, entropy = ek.linear_logprobs_and_entropy(
-                hidden, weight, tokens, backend=backend
-            )
-            grads = torch.autograd.grad(logprobs.sum() + 0.01 * entropy.sum(), (hidden, weight))
-            return grads
+    def forward(backend="triton"):
+        with torch.no_grad():
+            return ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend=backend)
 
-        return run
+    def step(backend="triton"):
+        logprobs, entropy = ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend=backend)
+        return torch.autograd.grad(logprobs.sum() + 0.01 * entropy.sum(), (hidden, weight))
 
-    routes, saved = {}, kernel_config.LINEAR_GPU_BACKWARD
+    routes = {}
+    saved = kernel_config.LINEAR_GPU_FORWARD, kernel_config.LINEAR_GPU_BACKWARD
     try:
-        for name, backend, gradients in (
-            ("triton-tiles", "triton", "tiles"),
-            ("triton-blas", "triton", "blas"),
-            ("triton-blas-triton-fold", "triton", "blas-triton-fold"),
-            ("torch", "torch", saved),
-        ):
-            kernel_config.LINEAR_GPU_BACKWARD = gradients
-            routes[name] = measure.median_time_ms(step(backend), device)
+        for name in kernel_config.LINEAR_GPU_ROUTES["LINEAR_GPU_FORWARD"]:
+            kernel_config.LINEAR_GPU_FORWARD = name
+            routes[f"forward {name}"] = measure.median_time_ms(forward, device)
+            print("route", f"forward {name}", routes[f"forward {name}"], flush=True)
+        for name, forward_route, backward_route in ROUTES:
+            kernel_config.LINEAR_GPU_FORWARD = forward_route
+            kernel_config.LINEAR_GPU_BACKWARD = backward_route
+            routes[name] = measure.median_time_ms(step, device)
             print("route", name, routes[name], flush=True)
     finally:
-        kernel_config.LINEAR_GPU_BACKWARD = saved
+        kernel_config.LINEAR_GPU_FORWARD, kernel_config.LINEAR_GPU_BACKWARD = saved
+    routes["torch"] = measure.median_time_ms(lambda: step("torch"), device)
+    routes["best"] = min((name for name, *_ in ROUTES), key=routes.get)
     return routes
 
 

@@ -12,6 +12,7 @@ editing the package.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -116,10 +117,22 @@ LINEAR_GPU_DEFAULTS = {
 # tl.dot kernels of entropy_kernels.ops.linear). Chosen by measurement on an H200
 # (benchmarks/results/nvidia-h200-2026-11-26-linear-backward-routes.json: forward + backward
 # 55.2 ms by "blas", 100.4 ms by "tiles", at bfloat16 N = 4096, H = 2048, V = 151936).
-# "blas-triton-fold": the cuBLAS tiles with the scoring backward kernel as the fold (one pass
-# over each tile where the torch fold makes about six); tested on CPU, not yet timed on a GPU,
-# so not the default until benchmarks/linear_sweep.py --routes-only has measured it.
-LINEAR_GPU_BACKWARD = "blas"
+# "blas-triton-fold": the cuBLAS tiles with the scoring backward kernel as the fold, one pass
+# over each tile where the torch fold makes about six, writing bfloat16 dlogits as high and low
+# parts; tested on CPU, not the default until benchmarks/linear_sweep.py --routes-only has timed
+# it. The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
+LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas")
+# How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
+# kernel, entropy_kernels.kernels.linear_fwd) or "blas-triton-fold" (cuBLAS tiles with float32
+# output reduced by the scoring forward kernel). ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
+LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "tiles")
+LINEAR_GPU_ROUTES = {
+    "LINEAR_GPU_BACKWARD": ("blas", "blas-triton-fold", "tiles"),
+    "LINEAR_GPU_FORWARD": ("tiles", "blas-triton-fold"),
+}
+for _name, _routes in LINEAR_GPU_ROUTES.items():
+    if globals()[_name] not in _routes:
+        raise ValueError(f"ENTROPY_KERNELS_{_name} must be one of {_routes}")
 # Small tiles under the interpreter, so that test shapes span several tiles and splits.
 LINEAR_INTERPRETER_DEFAULT = TileConfig(16, 32, 16, 4)
 

@@ -113,6 +113,8 @@ def linear_options(
 
 
 def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions):
+    if hidden.is_cuda and kernel_config.LINEAR_GPU_FORWARD == "blas-triton-fold":
+        return torch_linear_forward(hidden, weight, bias, tokens, options, fold="triton")
     from .ops.linear import linear_forward as launch_forward
 
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)

@@ -25,12 +25,18 @@ def test_linear_policy_loss_against_float64(dtype, shape, backend):
     check_policy_loss(dtype, shape, backend)
 
 
-@pytest.mark.parametrize("route", ["tiles", "blas-triton-fold"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_other_gradient_routes_against_float64(monkeypatch, route, dtype):
-    """The GPU gradient routes besides the default (kernel_config.LINEAR_GPU_BACKWARD)."""
-    monkeypatch.setattr(kernel_config, "LINEAR_GPU_BACKWARD", route)
-    check_policy_loss(dtype, (3, 97, 200, 5003), "triton")
+@pytest.mark.parametrize(
+    "forward, backward",
+    [("tiles", "tiles"), ("tiles", "blas-triton-fold"), ("blas-triton-fold", "blas"),
+     ("blas-triton-fold", "blas-triton-fold"), ("tiles", "blas")],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_gpu_route_against_float64(monkeypatch, forward, backward, dtype):
+    """Each pair of GPU routes (kernel_config.LINEAR_GPU_FORWARD / LINEAR_GPU_BACKWARD), at a
+    vocabulary spanning several cuBLAS tiles."""
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_FORWARD", forward)
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_BACKWARD", backward)
+    check_policy_loss(dtype, (3, 97, 200, 40009), "triton")
 
 
 def check_policy_loss(dtype, shape, backend):

@@ -128,24 +128,48 @@ def test_scoring_values_and_gradients(backend, dtype, bias):
     assert_grads(ours, refs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype):
+@pytest.mark.parametrize(
+    "dtype, half_rows",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+     (torch.bfloat16, True), (torch.float16, True)],
+    ids=str,
+)  # fmt: skip
+def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     """The cuBLAS-tiled gradients with the scoring backward kernel as the fold (the GPU route
     "blas-triton-fold"), run here under the interpreter through the torch backend's tiles: each
-    tile's tokens are tile-local, outside the tile for most rows, -1 for ignored ones."""
-    from entropy_kernels import linear_scoring
-    from entropy_kernels.backends.torch_linear import torch_linear_backward
+    tile's tokens are tile-local, outside the tile for most rows, -1 for ignored ones.
 
-    folds = []
+    ``half_rows``: the rows stay in their half dtype, as on CUDA (here the products are formed
+    from exact float32 copies): bfloat16 tiles then take the split fold (bfloat16 high and low
+    parts of ``dlogits``) and the matmuls over both parts."""
+    from entropy_kernels import linear_scoring
+    from entropy_kernels.backends.torch_linear import torch_linear_backward, torch_linear_forward
+
+    folds, splits = [], []
 
     def with_triton_fold(*args):
         folds.append(1)
         return torch_linear_backward(*args, fold="triton")
 
+    def forward_with_triton_fold(*args):
+        folds.append(0)
+        return torch_linear_forward(*args, fold="triton")
+
+    def counted_split(*args):
+        splits.append(args[-1].shape)
+        return scoring_backward_split(*args)
+
+    scoring_backward_split = torch_linear.scoring_backward_split
+    monkeypatch.setattr(torch_linear, "scoring_backward_split", counted_split)
+    if half_rows:
+        monkeypatch.setattr(torch_linear, "matmul_rows", lambda block: block)
     monkeypatch.setattr(linear_scoring, "torch_linear_backward", with_triton_fold)
+    monkeypatch.setattr(linear_scoring, "torch_linear_forward", forward_with_triton_fold)
     hidden, weight, head_bias, tokens = make_head(2, 5, 37, 203, dtype=dtype)
     tokens[1, 2] = -100
     head_bias[7] = float("-inf")  # a masked vocabulary entry
+    head_bias[64:128] = float("-inf")  # a whole tile of them, holding a token
+    tokens[0, 3] = 100
     ours = leaves((hidden, weight, head_bias))
     refs = leaves((hidden, weight, head_bias), torch.float64)
     logp, entropy = ek.linear_logprobs_and_entropy(
@@ -158,8 +182,38 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype):
     grad_logp, grad_entropy = torch.randn(2, 2, 5, generator=generator)
     ((logp * grad_logp).sum() + (entropy * grad_entropy).sum()).backward()
     ((ref_logp * grad_logp).sum() + (ref_entropy * grad_entropy).sum()).backward()
-    assert folds == [1]
+    assert logp[0, 3] == float("-inf") and ref_logp[0, 3] == float("-inf")
+    assert folds == [0, 1]
+    # Rows of 8, a 203-wide vocabulary in tiles of 64: 2 row blocks x 4 tiles.
+    assert len(splits) == (8 if half_rows and dtype == torch.bfloat16 else 0)
     assert_grads(ours, refs)
+
+
+def test_split_fold_parts():
+    """The split fold's parts: the high part is the bfloat16 rounding (to nearest even) of the
+    float32 ``dlogits``, the low part that of the rest, so high + low is within 2^-16 of it."""
+    from entropy_kernels.ops.scoring import scoring_backward_out, scoring_backward_split
+
+    generator = torch.Generator().manual_seed(3)
+    rows, width = 6, 131
+    logits = torch.randn(rows, width, generator=generator) * 3
+    tokens = torch.randint(0, width + 1, (rows,), generator=generator)  # width: outside
+    tokens[2] = -1  # ignored
+    logprobs, entropy, normaliser = ek.ops.scoring.scoring_forward(
+        logits, tokens.clamp_max(width - 1), 0.7, -1, "torch", False
+    )
+    grads = tuple(torch.randn(rows, generator=generator) for _ in range(2))
+    saved = (normaliser, entropy.reshape(-1))
+    dlogits = torch.empty_like(logits)
+    scoring_backward_out(logits, tokens, *saved, *grads, 0.7, -1, "triton", dlogits)
+    parts = torch.empty((2, rows, width), dtype=torch.bfloat16)
+    scoring_backward_split(logits, tokens, saved, grads, 0.7, -1, parts)
+    assert torch.equal(parts[0], dlogits.bfloat16())
+    assert torch.equal(parts[1], (dlogits - parts[0].float()).bfloat16())
+    assert torch.equal(parts[:, 2], torch.zeros(2, width, dtype=torch.bfloat16))
+    error = (parts.float().sum(0) - dlogits).abs()
+    assert (error <= dlogits.abs() * 2.0**-16).all()
+    assert parts[1].abs().max() > 0  # the low part carries something
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -25,7 +25,12 @@ import torch
 
 from ..ops.linear_lse import finish_rows, merge_states
 from ..ops.rows import as_rows, hidden_rows, row_chunks
-from ..ops.scoring import ScoringOptions, scoring_backward_out
+from ..ops.scoring import (
+    ScoringOptions,
+    scoring_backward_out,
+    scoring_backward_split,
+    scoring_forward,
+)
 from .torch_scoring import (
     _groups,
     _tile_state,
@@ -63,8 +68,8 @@ def matmul_rows(block: torch.Tensor) -> torch.Tensor:
 def logit_block(rows, weight_tile, bias, start, stop, out=None):
     """``rows @ weight_tile.T + bias[start:stop]`` in float32, ``[rows, stop - start]``, written
     into ``out`` when given (a buffer reused across blocks is not page-faulted in again)."""
-    if rows.dtype == torch.float32:
-        weight_tile = weight_tile.float()
+    if not (rows.is_cuda and rows.dtype in HALF):  # exact float32 products instead
+        rows, weight_tile = rows.float(), weight_tile.float()
         if bias is None:
             return torch.mm(rows, weight_tile.T, out=out)
         return torch.addmm(bias[start:stop].float(), rows, weight_tile.T, out=out)
@@ -75,20 +80,66 @@ def logit_block(rows, weight_tile, bias, start, stop, out=None):
     )
 
 
+def add_matmul_(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``acc += left @ right`` with float32 products and accumulation: cuBLAS's float32 output
+    for half-precision operands on CUDA, float32 operands otherwise."""
+    if left.is_cuda and left.dtype in HALF and right.dtype == left.dtype:
+        torch.addmm(acc, left, right, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(left.float(), right.float())
+
+
 def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor) -> None:
     """``acc += grad @ operand``: float32 ``acc`` and ``grad``, ``operand`` in the matmul dtype."""
     if operand.dtype == torch.bfloat16:
         high = grad.to(torch.bfloat16)
-        low = grad.sub(high.float()).to(torch.bfloat16)
-        torch.addmm(acc, high, operand, out_dtype=torch.float32, out=acc)
-        torch.addmm(acc, low, operand, out_dtype=torch.float32, out=acc)
+        add_matmul_(acc, high, operand)
+        add_matmul_(acc, grad.sub(high.float()).to(torch.bfloat16), operand)
     else:  # float32, or float16 (whose range cannot hold the low part): float32 products
-        acc.addmm_(grad, operand.float())
+        add_matmul_(acc, grad, operand.float())
 
 
-def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
-    """``state`` (None before the first tile) with one more vocabulary tile folded in."""
-    tile = _tile_state(logits, tokens, start, masked, inv_temperature)
+def add_split_grad_matmuls(accumulators, parts, weight_tile, rows_twice, start, stop) -> None:
+    """Add one tile's gradients, ``dlogits`` given as bfloat16 ``parts`` ``[2, rows, width]``
+    (high, low): ``dhidden`` by two matmuls, ``dweight`` by one over both parts stacked
+    (``rows_twice``: the rows operand stacked twice), ``dbias`` by one sum."""
+    grad_rows, grad_weight, grad_bias = accumulators
+    stacked = parts.view(-1, parts.shape[-1])
+    if grad_rows is not None:
+        add_matmul_(grad_rows, parts[0], weight_tile)
+        add_matmul_(grad_rows, parts[1], weight_tile)
+    if grad_weight is not None:
+        add_matmul_(grad_weight[start:stop], stacked.T, rows_twice)
+    if grad_bias is not None:
+        grad_bias[start:stop] += stacked.sum(0, dtype=torch.float32)
+
+
+def _triton_tile_state(logits, tokens, start: int, inv_temperature: float):
+    """:func:`_tile_state` by the scoring forward kernel: one pass over the tile, which it
+    leaves as it is. The kernel's ``(entropy, shift, log-normaliser)`` hold the state:
+    ``s = exp(log_norm)``, ``w = s (log_norm - entropy)``."""
+    width = logits.shape[-1]
+    in_tile = (tokens >= start) & (tokens < start + width)
+    local = torch.where(in_tile, tokens - start, 0)
+    _, entropy, (shift, log_norm) = scoring_forward(
+        logits, local, 1.0 / inv_temperature, -1, "triton", False
+    )
+    sum_exp = log_norm.exp()
+    # A tile of -inf logits only: s = 0 and w = 0, its maximum -inf (the merge ignores it).
+    empty = sum_exp == 0
+    sum_exp_z = (sum_exp * (log_norm - entropy)).masked_fill_(empty, 0.0)
+    row_max = shift.masked_fill(empty, float("-inf"))
+    token_logit = logits.gather(-1, local.long().unsqueeze(-1)).squeeze(-1)
+    return row_max, sum_exp, sum_exp_z, token_logit.masked_fill_(~in_tile, float("nan"))
+
+
+def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float, fold: str):
+    """``state`` (None before the first tile) with one more vocabulary tile folded in by the
+    torch passes or (``fold="triton"``) the scoring forward kernel."""
+    if fold == "triton":
+        tile = _triton_tile_state(logits, tokens, start, inv_temperature)
+    else:
+        tile = _tile_state(logits, tokens, start, masked, inv_temperature)
     if state is None:
         return tile
     merged = merge_states(torch.stack([torch.stack(state[:3]), torch.stack(tile[:3])]),
@@ -109,11 +160,11 @@ def _tile_of(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     return buffer[: rows * width].view(rows, width)
 
 
-def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
+def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer, fold):
     """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
 
     ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped;
-    ``buffer``: from :func:`_tile_buffer`.
+    ``buffer``: from :func:`_tile_buffer`; ``fold``: as in :func:`_fold`.
     """
     vocab_size = weight.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
@@ -123,7 +174,7 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop,
                              out=_tile_of(buffer, rows.shape[0], stop - start))  # fmt: skip
-        state = _fold(state, logits, tokens, start, masked, inv_temperature)
+        state = _fold(state, logits, tokens, start, masked, inv_temperature, fold)
     ignored = tokens == options.ignore_index
     return finish_rows(*state, ignored, inv_temperature)
 
@@ -176,8 +227,10 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
     return logprobs, entropy
 
 
-def torch_linear_forward(hidden, weight, bias, tokens, options):
-    """``(logprobs, entropy, normaliser [2, rows])`` of validated arguments."""
+def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
+    """``(logprobs, entropy, normaliser [2, rows])`` of validated arguments; ``fold``: what
+    reduces a logits tile, ``"torch"`` (the torch passes) or ``"triton"`` (the scoring forward
+    kernel)."""
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
     rows = as_rows(hidden, layout, hidden.shape[-1])
     token_rows = as_rows(tokens, tokens_layout, None)
@@ -198,6 +251,7 @@ def torch_linear_forward(hidden, weight, bias, tokens, options):
             masked,
             options,
             buffer,
+            fold,
         )
         logprobs[outer, inner] = outputs[0].view(chunk_shape)
         entropy[outer, inner] = outputs[1].view(chunk_shape)
@@ -207,12 +261,18 @@ def torch_linear_forward(hidden, weight, bias, tokens, options):
 
 def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, options, scoring):
     """Add one row block's gradients to ``accumulators`` (float32); ``scoring``: the tiles'
-    fold (its ``backend``) and temperature, with ignore index -1 (tile-local tokens)."""
+    fold (its ``backend``) and temperature, with ignore index -1 (tile-local tokens).
+
+    The Triton fold of bfloat16 rows writes ``dlogits`` as bfloat16 high and low parts
+    (:func:`scoring_backward_split`), which the gradient matmuls take as they are; the torch
+    fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits."""
     grad_hidden_rows, grad_weight, grad_bias = accumulators
     ignored = tokens == options.ignore_index
     if grad_weight is not None and bool(ignored.any()):
         # Ignored rows take no part in the weight gradient, even with non-finite hidden states.
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
+    split = scoring.backend == "triton" and rows.dtype == torch.bfloat16
+    rows_twice = torch.cat([rows, rows]) if split and grad_weight is not None else None
     tile_vocab = tile_shape(rows.device)[1]
     for start in range(0, weight.shape[0], tile_vocab):
         stop = min(start + tile_vocab, weight.shape[0])
@@ -223,6 +283,11 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
         # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
         tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
         grad = logit_block(rows, weight_tile, bias, start, stop)
+        if split:
+            parts = grad.new_empty((2, *grad.shape), dtype=torch.bfloat16)
+            scoring_backward_split(grad, tile_tokens, saved, grads, scoring.temperature, -1, parts)
+            add_split_grad_matmuls(accumulators, parts, weight_tile, rows_twice, start, stop)
+            continue
         if scoring.backend == "triton":  # the scoring backward kernel, in place on the tile
             scoring_backward_out(grad, tile_tokens, *saved, *grads, scoring.temperature, -1,
                                  "triton", grad)  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 from .._validation import IGNORE_INDEX
 from ..backends.torch_scoring import torch_backward, torch_forward
 from ..kernel_config import launch_config, round_bf16_by_hand
-from .rows import copy_back, launch_rows, output_rows, row_layouts
+from .rows import RowLayout, copy_back, launch_rows, output_rows, row_layouts
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,19 @@ def triton_forward(logits, tokens, layouts, outputs, options: ScoringOptions):
 
 
 def triton_backward(
-    grad_logits, logits, tokens, layouts, normaliser, entropy, grad_logprobs, grad_entropy, options
+    grad_logits,
+    logits,
+    tokens,
+    layouts,
+    normaliser,
+    entropy,
+    grad_logprobs,
+    grad_entropy,
+    options,
+    grad_low=None,
 ):
-    """Write ``dlogits`` into ``grad_logits``; ``layouts``: logits, gradient, tokens."""
+    """Write ``dlogits`` into ``grad_logits``; ``layouts``: logits, gradient, tokens.
+    ``grad_low``: bfloat16 like ``grad_logits`` and laid out like it, for the split form."""
     if layouts[0].n_rows == 0:
         return
     from ..kernels.scoring_bwd import scoring_bwd_kernel
@@ -67,6 +77,7 @@ def triton_backward(
     config = launch_config("scoring_bwd", vocab_size, logits.device)
     scoring_bwd_kernel[(layouts[0].n_rows,)](
         grad_logits,
+        grad_low,
         logits,
         tokens,
         normaliser[0],
@@ -156,6 +167,19 @@ def scoring_backward_out(
 @scoring_backward_out.register_fake
 def _(logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, *options_and_out):
     return None
+
+
+def scoring_backward_split(logits, tokens, saved, grads, temperature, ignore_index, parts):
+    """``dlogits`` of a contiguous float32 ``[rows, V]`` tile as two bfloat16 parts (Triton):
+    ``parts[0]`` its bfloat16 rounding, ``parts[1]`` the rounding of the rest; ``parts``:
+    contiguous ``[2, rows, V]``. ``saved``: ``(normaliser, entropy)``; ``grads``: the float32
+    ``(grad_logprobs, grad_entropy)`` (None for an unused one)."""
+    source, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    n_outer, n_inner, vocab_size = logits_layout.n_outer, logits_layout.n_inner, logits.shape[-1]
+    grad_layout = RowLayout(n_outer, n_inner, n_inner * vocab_size, vocab_size)
+    layouts = (logits_layout, grad_layout, tokens_layout)
+    options = ScoringOptions(temperature, ignore_index)
+    triton_backward(parts[0], source, tokens, layouts, *saved, *grads, options, parts[1])
 
 
 def gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
