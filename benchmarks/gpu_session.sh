@@ -26,8 +26,24 @@ if [ "${ROUTES_S:-0}" != 0 ]; then
         echo "fastest routes: $best"
     fi
 fi
+# BLAS_TILES ("RxV,RxV,..."): time the default routes with each cuBLAS tile shape; the fastest
+# then serves the profile and the peers' run.
+if [ -n "${BLAS_TILES:-}" ]; then
+    timeout "${TILES_S:-90}" python linear_sweep.py --blas-tiles "$BLAS_TILES" \
+        --out "$OUT/blas-tiles.json" 2>&1 | tail -12
+    if [ -s "$OUT/blas-tiles.json" ]; then
+        tile=$(python -c "import json; print(json.load(open('$OUT/blas-tiles.json'))['routes_ms']['best tile'])")
+        export ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE="$tile"
+        echo "fastest cuBLAS tile: $tile"
+    fi
+fi
 if [ "${PROFILE_S:-0}" != 0 ]; then
     timeout "$PROFILE_S" python profile_linear.py --out "$OUT/profile.txt" 2>&1 | tail -30
+    # PROFILE_FORWARD: also profile that forward route (say why it is slower).
+    if [ -n "${PROFILE_FORWARD:-}" ]; then
+        ENTROPY_KERNELS_LINEAR_GPU_FORWARD="$PROFILE_FORWARD" timeout "$PROFILE_S" \
+            python profile_linear.py --out "$OUT/profile.txt" 2>&1 | tail -30
+    fi
 fi
 if [ "${SWEEP_S:-0}" != 0 ]; then
     timeout "$SWEEP_S" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40
@@ -37,3 +53,9 @@ tiles=()
 timeout "${BENCH_S:-200}" python run.py --workloads linear_scoring,linear_policy_loss \
     --dtypes bfloat16 --linear 4096x2048x151936 --impls "${IMPLS:-eager,trl,liger-ce,liger-grpo,verl,cce,ours-triton}" \
     --no-download --no-plots --tag linear-peers --out-dir "$OUT/bench" "${tiles[@]}" 2>&1 | tail -40
+# LOGITS_S: the logits-level workloads at the README's GPU size.
+if [ "${LOGITS_S:-0}" != 0 ]; then
+    timeout "$LOGITS_S" python run.py --workloads scoring,policy_loss,gtpo_loss --dtypes bfloat16 \
+        --tokens 16384 --vocab 151936 --impls eager,compile,ours-triton,ours-triton-inplace \
+        --no-download --no-plots --tag logits-bf16 --out-dir "$OUT/logits" 2>&1 | tail -30
+fi

@@ -71,6 +71,11 @@ def parse_args(argv=None):
         action="store_true",
         help="skip the tiles: time forward + backward of each gradient route only",
     )
+    parser.add_argument(
+        "--blas-tiles",
+        default="",
+        help="comma-separated RxV cuBLAS tile shapes: time the default routes with each",
+    )
     return parser.parse_args(argv)
 
 
@@ -124,12 +129,13 @@ ROUTES = (  # name: (forward, backward) of kernel_config.LINEAR_GPU_FORWARD / _B
 )
 
 
-def time_routes(shape, dtype, device) -> dict:
+def time_routes(shape, dtype, device, blas_tiles=()) -> dict:
     """Milliseconds of ``linear_logprobs_and_entropy`` on the Triton backend by each GPU route:
     the forward alone (``"forward <route>"``) and forward + backward of hidden and weight
     (``"<forward route>/<backward route>"``): tl.dot kernels ("tiles"), cuBLAS tiles with the
     torch fold ("blas") or the scoring kernels as the fold ("blas-triton-fold"); then the torch
-    backend ("torch"). The fastest pair goes in ``"best"``."""
+    backend ("torch"). The fastest pair goes in ``"best"``. With ``blas_tiles`` (``(rows,
+    vocabulary)`` shapes), only the default routes, once per cuBLAS tile shape."""
     import entropy_kernels as ek
     from entropy_kernels import kernel_config
 
@@ -150,6 +156,27 @@ def time_routes(shape, dtype, device) -> dict:
         return torch.autograd.grad(logprobs.sum() + 0.01 * entropy.sum(), (hidden, weight))
 
     routes = {}
+    if blas_tiles:  # the default routes with each cuBLAS tile shape, and its peak memory
+        saved = kernel_config.LINEAR_GPU_BLAS_TILE
+        try:
+            for tile in blas_tiles:
+                kernel_config.LINEAR_GPU_BLAS_TILE = tile
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                step()  # peak above the inputs, gradients included (alone: no timer buffers)
+                torch.cuda.synchronize(device)
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                name = "x".join(map(str, tile))
+                routes[f"tile {name}"] = measure.median_time_ms(step, device)
+                routes[f"tile {name} peak MiB"] = peak
+                print("tile", name, routes[f"tile {name}"], "ms", peak, "MiB", flush=True)
+        finally:
+            kernel_config.LINEAR_GPU_BLAS_TILE = saved
+        routes["best tile"] = min(
+            ("x".join(map(str, tile)) for tile in blas_tiles), key=lambda n: routes[f"tile {n}"]
+        )
+        return routes
     saved = kernel_config.LINEAR_GPU_FORWARD, kernel_config.LINEAR_GPU_BACKWARD
     try:
         for name in kernel_config.LINEAR_GPU_ROUTES["LINEAR_GPU_FORWARD"]:
@@ -192,8 +219,9 @@ def main(argv=None) -> int:
     result["matmul_ms"] = matmul_ms(problem, device)
     n, h, v = shape
     result["matmul_tflops"] = 2 * n * h * v / (result["matmul_ms"] * 1e-3) / 1e12
-    if args.routes_only:
-        result["routes_ms"] = time_routes(shape, getattr(torch, args.dtype), device)
+    if args.routes_only or args.blas_tiles:
+        tiles = [tuple(int(n) for n in t.split("x")) for t in args.blas_tiles.split(",") if t]
+        result["routes_ms"] = time_routes(shape, getattr(torch, args.dtype), device, tiles)
         print(json.dumps({k: result[k] for k in ("matmul_ms", "routes_ms")}))
         if args.out:
             with open(args.out, "w") as handle:

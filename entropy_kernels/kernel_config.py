@@ -113,19 +113,26 @@ LINEAR_GPU_DEFAULTS = {
     "linear_bwd_weight": TileConfig(256, 128, 64, 16, 2),
 }
 # How the "triton" backend computes the fused linear gradients on a GPU: "blas" (cuBLAS tiles
-# with float32 output and the torch fold, entropy_kernels.backends.torch_linear) or "tiles" (the
-# tl.dot kernels of entropy_kernels.ops.linear). Chosen by measurement on an H200
-# (benchmarks/results/nvidia-h200-2026-11-26-linear-backward-routes.json: forward + backward
-# 55.2 ms by "blas", 100.4 ms by "tiles", at bfloat16 N = 4096, H = 2048, V = 151936).
-# "blas-triton-fold": the cuBLAS tiles with the scoring backward kernel as the fold, one pass
-# over each tile where the torch fold makes about six, writing bfloat16 dlogits as high and low
-# parts; tested on CPU, not the default until benchmarks/linear_sweep.py --routes-only has timed
-# it. The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
-LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas")
+# with float32 output and the torch fold, entropy_kernels.backends.torch_linear), "tiles" (the
+# tl.dot kernels of entropy_kernels.ops.linear) or "blas-triton-fold" (the default): the cuBLAS
+# tiles with the scoring backward kernel as the fold, one pass over each tile where the torch
+# fold makes about six, writing bfloat16 dlogits as high and low parts that the gradient
+# matmuls take as they are. Forward + backward on an H200 (bfloat16, N = 4096, H = 2048,
+# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-routes-triton-fold.json):
+# 28.9 ms by "blas-triton-fold", 52.2 ms by "blas", 92.8 ms by "tiles".
+# The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
+LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas-triton-fold")
 # How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
-# kernel, entropy_kernels.kernels.linear_fwd) or "blas-triton-fold" (cuBLAS tiles with float32
-# output reduced by the scoring forward kernel). ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
+# kernel, entropy_kernels.kernels.linear_fwd; 6.2 ms in the same run) or "blas-triton-fold"
+# (cuBLAS tiles with float32 output reduced by the scoring forward kernel; 21.1 ms).
+# ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
 LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "tiles")
+# The cuBLAS tiles of those routes, rows x vocabulary entries: 2048 x 16384 (128 MiB per float32
+# tile) is large enough for cuBLAS's full rate. ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE ("RxV")
+# overrides it.
+LINEAR_GPU_BLAS_TILE = tuple(
+    int(n) for n in os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "2048x16384").split("x")
+)
 LINEAR_GPU_ROUTES = {
     "LINEAR_GPU_BACKWARD": ("blas", "blas-triton-fold", "tiles"),
     "LINEAR_GPU_FORWARD": ("tiles", "blas-triton-fold"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernel_config
 from ..ops.linear_lse import finish_rows, merge_states
 from ..ops.rows import as_rows, hidden_rows, row_chunks
 from ..ops.scoring import (
@@ -47,16 +48,13 @@ from .torch_scoring import (
 # 8192 took 1.21x and 0.95x (and 256 x 4096 1.09x in two earlier runs).
 TILE_ROWS = 1024
 TILE_VOCAB = 2048
-# CUDA tile: 2048 x 16384 (128 MiB per float32 temporary): large enough for cuBLAS's full rate.
-GPU_TILE_ROWS = 2048
-GPU_TILE_VOCAB = 16384
 HALF = (torch.float16, torch.bfloat16)
 # torch.mm / addmm(..., out_dtype=torch.float32) from half-precision operands (torch >= 2.8, CUDA).
 HAS_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def tile_shape(device: torch.device) -> tuple[int, int]:
-    return (GPU_TILE_ROWS, GPU_TILE_VOCAB) if device.type == "cuda" else (TILE_ROWS, TILE_VOCAB)
+    return kernel_config.LINEAR_GPU_BLAS_TILE if device.type == "cuda" else (TILE_ROWS, TILE_VOCAB)
 
 
 def matmul_rows(block: torch.Tensor) -> torch.Tensor:
@@ -268,20 +266,25 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
     fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits."""
     grad_hidden_rows, grad_weight, grad_bias = accumulators
     ignored = tokens == options.ignore_index
-    if grad_weight is not None and bool(ignored.any()):
-        # Ignored rows take no part in the weight gradient, even with non-finite hidden states.
+    if grad_weight is not None:
+        # Ignored rows take no part in the weight gradient, even with non-finite hidden states
+        # (masked unconditionally: asking whether any row is ignored would wait for the device).
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
     split = scoring.backend == "triton" and rows.dtype == torch.bfloat16
     rows_twice = torch.cat([rows, rows]) if split and grad_weight is not None else None
     tile_vocab = tile_shape(rows.device)[1]
-    for start in range(0, weight.shape[0], tile_vocab):
+    # Tile-local tokens of every tile at once: -1 marks ignored rows, the tile's width a token
+    # outside the tile.
+    starts = torch.arange(0, weight.shape[0], tile_vocab, device=rows.device).unsqueeze(-1)
+    widths = (weight.shape[0] - starts).clamp_max(tile_vocab)
+    local = tokens - starts
+    local = torch.where((local >= 0) & (local < widths), local, widths).masked_fill_(ignored, -1)
+    for tile, start in enumerate(range(0, weight.shape[0], tile_vocab)):
         stop = min(start + tile_vocab, weight.shape[0])
         weight_tile = weight[start:stop]
         if rows.dtype == torch.float32:
             weight_tile = weight_tile.float()
-        in_tile = (tokens >= start) & (tokens < stop)
-        # Tile-local tokens: -1 marks ignored rows, stop - start a token outside the tile.
-        tile_tokens = torch.where(in_tile, tokens - start, stop - start).masked_fill(ignored, -1)
+        tile_tokens = local[tile]
         grad = logit_block(rows, weight_tile, bias, start, stop)
         if split:
             parts = grad.new_empty((2, *grad.shape), dtype=torch.bfloat16)
