@@ -127,11 +127,13 @@ LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "bla
 # (cuBLAS tiles with float32 output reduced by the scoring forward kernel; 21.1 ms).
 # ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
 LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "tiles")
-# The cuBLAS tiles of those routes, rows x vocabulary entries: 2048 x 16384 (128 MiB per float32
-# tile) is large enough for cuBLAS's full rate. ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE ("RxV")
-# overrides it.
+# The cuBLAS tiles of those routes, rows x vocabulary entries (128 MiB per float32 tile): the
+# fastest and leanest of five shapes on an H200 (forward + backward 27.1 ms, 1799 MiB; 2048 x
+# 16384: 27.3 ms, 1831 MiB; 4096 x 16384: 30.7 ms, 2052 MiB; bfloat16, N = 4096, H = 2048,
+# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-blas-tiles.json).
+# ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE ("RxV") overrides it.
 LINEAR_GPU_BLAS_TILE = tuple(
-    int(n) for n in os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "2048x16384").split("x")
+    int(n) for n in os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096x8192").split("x")
 )
 LINEAR_GPU_ROUTES = {
     "LINEAR_GPU_BACKWARD": ("blas", "blas-triton-fold", "tiles"),

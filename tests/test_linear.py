@@ -187,6 +187,15 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     # Rows of 8, a 203-wide vocabulary in tiles of 64: 2 row blocks x 4 tiles.
     assert len(splits) == (8 if half_rows and dtype == torch.bfloat16 else 0)
     assert_grads(ours, refs)
+    # Unvalidated tokens outside the vocabulary give NaN, not a neighbour's log-prob.
+    bad = tokens.clone()
+    bad[1, 0], bad[1, 1] = 203, -5
+    with torch.no_grad():
+        logp, _ = ek.linear_logprobs_and_entropy(
+            hidden, weight, bad, bias=head_bias, validate=False, backend="torch"
+        )
+    assert torch.isnan(logp[1, :2]).all() and torch.isfinite(logp[1, 3])
+    assert folds == [0, 1, 0]
 
 
 def test_split_fold_parts():

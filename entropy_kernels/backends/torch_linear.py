@@ -25,12 +25,12 @@ import torch
 
 from .. import kernel_config
 from ..ops.linear_lse import finish_rows, merge_states
-from ..ops.rows import as_rows, hidden_rows, row_chunks
+from ..ops.rows import as_rows, hidden_rows, row_chunks, row_layouts
 from ..ops.scoring import (
     ScoringOptions,
     scoring_backward_out,
     scoring_backward_split,
-    scoring_forward,
+    triton_forward,
 )
 from .torch_scoring import (
     _groups,
@@ -112,32 +112,9 @@ def add_split_grad_matmuls(accumulators, parts, weight_tile, rows_twice, start, 
         grad_bias[start:stop] += stacked.sum(0, dtype=torch.float32)
 
 
-def _triton_tile_state(logits, tokens, start: int, inv_temperature: float):
-    """:func:`_tile_state` by the scoring forward kernel: one pass over the tile, which it
-    leaves as it is. The kernel's ``(entropy, shift, log-normaliser)`` hold the state:
-    ``s = exp(log_norm)``, ``w = s (log_norm - entropy)``."""
-    width = logits.shape[-1]
-    in_tile = (tokens >= start) & (tokens < start + width)
-    local = torch.where(in_tile, tokens - start, 0)
-    _, entropy, (shift, log_norm) = scoring_forward(
-        logits, local, 1.0 / inv_temperature, -1, "triton", False
-    )
-    sum_exp = log_norm.exp()
-    # A tile of -inf logits only: s = 0 and w = 0, its maximum -inf (the merge ignores it).
-    empty = sum_exp == 0
-    sum_exp_z = (sum_exp * (log_norm - entropy)).masked_fill_(empty, 0.0)
-    row_max = shift.masked_fill(empty, float("-inf"))
-    token_logit = logits.gather(-1, local.long().unsqueeze(-1)).squeeze(-1)
-    return row_max, sum_exp, sum_exp_z, token_logit.masked_fill_(~in_tile, float("nan"))
-
-
-def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float, fold: str):
-    """``state`` (None before the first tile) with one more vocabulary tile folded in by the
-    torch passes or (``fold="triton"``) the scoring forward kernel."""
-    if fold == "triton":
-        tile = _triton_tile_state(logits, tokens, start, inv_temperature)
-    else:
-        tile = _tile_state(logits, tokens, start, masked, inv_temperature)
+def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
+    """``state`` (None before the first tile) with one more vocabulary tile folded in."""
+    tile = _tile_state(logits, tokens, start, masked, inv_temperature)
     if state is None:
         return tile
     merged = merge_states(torch.stack([torch.stack(state[:3]), torch.stack(tile[:3])]),
@@ -158,11 +135,11 @@ def _tile_of(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     return buffer[: rows * width].view(rows, width)
 
 
-def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer, fold):
+def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
     """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
 
     ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped;
-    ``buffer``: from :func:`_tile_buffer`; ``fold``: as in :func:`_fold`.
+    ``buffer``: from :func:`_tile_buffer`.
     """
     vocab_size = weight.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
@@ -172,9 +149,51 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer, fol
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop,
                              out=_tile_of(buffer, rows.shape[0], stop - start))  # fmt: skip
-        state = _fold(state, logits, tokens, start, masked, inv_temperature, fold)
+        state = _fold(state, logits, tokens, start, masked, inv_temperature)
     ignored = tokens == options.ignore_index
     return finish_rows(*state, ignored, inv_temperature)
+
+
+def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
+    """:func:`_rows_forward` with the scoring forward kernel reducing each tile in one pass.
+
+    Per tile: one matmul, one kernel writing the tile's ``(logprob, entropy, shift,
+    log-normaliser)`` into row ``t`` of ``[tiles, rows]`` buffers, and the token's logit
+    gathered; the tiles' states (``s = exp(log_norm)``, ``w = s (log_norm - entropy)``) merge
+    once at the end. Few launches per tile, so the host keeps ahead of the device.
+    """
+    vocab_size, n_rows = weight.shape[0], rows.shape[0]
+    tile_vocab = tile_shape(rows.device)[1]
+    inv_temperature = 1.0 / options.temperature
+    starts = range(0, vocab_size, tile_vocab)
+    entropy, token_logit = torch.empty((2, len(starts), n_rows), device=rows.device)
+    normaliser = torch.empty((len(starts), 2, n_rows), device=rows.device)
+    logprobs = torch.empty(n_rows, device=rows.device)  # not used: the merge recomputes it
+    # Tile-local tokens (0 for a token outside the tile: its log-prob is not used).
+    tile_of_token = (tokens // tile_vocab).clamp(0, len(starts) - 1)
+    local = (tokens - tile_of_token * tile_vocab).clamp(0, tile_vocab - 1)
+    scoring = ScoringOptions(options.temperature, -1)
+    for tile, start in enumerate(starts):
+        stop = min(start + tile_vocab, vocab_size)
+        logits = logit_block(rows, weight[start:stop], bias, start, stop,
+                             out=_tile_of(buffer, n_rows, stop - start))  # fmt: skip
+        tile_tokens = local if stop - start == tile_vocab else local.clamp_max(stop - start - 1)
+        source, tile_tokens, *layouts = row_layouts(logits, tile_tokens)
+        outputs = (logprobs, entropy[tile], normaliser[tile])
+        triton_forward(source, tile_tokens, layouts, outputs, scoring)
+        torch.gather(logits, 1, tile_tokens.unsqueeze(-1), out=token_logit[tile].unsqueeze(-1))
+    shift, log_norm = normaliser.unbind(1)
+    sum_exp = log_norm.exp()
+    # A tile of -inf logits only: s = 0 and w = 0, its maximum -inf (the merge ignores it).
+    empty = sum_exp == 0
+    sum_exp_z = (sum_exp * (log_norm - entropy)).masked_fill_(empty, 0.0)
+    part_max = shift.masked_fill(empty, float("-inf"))
+    merged = merge_states(torch.stack([part_max, sum_exp, sum_exp_z], 1), inv_temperature)
+    token = token_logit.gather(0, tile_of_token.unsqueeze(0)).squeeze(0)
+    # A token outside the vocabulary (unvalidated) gets NaN, as in the torch fold.
+    token = token.masked_fill_((tokens < 0) | (tokens >= vocab_size), float("nan"))
+    ignored = tokens == options.ignore_index
+    return finish_rows(*merged, token, ignored, inv_temperature)
 
 
 def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, buffers):
@@ -241,16 +260,12 @@ def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
     for outer, inner in row_chunks(layout, tile_shape(hidden.device)[0]):
         block = rows[outer, inner]
         chunk_shape = block.shape[:-1]
-        outputs = _rows_forward(
-            matmul_rows(block.reshape(-1, block.shape[-1])),
-            token_rows[outer, inner].reshape(-1),
-            weight,
-            bias,
-            masked,
-            options,
-            buffer,
-            fold,
-        )
+        block_rows = matmul_rows(block.reshape(-1, block.shape[-1]))
+        block_tokens = token_rows[outer, inner].reshape(-1)
+        if fold == "triton":
+            outputs = _rows_forward_triton(block_rows, block_tokens, weight, bias, options, buffer)
+        else:
+            outputs = _rows_forward(block_rows, block_tokens, weight, bias, masked, options, buffer)
         logprobs[outer, inner] = outputs[0].view(chunk_shape)
         entropy[outer, inner] = outputs[1].view(chunk_shape)
         normaliser[:, outer, inner] = outputs[2].view(2, *chunk_shape)
