@@ -123,21 +123,29 @@ LINEAR_GPU_DEFAULTS = {
 # The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
 LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas-triton-fold")
 # How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
-# kernel, entropy_kernels.kernels.linear_fwd; 6.2 ms in the same run) or "blas-triton-fold"
-# (cuBLAS tiles with float32 output reduced by the scoring forward kernel; 21.1 ms).
+# kernel, entropy_kernels.kernels.linear_fwd), "blas-triton-fold" (cuBLAS tiles with float32
+# output, each reduced by the scoring forward kernel) or "auto" (the default): the cuBLAS fold
+# for a forward without gradients (scoring old / reference log-probs), the tl.dot kernel for a
+# training forward. Measured on an H200 in one run (bfloat16, N = 4096, H = 2048, V = 151936;
+# benchmarks/results/nvidia-h200-2026-11-26-linear-routes-final.json): forward alone 5.45 ms by
+# the cuBLAS fold, 6.18 ms by tl.dot; forward + backward (with the default gradients) 27.4 ms
+# after the tl.dot forward, 30.8 ms after the cuBLAS fold.
 # ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
-LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "tiles")
+LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "auto")
 # The cuBLAS tiles of those routes, rows x vocabulary entries (128 MiB per float32 tile): the
 # fastest and leanest of five shapes on an H200 (forward + backward 27.1 ms, 1799 MiB; 2048 x
 # 16384: 27.3 ms, 1831 MiB; 4096 x 16384: 30.7 ms, 2052 MiB; bfloat16, N = 4096, H = 2048,
 # V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-blas-tiles.json).
 # ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE ("RxV") overrides it.
-LINEAR_GPU_BLAS_TILE = tuple(
-    int(n) for n in os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096x8192").split("x")
-)
+_BLAS_TILE = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096x8192")
+LINEAR_GPU_BLAS_TILE = tuple(int(n) for n in _BLAS_TILE.split("x") if n.isdigit())
+if len(LINEAR_GPU_BLAS_TILE) != 2 or min(LINEAR_GPU_BLAS_TILE) < 1 or _BLAS_TILE.count("x") != 1:
+    raise ValueError(
+        f"ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE must be ROWSxVOCAB (positive), got {_BLAS_TILE!r}"
+    )
 LINEAR_GPU_ROUTES = {
     "LINEAR_GPU_BACKWARD": ("blas", "blas-triton-fold", "tiles"),
-    "LINEAR_GPU_FORWARD": ("tiles", "blas-triton-fold"),
+    "LINEAR_GPU_FORWARD": ("auto", "tiles", "blas-triton-fold"),
 }
 for _name, _routes in LINEAR_GPU_ROUTES.items():
     if globals()[_name] not in _routes:

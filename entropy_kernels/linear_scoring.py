@@ -112,8 +112,16 @@ def linear_options(
 # Triton backend (kernels imported when first launched)
 
 
-def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions):
-    if hidden.is_cuda and kernel_config.LINEAR_GPU_FORWARD == "blas-triton-fold":
+def gpu_forward_route(needs_grad: bool) -> str:
+    """The GPU forward route of ``kernel_config.LINEAR_GPU_FORWARD`` ("auto" resolved)."""
+    route = kernel_config.LINEAR_GPU_FORWARD
+    if route == "auto":
+        return "tiles" if needs_grad else "blas-triton-fold"
+    return route
+
+
+def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions, needs_grad=True):
+    if hidden.is_cuda and gpu_forward_route(needs_grad) == "blas-triton-fold":
         return torch_linear_forward(hidden, weight, bias, tokens, options, fold="triton")
     from .ops.linear import linear_forward as launch_forward
 
@@ -159,10 +167,12 @@ def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, n
 # Autograd
 
 
-def linear_forward(hidden, weight, bias, tokens, options: LinearOptions):
-    """``(logprobs, entropy, normaliser [2, rows])`` of validated arguments."""
-    forward = _triton_forward if options.backend == "triton" else torch_linear_forward
-    return forward(hidden, weight, bias, tokens, options)
+def linear_forward(hidden, weight, bias, tokens, options: LinearOptions, needs_grad=True):
+    """``(logprobs, entropy, normaliser [2, rows])`` of validated arguments; ``needs_grad``:
+    whether a backward will follow (it picks the GPU forward route)."""
+    if options.backend == "triton":
+        return _triton_forward(hidden, weight, bias, tokens, options, needs_grad)
+    return torch_linear_forward(hidden, weight, bias, tokens, options)
 
 
 def linear_gradients(saved, grad_logprobs, grad_entropy, needs, options: LinearOptions):
@@ -192,8 +202,10 @@ class LinearScoring(torch.autograd.Function):
     """``(logprobs, entropy)`` of the linear head, differentiable in hidden, weight and bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, options: LinearOptions):
-        logprobs, entropy, normaliser = linear_forward(hidden, weight, bias, tokens, options)
+    def forward(ctx, hidden, weight, bias, tokens, options: LinearOptions, needs_grad: bool):
+        logprobs, entropy, normaliser = linear_forward(
+            hidden, weight, bias, tokens, options, needs_grad
+        )
         ctx.save_for_backward(hidden, weight, bias, tokens, normaliser, entropy)
         ctx.options = options
         # An unused output (the entropy, without an entropy bonus) gets None: its term is skipped.
@@ -205,11 +217,18 @@ class LinearScoring(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         needs = tuple(ctx.needs_input_grad[:3])
         if not any(needs) or (grad_logprobs is None and grad_entropy is None):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad_hidden, grad_weight, grad_bias = linear_gradients(
             ctx.saved_tensors, grad_logprobs, grad_entropy, needs, ctx.options
         )
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def gradients_wanted(hidden, weight, bias) -> bool:
+    """Whether autograd will ask for a gradient of these inputs (a backward may follow): known
+    before ``Function.apply``, inside which gradient mode is always off."""
+    wanted = (t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return torch.is_grad_enabled() and any(wanted)
 
 
 def linear_score(hidden, weight, bias, tokens, options: LinearOptions):
@@ -218,7 +237,8 @@ def linear_score(hidden, weight, bias, tokens, options: LinearOptions):
         from .parallel import linear_score_shard  # builds on this module
 
         return linear_score_shard(hidden, weight, bias, tokens, options)
-    return LinearScoring.apply(hidden, weight, bias, tokens, options)
+    needs_grad = gradients_wanted(hidden, weight, bias)
+    return LinearScoring.apply(hidden, weight, bias, tokens, options, needs_grad)
 
 
 def linear_logprobs_and_entropy(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .linear_scoring import LinearOptions, linear_forward, linear_gradients
+from .linear_scoring import LinearOptions, gradients_wanted, linear_forward, linear_gradients
 from .ops.scoring import (
     ScoringOptions,
     gradient_buffer,
@@ -107,9 +107,8 @@ def linear_score_shard(hidden, weight, bias, tokens, options: LinearOptions, sum
     or (``sum_hidden_grad=False``, for callers whose next layer reduces it, as Megatron's
     sequence-parallel gather does) this shard's part only.
     """
-    return _ParallelScoring.apply(
-        _LinearShard(options, sum_hidden_grad), tokens, options.shard, hidden, weight, bias
-    )
+    local = _LinearShard(options, sum_hidden_grad, gradients_wanted(hidden, weight, bias))
+    return _ParallelScoring.apply(local, tokens, options.shard, hidden, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -146,13 +145,13 @@ class _LinearShard:
 
     options: LinearOptions
     sum_hidden_grad: bool = True
+    needs_grad: bool = True  # a backward may follow (picks the GPU forward route)
 
     def _local(self) -> LinearOptions:
         return LinearOptions(self.options.temperature, LOCAL_IGNORE, self.options.backend)
 
     def forward(self, tensors, local_tokens):
-        logprobs, entropy, normaliser = linear_forward(*tensors, local_tokens, self._local())
-        return logprobs, entropy, normaliser
+        return linear_forward(*tensors, local_tokens, self._local(), self.needs_grad)
 
     def backward(self, tensors, local_tokens, normaliser, entropy, grads, needs, group):
         saved = (*tensors, local_tokens, normaliser, entropy)

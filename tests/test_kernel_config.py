@@ -1,5 +1,9 @@
 """Launch configurations: an override takes effect, keeps results exact, and is undone."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_policy_loss import GRAD_TOL, VALUE_TOL, make_batch
@@ -143,3 +147,41 @@ def test_vocabulary_splits_cover_the_vocabulary(monkeypatch):
         assert splits <= (most or tiles)
     assert ops.vocab_splits(300, 151936, 128, cpu) == (1, 1187)
     assert ops.vocab_splits(1, 151936, 128, cpu)[0] >= 200
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "cublas"),
+        ("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "fast"),
+        ("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096"),
+        ("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "0x8192"),
+        ("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096x8192x2"),
+    ],
+)
+def test_bad_route_variables_are_named(variable, value):
+    """A mistyped GPU route or tile in the environment fails at import, naming the variable."""
+    env = {**os.environ, variable: value}
+    result = subprocess.run(
+        [sys.executable, "-c", "import entropy_kernels.kernel_config"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and variable in result.stderr
+
+
+def test_route_variables_set_the_routes():
+    env = {
+        **os.environ,
+        "ENTROPY_KERNELS_LINEAR_GPU_FORWARD": "tiles",
+        "ENTROPY_KERNELS_LINEAR_GPU_BACKWARD": "blas",
+        "ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE": "1024x32768",
+    }
+    code = (
+        "from entropy_kernels import kernel_config as k; "
+        "print(k.LINEAR_GPU_FORWARD, k.LINEAR_GPU_BACKWARD, k.LINEAR_GPU_BLAS_TILE)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.stdout.split("\n")[0] == "tiles blas (1024, 32768)", result.stderr

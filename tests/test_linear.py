@@ -167,10 +167,13 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     monkeypatch.setattr(linear_scoring, "torch_linear_forward", forward_with_triton_fold)
     hidden, weight, head_bias, tokens = make_head(2, 5, 37, 203, dtype=dtype)
     tokens[1, 2] = -100
+    poisoned = hidden.clone()
+    poisoned[1, 2] = float("nan")  # an ignored row leaves no trace, even a non-finite one
     head_bias[7] = float("-inf")  # a masked vocabulary entry
     head_bias[64:128] = float("-inf")  # a whole tile of them, holding a token
     tokens[0, 3] = 100
-    ours = leaves((hidden, weight, head_bias))
+    tokens = tokens.int()
+    ours = leaves((poisoned, weight, head_bias))
     refs = leaves((hidden, weight, head_bias), torch.float64)
     logp, entropy = ek.linear_logprobs_and_entropy(
         *ours[:2], tokens, bias=ours[2], temperature=0.7, backend="torch"
@@ -187,14 +190,18 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     # Rows of 8, a 203-wide vocabulary in tiles of 64: 2 row blocks x 4 tiles.
     assert len(splits) == (8 if half_rows and dtype == torch.bfloat16 else 0)
     assert_grads(ours, refs)
-    # Unvalidated tokens outside the vocabulary give NaN, not a neighbour's log-prob.
+    # Unvalidated tokens outside the vocabulary give NaN, not a neighbour's log-prob, and a
+    # non-finite row of a scored token gives NaN.
     bad = tokens.clone()
     bad[1, 0], bad[1, 1] = 203, -5
+    nan_row = hidden.clone()
+    nan_row[0, 1] = float("nan")
     with torch.no_grad():
-        logp, _ = ek.linear_logprobs_and_entropy(
-            hidden, weight, bad, bias=head_bias, validate=False, backend="torch"
+        logp, entropy = ek.linear_logprobs_and_entropy(
+            nan_row, weight, bad, bias=head_bias, validate=False, backend="torch"
         )
     assert torch.isnan(logp[1, :2]).all() and torch.isfinite(logp[1, 3])
+    assert torch.isnan(logp[0, 1]) and torch.isnan(entropy[0, 1]) and torch.isfinite(logp[0, 0])
     assert folds == [0, 1, 0]
 
 
@@ -412,3 +419,31 @@ def test_strided_and_expanded_bias(backend):
         torch.testing.assert_close(logprobs.double(), want[0], **VALUE_TOL)
         torch.testing.assert_close(entropy.double(), want[1], **VALUE_TOL)
         assert_grads(ours, refs)
+
+
+def test_gpu_forward_route_follows_the_need_for_gradients(monkeypatch):
+    """``LINEAR_GPU_FORWARD = "auto"``: the cuBLAS fold (measured faster alone) for a forward
+    without gradients, the tl.dot kernel (faster before the backward) for a training forward."""
+    from entropy_kernels import kernel_config, linear_scoring
+
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_FORWARD", "auto")
+    assert linear_scoring.gpu_forward_route(needs_grad=False) == "blas-triton-fold"
+    assert linear_scoring.gpu_forward_route(needs_grad=True) == "tiles"
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_FORWARD", "tiles")
+    assert linear_scoring.gpu_forward_route(needs_grad=False) == "tiles"
+    seen = []
+    forward = linear_scoring.linear_forward
+
+    def recorded(*args):
+        seen.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(linear_scoring, "linear_forward", recorded)
+    hidden, weight, bias, tokens = make_head(1, 3, 8, 20)
+    with torch.no_grad():
+        ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend="torch")
+    ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend="torch")
+    ek.linear_logprobs_and_entropy(hidden, weight.requires_grad_(), tokens, backend="torch")
+    with torch.no_grad():  # old log-probs from the model's own (trainable) head
+        ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend="torch")
+    assert seen == [False, False, True, False]

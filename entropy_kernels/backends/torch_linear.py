@@ -6,7 +6,9 @@ exponentials, sum of ``exp(z) z``) merged into the running one by
 :func:`entropy_kernels.ops.linear_lse.merge_states`, finished by ``finish_rows``: the split
 merge and epilogue of the Triton launcher. Backward: each tile is recomputed and turned into
 ``dlogits`` by the scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight +=
-dlogits^T @ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The loss
+dlogits^T @ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The GPU
+routes of the Triton backend (``kernel_config.LINEAR_GPU_FORWARD`` / ``_BACKWARD``) run the same
+tiles with the scoring kernels as the fold (``fold="triton"``). The loss
 of :mod:`entropy_kernels.linear_fused_loss` forms ``dlogits`` in the forward (:func:`fused_rows`).
 On CPU the element-wise passes over a tile run in cache-sized row groups
 (``torch_scoring.GROUP_BYTES``).
@@ -16,7 +18,8 @@ CUDA, half-precision inputs are multiplied by cuBLAS in their own dtype with flo
 accumulation and output (``out_dtype``): the same exact products, never a bfloat16-rounded
 logit. The gradient matmuls take float32 ``dlogits``; for bfloat16 inputs on CUDA they are split
 into bfloat16 high + low parts (two matmuls, relative error about 2^-16, where rounding
-``dlogits`` to bfloat16 as eager autograd does would be 2^-9).
+``dlogits`` to bfloat16 as eager autograd does would be 2^-9), written as such by the Triton
+fold and split by :func:`add_grad_matmul` after the torch fold.
 """
 
 from __future__ import annotations
@@ -160,7 +163,9 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     Per tile: one matmul, one kernel writing the tile's ``(logprob, entropy, shift,
     log-normaliser)`` into row ``t`` of ``[tiles, rows]`` buffers, and the token's logit
     gathered; the tiles' states (``s = exp(log_norm)``, ``w = s (log_norm - entropy)``) merge
-    once at the end. Few launches per tile, so the host keeps ahead of the device.
+    once at the end. Few launches per tile, so the host keeps ahead of the device. The per-tile
+    states are 16 bytes per row and tile (1.2 MiB at 4,096 rows and V = 151,936 in tiles of
+    8,192), beside the one logits tile.
     """
     vocab_size, n_rows = weight.shape[0], rows.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
@@ -169,9 +174,12 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     entropy, token_logit = torch.empty((2, len(starts), n_rows), device=rows.device)
     normaliser = torch.empty((len(starts), 2, n_rows), device=rows.device)
     logprobs = torch.empty(n_rows, device=rows.device)  # not used: the merge recomputes it
-    # Tile-local tokens (0 for a token outside the tile: its log-prob is not used).
-    tile_of_token = (tokens // tile_vocab).clamp(0, len(starts) - 1)
-    local = (tokens - tile_of_token * tile_vocab).clamp(0, tile_vocab - 1)
+    # Each token's column in its own tile, used as a placeholder index in every other tile (the
+    # merge reads the token's logit from its own tile only); clamped, so that no index is out
+    # of bounds, whatever the token. Ignore index -1 never matches: ignored rows are zeroed by
+    # finish_rows.
+    tile_of_token = (tokens // tile_vocab).clamp(0, len(starts) - 1).long()
+    local = (tokens - tile_of_token * tile_vocab).clamp(0, tile_vocab - 1).long()
     scoring = ScoringOptions(options.temperature, -1)
     for tile, start in enumerate(starts):
         stop = min(start + tile_vocab, vocab_size)
@@ -255,7 +263,8 @@ def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
     logprobs = torch.empty(shape, device=hidden.device)
     entropy = torch.empty(shape, device=hidden.device)
     normaliser = torch.empty((2, *shape), device=hidden.device)
-    masked = bias is not None and bool(torch.isneginf(bias).any())
+    # Only the torch fold clamps -inf logits (asking waits for the device).
+    masked = fold == "torch" and bias is not None and bool(torch.isneginf(bias).any())
     buffer = _tile_buffer(layout.n_rows, weight.shape[0], hidden.device)
     for outer, inner in row_chunks(layout, tile_shape(hidden.device)[0]):
         block = rows[outer, inner]
