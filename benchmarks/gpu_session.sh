@@ -17,12 +17,13 @@ timeout "${TEST_S:-150}" python -m pytest tests/test_gpu_linear.py tests/test_gp
     -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/test_gpu.txt"
 cd benchmarks
 # ROUTES_S: time the fused linear GPU routes (forward and forward + backward) first; the fastest
-# pair then serves the profile and the peers' run (ENTROPY_KERNELS_LINEAR_GPU_* variables).
+# pair's gradient route then serves the profile and the peers' run (the forward stays "auto",
+# which picks by whether gradients are wanted: the "forward ..." rows time it without them).
 if [ "${ROUTES_S:-0}" != 0 ]; then
     timeout "$ROUTES_S" python linear_sweep.py --routes-only --out "$OUT/routes.json" 2>&1 | tail -12
     if [ -s "$OUT/routes.json" ]; then
         best=$(python -c "import json; print(json.load(open('$OUT/routes.json'))['routes_ms']['best'])")
-        export ENTROPY_KERNELS_LINEAR_GPU_FORWARD="${best%%/*}" ENTROPY_KERNELS_LINEAR_GPU_BACKWARD="${best##*/}"
+        export ENTROPY_KERNELS_LINEAR_GPU_BACKWARD="${best##*/}"
         echo "fastest routes: $best"
     fi
 fi
