@@ -161,12 +161,15 @@ def time_routes(shape, dtype, device, blas_tiles=()) -> dict:
         try:
             for tile in blas_tiles:
                 kernel_config.LINEAR_GPU_BLAS_TILE = tile
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
+                peak = None  # the tiles serve CUDA only; elsewhere the call just runs
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
                 step()  # peak above the inputs, gradients included (alone: no timer buffers)
-                torch.cuda.synchronize(device)
-                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
                 name = "x".join(map(str, tile))
                 routes[f"tile {name}"] = measure.median_time_ms(step, device)
                 routes[f"tile {name} peak MiB"] = peak

@@ -347,3 +347,26 @@ def test_linear_sweep_checks_and_times_every_tile(tmp_path):
     assert set(data["kernels"]) == set(data["best"]) == kernels
     for rows in data["kernels"].values():
         assert len(rows) == 2 and all("time_ms" in row for row in rows), rows
+
+
+@pytest.mark.parametrize("mode", [["--routes-only"], ["--blas-tiles", "2048x16384,4096x8192"]])
+def test_linear_routes_and_tile_shapes_are_timed(tmp_path, mode):
+    """benchmarks/linear_sweep.py's route and cuBLAS tile timings run end to end (on CPU the
+    GPU routes fall back to the same computation) and name the fastest."""
+    out = tmp_path / "routes.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "linear_sweep.py"), "--quick"]
+    done = subprocess.run(
+        command + ["--device", "cpu", "--dtype", "float32", "--out", str(out), *mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    routes = json.loads(out.read_text())["routes_ms"]
+    if mode[0] == "--routes-only":
+        assert routes["best"] in routes and "forward auto" in routes and "torch" in routes
+    else:
+        assert routes["best tile"] in ("2048x16384", "4096x8192")
+        assert routes["tile 4096x8192"] > 0
