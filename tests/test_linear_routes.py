@@ -1,0 +1,199 @@
+"""The fused linear GPU routes' folds, run on CPU: cuBLAS-style tiles (BLAS here) reduced by the
+Triton scoring kernels under the interpreter (``fold="triton"`` of the torch backend's tiles),
+the bfloat16 split of ``dlogits``, and the choice of the forward route."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_linear import VALUE_TOL, assert_grads, leaves, make_head, small_tiles  # noqa: F401
+
+import entropy_kernels as ek
+from entropy_kernels import linear_scoring, reference
+from entropy_kernels.backends import torch_linear
+
+
+@pytest.mark.parametrize(
+    "dtype, half_rows",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+     (torch.bfloat16, True), (torch.float16, True)],
+    ids=str,
+)  # fmt: skip
+def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
+    """The cuBLAS-tiled gradients with the scoring backward kernel as the fold (the GPU route
+    "blas-triton-fold"), run here under the interpreter through the torch backend's tiles: each
+    tile's tokens are tile-local, outside the tile for most rows, -1 for ignored ones.
+
+    ``half_rows``: the rows stay in their half dtype, as on CUDA (here the products are formed
+    from exact float32 copies): bfloat16 tiles then take the split fold (bfloat16 high and low
+    parts of ``dlogits``) and the matmuls over both parts."""
+    from entropy_kernels.backends.torch_linear import torch_linear_backward, torch_linear_forward
+
+    folds, splits = [], []
+
+    def with_triton_fold(*args):
+        folds.append(1)
+        return torch_linear_backward(*args, fold="triton")
+
+    def forward_with_triton_fold(*args):
+        folds.append(0)
+        return torch_linear_forward(*args, fold="triton")
+
+    def counted_split(*args):
+        splits.append(args[-1].shape)
+        return scoring_backward_split(*args)
+
+    scoring_backward_split = torch_linear.scoring_backward_split
+    monkeypatch.setattr(torch_linear, "scoring_backward_split", counted_split)
+    if half_rows:
+        monkeypatch.setattr(torch_linear, "matmul_rows", lambda block: block)
+    monkeypatch.setattr(linear_scoring, "torch_linear_backward", with_triton_fold)
+    monkeypatch.setattr(linear_scoring, "torch_linear_forward", forward_with_triton_fold)
+    hidden, weight, head_bias, tokens = make_head(2, 5, 37, 203, dtype=dtype)
+    tokens[1, 2] = -100
+    poisoned = hidden.clone()
+    poisoned[1, 2] = float("nan")  # an ignored row leaves no trace, even a non-finite one
+    head_bias[7] = float("-inf")  # a masked vocabulary entry
+    head_bias[64:128] = float("-inf")  # a whole tile of them, holding a token
+    tokens[0, 3] = 100
+    tokens = tokens.int()
+    ours = leaves((poisoned, weight, head_bias))
+    refs = leaves((hidden, weight, head_bias), torch.float64)
+    logp, entropy = ek.linear_logprobs_and_entropy(
+        *ours[:2], tokens, bias=ours[2], temperature=0.7, backend="torch"
+    )
+    ref_logp, ref_entropy = reference.linear_logprobs_and_entropy(
+        *refs[:2], tokens, bias=refs[2], temperature=0.7
+    )
+    generator = torch.Generator().manual_seed(2)
+    grad_logp, grad_entropy = torch.randn(2, 2, 5, generator=generator)
+    ((logp * grad_logp).sum() + (entropy * grad_entropy).sum()).backward()
+    ((ref_logp * grad_logp).sum() + (ref_entropy * grad_entropy).sum()).backward()
+    assert logp[0, 3] == float("-inf") and ref_logp[0, 3] == float("-inf")
+    assert folds == [0, 1]
+    # Rows of 8, a 203-wide vocabulary in tiles of 64: 2 row blocks x 4 tiles.
+    assert len(splits) == (8 if half_rows and dtype == torch.bfloat16 else 0)
+    assert_grads(ours, refs)
+    # Unvalidated tokens outside the vocabulary give NaN, not a neighbour's log-prob, and a
+    # non-finite row of a scored token gives NaN.
+    bad = tokens.clone()
+    bad[1, 0], bad[1, 1] = 203, -5
+    nan_row = hidden.clone()
+    nan_row[0, 1] = float("nan")
+    with torch.no_grad():
+        logp, entropy = ek.linear_logprobs_and_entropy(
+            nan_row, weight, bad, bias=head_bias, validate=False, backend="torch"
+        )
+    assert torch.isnan(logp[1, :2]).all() and torch.isfinite(logp[1, 3])
+    assert torch.isnan(logp[0, 1]) and torch.isnan(entropy[0, 1]) and torch.isfinite(logp[0, 0])
+    assert folds == [0, 1, 0]
+
+
+def test_split_fold_parts():
+    """The split fold's parts: the high part is the bfloat16 rounding (to nearest even) of the
+    float32 ``dlogits``, the low part that of the rest, so high + low is within 2^-16 of it."""
+    from entropy_kernels.ops.scoring import scoring_backward_out, scoring_backward_split
+
+    generator = torch.Generator().manual_seed(3)
+    rows, width = 6, 131
+    logits = torch.randn(rows, width, generator=generator) * 3
+    tokens = torch.randint(0, width + 1, (rows,), generator=generator)  # width: outside
+    tokens[2] = -1  # ignored
+    logprobs, entropy, normaliser = ek.ops.scoring.scoring_forward(
+        logits, tokens.clamp_max(width - 1), 0.7, -1, "torch", False
+    )
+    grads = tuple(torch.randn(rows, generator=generator) for _ in range(2))
+    saved = (normaliser, entropy.reshape(-1))
+    dlogits = torch.empty_like(logits)
+    scoring_backward_out(logits, tokens, *saved, *grads, 0.7, -1, "triton", dlogits)
+    parts = torch.empty((2, rows, width), dtype=torch.bfloat16)
+    scoring_backward_split(logits, tokens, saved, grads, 0.7, -1, parts)
+    assert torch.equal(parts[0], dlogits.bfloat16())
+    assert torch.equal(parts[1], (dlogits - parts[0].float()).bfloat16())
+    assert torch.equal(parts[:, 2], torch.zeros(2, width, dtype=torch.bfloat16))
+    error = (parts.float().sum(0) - dlogits).abs()
+    assert (error <= dlogits.abs() * 2.0**-16).all()
+    assert parts[1].abs().max() > 0  # the low part carries something
+
+
+def test_gpu_forward_route_follows_the_need_for_gradients(monkeypatch):
+    """``LINEAR_GPU_FORWARD = "auto"``: the cuBLAS fold (measured faster alone) for a forward
+    without gradients, the tl.dot kernel (faster before the backward) for a training forward."""
+    from entropy_kernels import kernel_config
+
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_FORWARD", "auto")
+    assert linear_scoring.gpu_forward_route(needs_grad=False) == "blas-triton-fold"
+    assert linear_scoring.gpu_forward_route(needs_grad=True) == "tiles"
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_FORWARD", "tiles")
+    assert linear_scoring.gpu_forward_route(needs_grad=False) == "tiles"
+    seen = []
+    forward = linear_scoring.linear_forward
+
+    def recorded(*args):
+        seen.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(linear_scoring, "linear_forward", recorded)
+    hidden, weight, bias, tokens = make_head(1, 3, 8, 20)
+    with torch.no_grad():
+        ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend="torch")
+    ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend="torch")
+    ek.linear_logprobs_and_entropy(hidden, weight.requires_grad_(), tokens, backend="torch")
+    with torch.no_grad():  # old log-probs from the model's own (trainable) head
+        ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend="torch")
+    assert seen == [False, False, True, False]
+
+
+def triton_folds(mp, half_rows):
+    """Patch the torch backend's tiles to take the GPU routes' Triton folds (``mp``: a
+    ``MonkeyPatch``); ``half_rows``: keep half-precision rows as on CUDA."""
+    forward, backward = torch_linear.torch_linear_forward, torch_linear.torch_linear_backward
+    mp.setattr(linear_scoring, "torch_linear_forward", lambda *a: forward(*a, fold="triton"))
+    mp.setattr(linear_scoring, "torch_linear_backward", lambda *a: backward(*a, fold="triton"))
+    if half_rows:
+        mp.setattr(torch_linear, "matmul_rows", lambda block: block)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 11), st.integers(1, 40), st.integers(1, 200)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    half_rows=st.booleans(),
+    bias=st.sampled_from(["none", "plain", "masked"]),
+    temperature=st.sampled_from([1.0, 0.6, 1.7]),
+    ignored=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_folds_agree_with_the_torch_fold(
+    shape, dtype, half_rows, bias, temperature, ignored, seed
+):
+    """Values and gradients of both Triton folds (forward and backward) equal the torch fold's,
+    over shapes that cut the 8 x 64 test tiles anywhere (a vocabulary of one entry, one row),
+    masked vocabulary entries (tokens on them too: log-prob -inf), ignored rows."""
+    batch, seq, size, vocab = shape
+    hidden, weight, head_bias, tokens = make_head(
+        batch, seq, size, vocab, dtype=dtype, bias=bias != "none", seed=seed
+    )
+    if bias == "masked" and vocab > 1:
+        head_bias[1::3] = float("-inf")
+    if ignored:
+        tokens[0, 0] = -100
+    grads = torch.randn(2, batch, seq, generator=torch.Generator().manual_seed(seed))
+    results = []
+    for fold in ("torch", "triton"):
+        with pytest.MonkeyPatch.context() as mp:
+            if fold == "triton":
+                triton_folds(mp, half_rows)
+            mp.setattr(torch_linear, "TILE_ROWS", 8)
+            mp.setattr(torch_linear, "TILE_VOCAB", 64)
+            inputs = leaves((hidden, weight, head_bias))
+            logp, entropy = ek.linear_logprobs_and_entropy(
+                *inputs[:2], tokens, bias=inputs[2], temperature=temperature, backend="torch"
+            )
+            finite = torch.isfinite(logp)  # -inf where the token is masked out
+            loss = (torch.where(finite, logp, 0.0) * grads[0]).sum() + (entropy * grads[1]).sum()
+            loss.backward()
+            results.append((logp, entropy, inputs))
+    (want_logp, want_entropy, want), (logp, entropy, got) = results
+    torch.testing.assert_close(logp, want_logp, **VALUE_TOL)
+    torch.testing.assert_close(entropy, want_entropy, **VALUE_TOL)
+    assert_grads(got, want)
