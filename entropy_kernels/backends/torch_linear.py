@@ -100,17 +100,36 @@ def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor
         add_matmul_(acc, grad, operand.float())
 
 
-def add_split_grad_matmuls(accumulators, parts, weight_tile, rows_twice, start, stop) -> None:
-    """Add one tile's gradients, ``dlogits`` given as bfloat16 ``parts`` ``[2, rows, width]``
-    (high, low): ``dhidden`` by two matmuls, ``dweight`` by one over both parts stacked
-    (``rows_twice``: the rows operand stacked twice), ``dbias`` by one sum."""
+def bfloat16_parts(operand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``operand`` as bfloat16 ``(high, low)`` with ``high + low`` exactly ``operand``: a
+    bfloat16 operand is its own high part (low None); a float16 one has 11 significant bits, of
+    which the bfloat16 rounding keeps 8 and the rest (at most 3 bits, within bfloat16's range)
+    is exact in bfloat16 too."""
+    if operand.dtype == torch.bfloat16:
+        return operand, None
+    high = operand.to(torch.bfloat16)
+    return high, operand.float().sub_(high.float()).to(torch.bfloat16)
+
+
+def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, start, stop) -> None:
+    """Add one tile's gradients from bfloat16 matmuls: ``dlogits`` as ``parts`` ``[2, rows,
+    width]`` (high, low), the weight tile and the rows as :func:`bfloat16_parts`, the rows'
+    high part stacked twice (``rows_parts[0]`` is ``[2 rows, H]``). ``dhidden`` takes two
+    matmuls (three for float16 operands), ``dweight`` one over both parts of ``dlogits`` stacked
+    (two for float16), ``dbias`` one sum. The product of the two low parts (2^-17 of the
+    result) is left out."""
     grad_rows, grad_weight, grad_bias = accumulators
+    (weight_high, weight_low), (rows_twice, rows_low) = weight_parts, rows_parts
     stacked = parts.view(-1, parts.shape[-1])
     if grad_rows is not None:
-        add_matmul_(grad_rows, parts[0], weight_tile)
-        add_matmul_(grad_rows, parts[1], weight_tile)
+        add_matmul_(grad_rows, parts[0], weight_high)
+        add_matmul_(grad_rows, parts[1], weight_high)
+        if weight_low is not None:
+            add_matmul_(grad_rows, parts[0], weight_low)
     if grad_weight is not None:
         add_matmul_(grad_weight[start:stop], stacked.T, rows_twice)
+        if rows_low is not None:
+            add_matmul_(grad_weight[start:stop], parts[0].T, rows_low)
     if grad_bias is not None:
         grad_bias[start:stop] += stacked.sum(0, dtype=torch.float32)
 
@@ -285,17 +304,21 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
     """Add one row block's gradients to ``accumulators`` (float32); ``scoring``: the tiles'
     fold (its ``backend``) and temperature, with ignore index -1 (tile-local tokens).
 
-    The Triton fold of bfloat16 rows writes ``dlogits`` as bfloat16 high and low parts
-    (:func:`scoring_backward_split`), which the gradient matmuls take as they are; the torch
-    fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits."""
+    The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 high and low parts
+    (:func:`scoring_backward_split`), which bfloat16 matmuls take as they are (float16 weights
+    and rows split exactly into bfloat16 parts too); the torch fold leaves float32 ``dlogits``
+    that :func:`add_grad_matmul` splits (bfloat16) or multiplies in float32 (float16)."""
     grad_hidden_rows, grad_weight, grad_bias = accumulators
     ignored = tokens == options.ignore_index
     if grad_weight is not None:
         # Ignored rows take no part in the weight gradient, even with non-finite hidden states
         # (masked unconditionally: asking whether any row is ignored would wait for the device).
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
-    split = scoring.backend == "triton" and rows.dtype == torch.bfloat16
-    rows_twice = torch.cat([rows, rows]) if split and grad_weight is not None else None
+    split = scoring.backend == "triton" and rows.dtype in HALF
+    rows_parts = (None, None)
+    if split and grad_weight is not None:
+        rows_high, rows_low = bfloat16_parts(rows)
+        rows_parts = (torch.cat([rows_high, rows_high]), rows_low)
     tile_vocab = tile_shape(rows.device)[1]
     # Tile-local tokens of every tile at once: -1 marks ignored rows, the tile's width a token
     # outside the tile.
@@ -313,7 +336,8 @@ def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, optio
         if split:
             parts = grad.new_empty((2, *grad.shape), dtype=torch.bfloat16)
             scoring_backward_split(grad, tile_tokens, saved, grads, scoring.temperature, -1, parts)
-            add_split_grad_matmuls(accumulators, parts, weight_tile, rows_twice, start, stop)
+            weight_parts = bfloat16_parts(weight_tile)
+            add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, start, stop)
             continue
         if scoring.backend == "triton":  # the scoring backward kernel, in place on the tile
             scoring_backward_out(grad, tile_tokens, *saved, *grads, scoring.temperature, -1,
