@@ -118,8 +118,8 @@ LINEAR_GPU_DEFAULTS = {
 # tiles with the scoring backward kernel as the fold, one pass over each tile where the torch
 # fold makes about six, writing bfloat16 dlogits as high and low parts that the gradient
 # matmuls take as they are. Forward + backward on an H200 (bfloat16, N = 4096, H = 2048,
-# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-routes-triton-fold.json):
-# 28.9 ms by "blas-triton-fold", 52.2 ms by "blas", 92.8 ms by "tiles".
+# V = 151936, tl.dot forward; benchmarks/results/nvidia-h200-2026-11-26-linear-routes-final.json):
+# 27.4 ms by "blas-triton-fold", 50.4 ms by "blas", 92.4 ms by "tiles".
 # The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
 LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas-triton-fold")
 # How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
@@ -133,9 +133,10 @@ LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "bla
 # ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
 LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "auto")
 # The cuBLAS tiles of those routes, rows x vocabulary entries (128 MiB per float32 tile): the
-# fastest and leanest of five shapes on an H200 (forward + backward 27.1 ms, 1799 MiB; 2048 x
-# 16384: 27.3 ms, 1831 MiB; 4096 x 16384: 30.7 ms, 2052 MiB; bfloat16, N = 4096, H = 2048,
-# V = 151936; benchmarks/results/nvidia-h200-2026-11-26-linear-blas-tiles.json).
+# fastest of five shapes on an H200, with the least memory (tied with 1024 x 32768): forward +
+# backward 27.1 ms, 1799 MiB; 2048 x 16384: 27.3 ms, 1831 MiB; 4096 x 16384: 30.7 ms, 2052 MiB
+# (bfloat16, N = 4096, H = 2048, V = 151936; the session's second call, tree 80b143c,
+# benchmarks/results/nvidia-h200-2026-11-26-linear-blas-tiles.json).
 # ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE ("RxV") overrides it.
 _BLAS_TILE = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096x8192")
 LINEAR_GPU_BLAS_TILE = tuple(int(n) for n in _BLAS_TILE.split("x") if n.isdigit())
