@@ -96,3 +96,20 @@ def test_softcapped_model_takes_logits_path_or_raises():
     # Remove the softcap: the same model is scored on the linear path, asked or not.
     model.config.final_logit_softcapping = None
     assert resolve_linear_head(model, None) and resolve_linear_head(model, True)
+
+
+@pytest.mark.parametrize("options", [FUSED_CLIP, TRL_MATHS], ids=["fused-clip", "trl-maths"])
+def test_peft_model_equals_trl(tmp_path, options):
+    """A LoRA-wrapped model (PEFT) is scored on the linear path from its base model's head;
+    the adapters train, the frozen head and embeddings do not, and every micro-batch's loss and
+    gradient equal GRPOTrainer's."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(4)
+    base = Qwen2ForCausalLM(tiny_config(Qwen2Config, char_tokenizer()))
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(base, lora)
+    head = model.get_output_embeddings().weight.detach().clone()
+    trainer = run_linear(model, tmp_path, **options)
+    names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in name for name in names)
+    assert torch.equal(trainer.model.get_output_embeddings().weight, head)
