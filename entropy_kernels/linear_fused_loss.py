@@ -25,6 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backends.torch_linear import fused_rows, matmul_rows
+from .linear_scoring import gradients_wanted
 from .ops.rows import as_rows, hidden_rows, row_chunks
 from .surrogate import PolicyLossOutput, aggregation_weights, loss_from_logprobs
 
@@ -43,10 +44,8 @@ def rows_per_block(hidden_size: int, vocab_size: int) -> int:
 
 def applies(hidden, weight, bias, options) -> bool:
     """Whether the loss of these validated arguments can take this route."""
-    wanted = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     return (
-        wanted
-        and torch.is_grad_enabled()
+        gradients_wanted(hidden, weight, bias)
         and options.backend == "torch"
         and options.shard is None
         and hidden.device.type == "cpu"

@@ -303,12 +303,11 @@ def test_triton_peers_do_the_same_work(bench, workload):
             torch.testing.assert_close(result[1], results["eager"][1], msg=impl)
 
 
-def test_sweep_checks_every_configuration(tmp_path):
-    """benchmarks/sweep.py on CPU: each configuration of each kernel is checked (not timed)
-    against the default's outputs, and the result file names device, versions and commit."""
+def run_quick_cpu(script: str, *args: str) -> None:
+    """Run ``benchmarks/<script> --quick --device cpu *args`` under the interpreter; it must
+    succeed."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--quick", "--device", "cpu"]
-        + ["--out-dir", str(tmp_path)],
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--device", "cpu", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -316,6 +315,12 @@ def test_sweep_checks_every_configuration(tmp_path):
         env={**os.environ, "TRITON_INTERPRET": "1"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_sweep_checks_every_configuration(tmp_path):
+    """benchmarks/sweep.py on CPU: each configuration of each kernel is checked (not timed)
+    against the default's outputs, and the result file names device, versions and commit."""
+    run_quick_cpu("sweep.py", "--out-dir", str(tmp_path))
     (path,) = tmp_path.glob("cpu-*-sweep-quick.json")
     data = json.loads(path.read_text())
     for key in ("command", "shape", "device", "versions", "git", "copy_bandwidth"):
@@ -330,16 +335,7 @@ def test_linear_sweep_checks_and_times_every_tile(tmp_path):
     """benchmarks/linear_sweep.py on CPU: every tile of every fused linear kernel is checked
     against the default tile's outputs, timed, and the best one recorded."""
     out = tmp_path / "tiles.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "linear_sweep.py"), "--quick", "--device", "cpu"]
-        + ["--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_quick_cpu("linear_sweep.py", "--out", str(out))
     data = json.loads(out.read_text())
     for key in ("command", "device", "versions", "git", "matmul_ms"):
         assert key in data, key
@@ -354,16 +350,7 @@ def test_linear_routes_and_tile_shapes_are_timed(tmp_path, mode):
     """benchmarks/linear_sweep.py's route and cuBLAS tile timings run end to end (on CPU the
     GPU routes fall back to the same computation) and name the fastest."""
     out = tmp_path / "routes.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "linear_sweep.py"), "--quick"]
-    done = subprocess.run(
-        command + ["--device", "cpu", "--dtype", "float32", "--out", str(out), *mode],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_quick_cpu("linear_sweep.py", "--dtype", "float32", "--out", str(out), *mode)
     routes = json.loads(out.read_text())["routes_ms"]
     if mode[0] == "--routes-only":
         assert routes["best"] in routes and "forward auto" in routes and "torch" in routes

@@ -93,22 +93,21 @@ def add_matmul_(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
 def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor) -> None:
     """``acc += grad @ operand``: float32 ``acc`` and ``grad``, ``operand`` in the matmul dtype."""
     if operand.dtype == torch.bfloat16:
-        high = grad.to(torch.bfloat16)
-        add_matmul_(acc, high, operand)
-        add_matmul_(acc, grad.sub(high.float()).to(torch.bfloat16), operand)
+        for part in bfloat16_parts(grad):
+            add_matmul_(acc, part, operand)
     else:  # float32, or float16 (whose range cannot hold the low part): float32 products
         add_matmul_(acc, grad, operand.float())
 
 
 def bfloat16_parts(operand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``operand`` as bfloat16 ``(high, low)`` with ``high + low`` exactly ``operand``: a
-    bfloat16 operand is its own high part (low None); a float16 one has 11 significant bits, of
-    which the bfloat16 rounding keeps 8 and the rest (at most 3 bits, within bfloat16's range)
-    is exact in bfloat16 too."""
+    """``operand`` as bfloat16 ``(high, low)``: a bfloat16 operand is its own high part (low
+    None); a float16 one is exactly ``high + low`` (11 significant bits, of which the bfloat16
+    rounding keeps 8 and the rest, at most 3 bits within bfloat16's range, is exact too); a
+    float32 one (``dlogits``) is within 2^-16 of it."""
     if operand.dtype == torch.bfloat16:
         return operand, None
     high = operand.to(torch.bfloat16)
-    return high, operand.float().sub_(high.float()).to(torch.bfloat16)
+    return high, operand.to(torch.float32, copy=True).sub_(high.float()).to(torch.bfloat16)
 
 
 def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, start, stop) -> None:
