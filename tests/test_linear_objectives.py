@@ -5,7 +5,7 @@ reach the float64 hidden, weight and bias through those logits."""
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_linear import VALUE_TOL, assert_grads, leaves, make_head, small_tiles  # noqa: F401
 from test_linear_loss import loss_inputs
@@ -32,7 +32,10 @@ def compare_with_logits_loss(linear_fn, logits_fn, head, *args, backend, **optio
     hidden, weight, bias, tokens = head
     ours = leaves((hidden, weight, bias))
     refs = leaves((hidden, weight, bias), torch.float64)
+    # clip_cov draws its cut tokens from torch's global generator: the same draws for both.
+    torch.manual_seed(0)
     got = linear_fn(*ours[:2], tokens, *args, bias=ours[2], backend=backend, **options)
+    torch.manual_seed(0)
     want = logits_fn(logits_of(refs), tokens, *args, backend="torch", **options)
     got.loss.backward()
     want.loss.backward()
@@ -46,6 +49,13 @@ def compare_policy_loss(head, seed, backend, objective, **options):
     """``linear_policy_loss`` off policy with an entropy bonus, against ``policy_loss``."""
     advantages, mask, old, _ = loss_inputs(head, seed=seed)
     mask[:, 0] = True  # no empty sequence (sequence-level ratios average over tokens)
+    # loss_inputs puts some old log-probs exactly on the current ones; kl_cov's |logp - old| has
+    # no gradient there (each float32 path picks its own side), so move every old one off it.
+    old = old - 0.05
+    if objective.name == "kl_cov":
+        # Its top-covariance pick is a tie between exactly two active tokens (their centred
+        # products are equal), which each path breaks by its last bit: keep every token.
+        mask[:] = True
     compare_with_logits_loss(
         ek.linear_policy_loss,
         ek.policy_loss,
@@ -78,6 +88,7 @@ def test_every_objective_matches_the_logits_loss(backend, objective):
 def test_half_precision_losses_on_both_backends(shape, dtype, bias, backend, objective, seed):
     """Half-precision heads, with or without bias, any objective, either backend."""
     batch, seq, size, vocab = shape
+    assume(objective.name != "kl_cov" or batch * seq != 2)  # a tie by construction (see above)
     head = make_head(batch, seq, size, vocab, dtype=dtype, bias=bias, seed=seed)
     compare_policy_loss(head, seed, backend, objective)
 
