@@ -27,6 +27,11 @@ if [ "${ROUTES_S:-0}" != 0 ]; then
         echo "fastest routes: $best"
     fi
 fi
+# FP16_S: the routes once more with float16 heads (their split takes more matmuls).
+if [ "${FP16_S:-0}" != 0 ]; then
+    timeout "$FP16_S" python linear_sweep.py --routes-only --dtype float16 \
+        --out "$OUT/routes-fp16.json" 2>&1 | tail -12
+fi
 # BLAS_TILES ("RxV,RxV,..."): time the default routes with each cuBLAS tile shape; the fastest
 # then serves the profile and the peers' run.
 if [ -n "${BLAS_TILES:-}" ]; then
@@ -38,13 +43,10 @@ if [ -n "${BLAS_TILES:-}" ]; then
         echo "fastest cuBLAS tile: $tile"
     fi
 fi
+# PROFILE_ROUTES: comma-separated FORWARD/BACKWARD pairs to profile (host and device time).
 if [ "${PROFILE_S:-0}" != 0 ]; then
-    timeout "$PROFILE_S" python profile_linear.py --out "$OUT/profile.txt" 2>&1 | tail -30
-    # PROFILE_FORWARD: also profile that forward route (say why it is slower).
-    if [ -n "${PROFILE_FORWARD:-}" ]; then
-        ENTROPY_KERNELS_LINEAR_GPU_FORWARD="$PROFILE_FORWARD" timeout "$PROFILE_S" \
-            python profile_linear.py --out "$OUT/profile.txt" 2>&1 | tail -30
-    fi
+    timeout "$PROFILE_S" python profile_linear.py ${PROFILE_ROUTES:+--routes "$PROFILE_ROUTES"} \
+        --out "$OUT/profile.txt" 2>&1 | grep -E "^(linear_policy_loss|wall)"
 fi
 if [ "${SWEEP_S:-0}" != 0 ]; then
     timeout "$SWEEP_S" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40

@@ -81,22 +81,26 @@ def logit_block(rows, weight_tile, bias, start, stop, out=None):
     )
 
 
-def add_matmul_(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """``acc += left @ right`` with float32 products and accumulation: cuBLAS's float32 output
+def add_matmul_(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first=False) -> None:
+    """``acc += left @ right`` (``acc = left @ right`` when ``first``: whatever ``acc`` held,
+    NaN included, is ignored) with float32 products and accumulation: cuBLAS's float32 output
     for half-precision operands on CUDA, float32 operands otherwise."""
+    beta = 0.0 if first else 1.0
     if left.is_cuda and left.dtype in HALF and right.dtype == left.dtype:
-        torch.addmm(acc, left, right, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, left, right, out_dtype=torch.float32, beta=beta, out=acc)
     else:
-        acc.addmm_(left.float(), right.float())
+        acc.addmm_(left.float(), right.float(), beta=beta)
 
 
-def add_grad_matmul(acc: torch.Tensor, grad: torch.Tensor, operand: torch.Tensor) -> None:
-    """``acc += grad @ operand``: float32 ``acc`` and ``grad``, ``operand`` in the matmul dtype."""
+def add_grad_matmul(acc, grad: torch.Tensor, operand: torch.Tensor, first=False) -> None:
+    """``acc += grad @ operand`` (``=`` when ``first``): float32 ``acc`` and ``grad``,
+    ``operand`` in the matmul dtype."""
     if operand.dtype == torch.bfloat16:
-        for part in bfloat16_parts(grad):
-            add_matmul_(acc, part, operand)
+        high, low = bfloat16_parts(grad)
+        add_matmul_(acc, high, operand, first)
+        add_matmul_(acc, low, operand)
     else:  # float32, or float16 (whose range cannot hold the low part): float32 products
-        add_matmul_(acc, grad, operand.float())
+        add_matmul_(acc, grad, operand.float(), first)
 
 
 def bfloat16_parts(operand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,13 +114,14 @@ def bfloat16_parts(operand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return high, operand.to(torch.float32, copy=True).sub_(high.float()).to(torch.bfloat16)
 
 
-def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, start, stop) -> None:
-    """Add one tile's gradients from bfloat16 matmuls: ``dlogits`` as ``parts`` ``[2, rows,
-    width]`` (high, low), the weight tile and the rows as :func:`bfloat16_parts`, the rows'
-    high part stacked twice (``rows_parts[0]`` is ``[2 rows, H]``). ``dhidden`` takes two
-    matmuls (three for float16 operands), ``dweight`` one over both parts of ``dlogits`` stacked
-    (two for float16), ``dbias`` one sum. The product of the two low parts (2^-17 of the
-    result) is left out."""
+def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first) -> None:
+    """Add one tile's gradients from bfloat16 matmuls to ``accumulators`` ``(dhidden rows,
+    dweight tile, dbias tile)`` (the weight tile overwritten when ``first``): ``dlogits`` as
+    ``parts`` ``[2, rows, width]`` (high, low), the weight tile and the rows as
+    :func:`bfloat16_parts`, the rows' high part stacked twice (``rows_parts[0]`` is ``[2 rows,
+    H]``). ``dhidden`` takes two matmuls (three for float16 operands), ``dweight`` one over both
+    parts of ``dlogits`` stacked (two for float16), ``dbias`` one sum. The product of the two
+    low parts (2^-17 of the result) is left out."""
     grad_rows, grad_weight, grad_bias = accumulators
     (weight_high, weight_low), (rows_twice, rows_low) = weight_parts, rows_parts
     stacked = parts.view(-1, parts.shape[-1])
@@ -126,11 +131,11 @@ def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, start,
         if weight_low is not None:
             add_matmul_(grad_rows, parts[0], weight_low)
     if grad_weight is not None:
-        add_matmul_(grad_weight[start:stop], stacked.T, rows_twice)
+        add_matmul_(grad_weight, stacked.T, rows_twice, first)
         if rows_low is not None:
-            add_matmul_(grad_weight[start:stop], parts[0].T, rows_low)
+            add_matmul_(grad_weight, parts[0].T, rows_low)
     if grad_bias is not None:
-        grad_bias[start:stop] += stacked.sum(0, dtype=torch.float32)
+        grad_bias += stacked.sum(0, dtype=torch.float32)
 
 
 def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
@@ -299,99 +304,128 @@ def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
     return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser.view(2, -1)
 
 
-def _rows_backward(rows, tokens, weight, bias, saved, grads, accumulators, options, scoring):
-    """Add one row block's gradients to ``accumulators`` (float32); ``scoring``: the tiles'
-    fold (its ``backend``) and temperature, with ignore index -1 (tile-local tokens).
+def _block_operands(rows, tokens, weight_size, grad_weight_wanted, split, tile_vocab, ignore):
+    """One row block's operands for every vocabulary tile: ``(rows, rows_parts, local)``.
+
+    ``rows``: the matmul operand, ignored rows zeroed when the weight gradient is wanted
+    (ignored rows take no part in it, even non-finite ones; masked unconditionally, since asking
+    whether any row is ignored would wait for the device); ``rows_parts``: for the split fold,
+    the rows' bfloat16 high part stacked twice and low part (:func:`bfloat16_parts`);
+    ``local``: ``[tiles, rows]`` tile-local tokens, -1 for ignored rows and the tile's width for
+    a token outside the tile."""
+    ignored = tokens == ignore
+    if grad_weight_wanted:
+        rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
+    rows_parts = (None, None)
+    if split and grad_weight_wanted:
+        rows_high, rows_low = bfloat16_parts(rows)
+        rows_parts = (torch.cat([rows_high, rows_high]), rows_low)
+    starts = torch.arange(0, weight_size, tile_vocab, device=rows.device).unsqueeze(-1)
+    widths = (weight_size - starts).clamp_max(tile_vocab)
+    local = tokens - starts
+    local = torch.where((local >= 0) & (local < widths), local, widths).masked_fill_(ignored, -1)
+    return rows, rows_parts, local
+
+
+def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring, first):
+    """Add one row block's gradients over one vocabulary tile to ``accumulators`` ``(dhidden
+    rows, dweight tile, dbias tile)``, float32 (``first``: the weight tile's first block, which
+    overwrites it).
 
     The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 high and low parts
     (:func:`scoring_backward_split`), which bfloat16 matmuls take as they are (float16 weights
     and rows split exactly into bfloat16 parts too); the torch fold leaves float32 ``dlogits``
     that :func:`add_grad_matmul` splits (bfloat16) or multiplies in float32 (float16)."""
-    grad_hidden_rows, grad_weight, grad_bias = accumulators
-    ignored = tokens == options.ignore_index
+    (rows, rows_parts, local), tile, saved, grads = block
+    grad_rows, grad_weight, grad_bias = accumulators
+    tile_tokens = local[tile]
+    grad = logit_block(rows, weight_tile, bias, start, stop)
+    if scoring.backend == "triton" and rows.dtype in HALF:
+        parts = grad.new_empty((2, *grad.shape), dtype=torch.bfloat16)
+        scoring_backward_split(grad, tile_tokens, saved, grads, scoring.temperature, -1, parts)
+        weight_parts = bfloat16_parts(weight_tile)
+        add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first)
+        return
+    if scoring.backend == "triton":  # the scoring backward kernel, in place on the tile
+        scoring_backward_out(grad, tile_tokens, *saved, *grads, scoring.temperature, -1,
+                             "triton", grad)  # fmt: skip
+    else:
+        grad = _torch_chunk_backward(grad, tile_tokens, *saved, *grads, scoring, grad)
+    if grad_rows is not None:
+        add_grad_matmul(grad_rows, grad, weight_tile)
     if grad_weight is not None:
-        # Ignored rows take no part in the weight gradient, even with non-finite hidden states
-        # (masked unconditionally: asking whether any row is ignored would wait for the device).
-        rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
-    split = scoring.backend == "triton" and rows.dtype in HALF
-    rows_parts = (None, None)
-    if split and grad_weight is not None:
-        rows_high, rows_low = bfloat16_parts(rows)
-        rows_parts = (torch.cat([rows_high, rows_high]), rows_low)
-    tile_vocab = tile_shape(rows.device)[1]
-    # Tile-local tokens of every tile at once: -1 marks ignored rows, the tile's width a token
-    # outside the tile.
-    starts = torch.arange(0, weight.shape[0], tile_vocab, device=rows.device).unsqueeze(-1)
-    widths = (weight.shape[0] - starts).clamp_max(tile_vocab)
-    local = tokens - starts
-    local = torch.where((local >= 0) & (local < widths), local, widths).masked_fill_(ignored, -1)
-    for tile, start in enumerate(range(0, weight.shape[0], tile_vocab)):
-        stop = min(start + tile_vocab, weight.shape[0])
-        weight_tile = weight[start:stop]
-        if rows.dtype == torch.float32:
-            weight_tile = weight_tile.float()
-        tile_tokens = local[tile]
-        grad = logit_block(rows, weight_tile, bias, start, stop)
-        if split:
-            parts = grad.new_empty((2, *grad.shape), dtype=torch.bfloat16)
-            scoring_backward_split(grad, tile_tokens, saved, grads, scoring.temperature, -1, parts)
-            weight_parts = bfloat16_parts(weight_tile)
-            add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, start, stop)
-            continue
-        if scoring.backend == "triton":  # the scoring backward kernel, in place on the tile
-            scoring_backward_out(grad, tile_tokens, *saved, *grads, scoring.temperature, -1,
-                                 "triton", grad)  # fmt: skip
-        else:
-            grad = _torch_chunk_backward(grad, tile_tokens, *saved, *grads, scoring, grad)
-        if grad_hidden_rows is not None:
-            add_grad_matmul(grad_hidden_rows, grad, weight_tile)
-        if grad_weight is not None:
-            add_grad_matmul(grad_weight[start:stop], grad.T, rows)
-        if grad_bias is not None:
-            grad_bias[start:stop] += grad.sum(0)
+        add_grad_matmul(grad_weight, grad.T, rows, first)
+    if grad_bias is not None:
+        grad_bias += grad.sum(0)
 
 
 def torch_linear_backward(
     hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options, fold="torch"
 ):
-    """``(dhidden in hidden's dtype, dweight float32, dbias float32)``, None where not needed.
+    """``(dhidden in hidden's dtype, dweight in weight's dtype, dbias float32)``, None where not
+    needed.
 
     ``fold``: what turns a logits tile into ``dlogits``: ``"torch"`` (the torch twin) or
-    ``"triton"`` (the scoring backward kernel, in place on the tile)."""
+    ``"triton"`` (the scoring backward kernel, in place on the tile).
+
+    The vocabulary tiles are the outer loop: each weight tile's gradient is accumulated over all
+    row blocks in a float32 tile and rounded once into the weight's dtype, so no float32
+    ``[V, H]`` accumulator exists (1.2 GiB at V = 151,936, H = 2,048). The hidden gradient is
+    accumulated in float32 ``[N, H]`` across the tiles instead (rows, not vocabulary)."""
     scoring = ScoringOptions(options.temperature, -1, fold)
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
-    size = hidden.shape[-1]
+    size, vocab_size = hidden.shape[-1], weight.shape[0]
     rows = as_rows(hidden, layout, size)
     token_rows = as_rows(tokens, tokens_layout, None)
     shape = (layout.n_outer, layout.n_inner)
-    grad_hidden = hidden.new_empty((*shape, size)) if needs[0] else None
-    # Weight and bias gradients are accumulated in float32 over all rows, rounded once.
-    grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if needs[1] else None
-    grad_bias = weight.new_zeros(weight.shape[0], dtype=torch.float32) if needs[2] else None
+    device = hidden.device
+    tile_rows, tile_vocab = tile_shape(device)
+    grad_rows = torch.zeros((*shape, size), device=device) if needs[0] else None
+    grad_weight = weight.new_empty(weight.shape) if needs[1] else None
+    grad_bias = torch.zeros(vocab_size, device=device) if needs[2] else None
+    # The weight tile's float32 accumulator, unless the weight gradient is float32 itself.
+    weight_acc = None
+    if needs[1] and weight.dtype != torch.float32:
+        weight_acc = torch.empty((min(vocab_size, tile_vocab), size), device=device)
 
     def rows_of(vector, outer, inner):
         return None if vector is None else vector.reshape(shape)[outer, inner].reshape(-1)
 
-    for outer, inner in row_chunks(layout, tile_shape(hidden.device)[0]):
-        block = rows[outer, inner]
-        operand = matmul_rows(block.reshape(-1, size))
-        grad_rows = torch.zeros(operand.shape, device=hidden.device) if needs[0] else None
+    operand_dtype = matmul_rows(hidden[:0]).dtype
+    split = fold == "triton" and operand_dtype in HALF
+    blocks = []
+    for outer, inner in row_chunks(layout, tile_rows):
+        operand = matmul_rows(rows[outer, inner].reshape(-1, size))
+        block_tokens = token_rows[outer, inner].reshape(-1)
+        operands = _block_operands(operand, block_tokens, vocab_size, needs[1], split,
+                                   tile_vocab, options.ignore_index)  # fmt: skip
         saved = (
             normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),
             rows_of(entropy, outer, inner),
         )
-        chunk_grads = tuple(rows_of(grad, outer, inner) for grad in grads)
-        _rows_backward(
-            operand,
-            token_rows[outer, inner].reshape(-1),
-            weight,
-            bias,
-            saved,
-            chunk_grads,
-            (grad_rows, grad_weight, grad_bias),
-            options,
-            scoring,
-        )
-        if grad_hidden is not None:
-            grad_hidden[outer, inner] = grad_rows.view(block.shape)
+        block_grads = tuple(rows_of(grad, outer, inner) for grad in grads)
+        block_grad_rows = None if grad_rows is None else grad_rows[outer, inner].view(-1, size)
+        blocks.append((operands, saved, block_grads, block_grad_rows))
+    for tile, start in enumerate(range(0, vocab_size, tile_vocab)):
+        stop = min(start + tile_vocab, vocab_size)
+        weight_tile = weight[start:stop]
+        if operand_dtype == torch.float32:
+            weight_tile = weight_tile.float()
+        tile_grad_weight = None
+        if needs[1]:
+            tile_grad_weight = (
+                grad_weight[start:stop] if weight_acc is None else weight_acc[: stop - start]
+            )
+        tile_grad_bias = None if grad_bias is None else grad_bias[start:stop]
+        for index, (operands, saved, block_grads, block_grad_rows) in enumerate(blocks):
+            accumulators = (block_grad_rows, tile_grad_weight, tile_grad_bias)
+            _tile_gradients((operands, tile, saved, block_grads), weight_tile, bias, start, stop,
+                            accumulators, scoring, index == 0)  # fmt: skip
+        if weight_acc is not None and blocks:
+            grad_weight[start:stop] = tile_grad_weight  # rounded once
+    if grad_weight is not None and not blocks:
+        grad_weight.zero_()
+    grad_hidden = None
+    if grad_rows is not None:
+        grad_hidden = grad_rows.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
