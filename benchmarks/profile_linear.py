@@ -8,7 +8,7 @@ steps of ``linear_policy_loss`` (Triton backend) for each pair of routes
   between the first and the last kernel, then the kernels and the host-side calls (cudaMalloc,
   cudaFree and synchronisations show up there) summed by name.
 
-    python benchmarks/profile_linear.py --routes tiles/blas-triton-fold,blas-triton-fold/blas-triton-fold
+    python benchmarks/profile_linear.py --routes tiles/blas,blas-triton-fold/blas-triton-fold
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def profile_routes(forward: str, backward: str, shape: str, dtype, rows: int) ->
     clocks.clear()
     for _ in range(10):
         step()
-    host_forward, host_backward, wall = (statistics.median(c) * 1e3 for c in zip(*clocks))
+    host_forward, host_backward, wall = (
+        statistics.median(c) * 1e3 for c in zip(*clocks, strict=True)
+    )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
     busy, idle = device_activity(prof)
