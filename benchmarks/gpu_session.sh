@@ -24,6 +24,9 @@ if [ "${ROUTES_S:-0}" != 0 ]; then
     if [ -s "$OUT/routes.json" ]; then
         best=$(python -c "import json; print(json.load(open('$OUT/routes.json'))['routes_ms']['best'])")
         export ENTROPY_KERNELS_LINEAR_GPU_BACKWARD="${best##*/}"
+        # A training forward on cuBLAS tiles only when that pair was the fastest ("auto" keeps
+        # them for forwards without gradients either way).
+        [ "${best%%/*}" = blas-triton-fold ] && export ENTROPY_KERNELS_LINEAR_GPU_FORWARD=blas-triton-fold
         echo "fastest routes: $best"
     fi
 fi
@@ -46,16 +49,26 @@ fi
 # PROFILE_ROUTES: comma-separated FORWARD/BACKWARD pairs to profile (host and device time).
 if [ "${PROFILE_S:-0}" != 0 ]; then
     timeout "$PROFILE_S" python profile_linear.py ${PROFILE_ROUTES:+--routes "$PROFILE_ROUTES"} \
-        --out "$OUT/profile.txt" 2>&1 | grep -E "^(linear_policy_loss|wall)"
+        --out "$OUT/profile.txt" 2>&1 | grep -E "^(linear_policy_loss|wall|  [0-9])"
 fi
 if [ "${SWEEP_S:-0}" != 0 ]; then
     timeout "$SWEEP_S" python linear_sweep.py --out "$OUT/tiles.json" 2>&1 | tail -40
 fi
 tiles=()
 [ -s "$OUT/tiles.json" ] && tiles=(--linear-tiles "$OUT/tiles.json")
-timeout "${BENCH_S:-200}" python run.py --workloads linear_scoring,linear_policy_loss \
-    --dtypes bfloat16 --linear 4096x2048x151936 --impls "${IMPLS:-eager,trl,liger-ce,liger-grpo,verl,cce,ours-triton}" \
-    --no-download --no-plots --tag linear-peers --out-dir "$OUT/bench" "${tiles[@]}" 2>&1 | tail -40
+# BENCH_S: the linear workloads against every peer (0 skips them).
+if [ "${BENCH_S:-200}" != 0 ]; then
+    timeout "${BENCH_S:-200}" python run.py --workloads linear_scoring,linear_policy_loss \
+        --dtypes bfloat16 --linear 4096x2048x151936 --impls "${IMPLS:-eager,trl,liger-ce,liger-grpo,verl,cce,ours-triton}" \
+        --no-download --no-plots --tag linear-peers --out-dir "$OUT/bench" "${tiles[@]}" 2>&1 | tail -40
+fi
+# ROUNDED_S: ours with dlogits rounded to bfloat16 (opt-in, outside the spec) beside TRL.
+if [ "${ROUNDED_S:-0}" != 0 ]; then
+    ENTROPY_KERNELS_LINEAR_GPU_BACKWARD=blas-bf16-dlogits timeout "$ROUNDED_S" python run.py \
+        --workloads linear_policy_loss --dtypes bfloat16 --linear 4096x2048x151936 \
+        --impls trl,ours-triton --no-download --no-plots --tag linear-rounded \
+        --out-dir "$OUT/rounded" 2>&1 | tail -12
+fi
 # LOGITS_S: the logits-level workloads at the README's GPU size.
 if [ "${LOGITS_S:-0}" != 0 ]; then
     timeout "$LOGITS_S" python run.py --workloads scoring,policy_loss,gtpo_loss --dtypes bfloat16 \

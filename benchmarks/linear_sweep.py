@@ -127,6 +127,11 @@ ROUTES = (  # name: (forward, backward) of kernel_config.LINEAR_GPU_FORWARD / _B
     ("tiles/blas-triton-fold", "tiles", "blas-triton-fold"),
     ("blas-triton-fold/blas-triton-fold", "blas-triton-fold", "blas-triton-fold"),
 )
+# Opt-in routes outside the spec's gradient tolerance: timed, never picked as "best".
+ROUNDED_ROUTES = (
+    ("tiles/blas-bf16-dlogits", "tiles", "blas-bf16-dlogits"),
+    ("blas-triton-fold/blas-bf16-dlogits", "blas-triton-fold", "blas-bf16-dlogits"),
+)
 
 
 def time_routes(shape, dtype, device, blas_tiles=()) -> dict:
@@ -134,8 +139,10 @@ def time_routes(shape, dtype, device, blas_tiles=()) -> dict:
     the forward alone (``"forward <route>"``) and forward + backward of hidden and weight
     (``"<forward route>/<backward route>"``): tl.dot kernels ("tiles"), cuBLAS tiles with the
     torch fold ("blas") or the scoring kernels as the fold ("blas-triton-fold"); then the torch
-    backend ("torch"). The fastest pair goes in ``"best"``. With ``blas_tiles`` (``(rows,
-    vocabulary)`` shapes), only the default routes, once per cuBLAS tile shape."""
+    backend ("torch"). The fastest pair within the spec's tolerance goes in ``"best"``; the
+    pairs with ``dlogits`` rounded to bfloat16 (``ROUNDED_ROUTES``) are timed beside them.
+    With ``blas_tiles`` (``(rows, vocabulary)`` shapes), only the default routes, once per
+    cuBLAS tile shape."""
     import entropy_kernels as ek
     from entropy_kernels import kernel_config
 
@@ -186,7 +193,7 @@ def time_routes(shape, dtype, device, blas_tiles=()) -> dict:
             kernel_config.LINEAR_GPU_FORWARD = name
             routes[f"forward {name}"] = measure.median_time_ms(forward, device)
             print("route", f"forward {name}", routes[f"forward {name}"], flush=True)
-        for name, forward_route, backward_route in ROUTES:
+        for name, forward_route, backward_route in ROUTES + ROUNDED_ROUTES:
             kernel_config.LINEAR_GPU_FORWARD = forward_route
             kernel_config.LINEAR_GPU_BACKWARD = backward_route
             routes[name] = measure.median_time_ms(step, device)

@@ -50,23 +50,31 @@ def make_step(shape: str, dtype: torch.dtype):
     return step, clocks
 
 
-def device_activity(prof) -> tuple[float, float]:
-    """``(busy ms, idle ms)`` of the device: its kernels' summed time, and the time between the
-    first kernel's start and the last one's end that no kernel covers."""
+def device_activity(prof, top: int = 6) -> tuple[float, float, list[str]]:
+    """``(busy ms, idle ms, widest gaps)`` of the device: its kernels' summed time, the time
+    between the first kernel's start and the last one's end that no kernel covers, and the
+    ``top`` widest uncovered gaps with the kernels on either side."""
     spans = sorted(
-        (event.time_range.start, event.time_range.end)
+        (event.time_range.start, event.time_range.end, event.name)
         for event in prof.events()
         if event.device_type == DeviceType.CUDA
     )
     if not spans:
-        return 0.0, 0.0
-    busy = sum(end - start for start, end in spans)
-    covered, edge = 0.0, spans[0][0]
-    for start, end in spans:  # the union of the kernels' intervals
+        return 0.0, 0.0, []
+    busy = sum(end - start for start, end, _ in spans)
+    covered, edge, before, gaps = 0.0, spans[0][0], spans[0][2], []
+    for start, end, name in spans:  # the union of the kernels' intervals
+        if start > edge:
+            gaps.append((start - edge, before, name))
         if end > edge:
             covered += end - max(start, edge)
-            edge = end
-    return busy / 1e3, (spans[-1][1] - spans[0][0] - covered) / 1e3
+            edge, before = end, name
+    idle = (spans[-1][1] - spans[0][0] - covered) / 1e3
+    widest = [
+        f"  {gap / 1e3:.3f} ms after {first[:50]} before {second[:50]}"
+        for gap, first, second in sorted(gaps, reverse=True)[:top]
+    ]
+    return busy / 1e3, idle, widest
 
 
 def profile_routes(forward: str, backward: str, shape: str, dtype, rows: int) -> str:
@@ -82,7 +90,7 @@ def profile_routes(forward: str, backward: str, shape: str, dtype, rows: int) ->
     )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
-    busy, idle = device_activity(prof)
+    busy, idle, gaps = device_activity(prof)
     averages = prof.key_averages()
     kernels = averages.table(sort_by="self_device_time_total", row_limit=rows)
     host = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
@@ -90,7 +98,9 @@ def profile_routes(forward: str, backward: str, shape: str, dtype, rows: int) ->
         f"linear_policy_loss {dtype} N x H x V = {shape}; routes: forward {forward}, backward "
         f"{backward}\nwall {wall:.2f} ms (median of 10), host issuing forward {host_forward:.2f} "
         f"ms + backward {host_backward:.2f} ms; profiled step: device busy {busy:.2f} ms, idle "
-        f"{idle:.2f} ms between its first and last kernel\n{kernels}\n{host}\n"
+        f"{idle:.2f} ms between its first and last kernel; the widest gaps:\n"
+        + "\n".join(gaps)
+        + f"\n{kernels}\n{host}\n"
     )
 
 

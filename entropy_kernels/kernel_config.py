@@ -120,6 +120,9 @@ LINEAR_GPU_DEFAULTS = {
 # matmuls take as they are. Forward + backward on an H200 (bfloat16, N = 4096, H = 2048,
 # V = 151936, tl.dot forward; benchmarks/results/nvidia-h200-2026-11-26-linear-routes-final.json):
 # 27.4 ms by "blas-triton-fold", 50.4 ms by "blas", 92.4 ms by "tiles".
+# "blas-bf16-dlogits" is opt-in and outside the spec's gradient tolerance: the same tiles with
+# dlogits rounded to bfloat16 (the high part alone), one matmul per gradient instead of two, as
+# TRL, Liger, verl and Cut Cross-Entropy do (each dlogit off by up to 2^-9 of itself).
 # The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
 LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas-triton-fold")
 # How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
@@ -145,7 +148,7 @@ if len(LINEAR_GPU_BLAS_TILE) != 2 or min(LINEAR_GPU_BLAS_TILE) < 1 or _BLAS_TILE
         f"ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE must be ROWSxVOCAB (positive), got {_BLAS_TILE!r}"
     )
 LINEAR_GPU_ROUTES = {
-    "LINEAR_GPU_BACKWARD": ("blas", "blas-triton-fold", "tiles"),
+    "LINEAR_GPU_BACKWARD": ("blas", "blas-triton-fold", "tiles", "blas-bf16-dlogits"),
     "LINEAR_GPU_FORWARD": ("auto", "tiles", "blas-triton-fold"),
 }
 for _name, _routes in LINEAR_GPU_ROUTES.items():

@@ -135,10 +135,11 @@ def _triton_forward(hidden, weight, bias, tokens, options: LinearOptions, needs_
 
 def _triton_backward(hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options):
     route = kernel_config.LINEAR_GPU_BACKWARD
-    if hidden.is_cuda and route in ("blas", "blas-triton-fold"):
+    folds = {"blas": "torch", "blas-triton-fold": "triton", "blas-bf16-dlogits": "triton-rounded"}
+    if hidden.is_cuda and route in folds:
         # cuBLAS tiles with float32 output and a fold: measured faster on an H200 than the
         # tl.dot kernels, whose float32 accumulators make the backward memory-bound.
-        fold = "triton" if route == "blas-triton-fold" else "torch"
+        fold = folds[route]
         return torch_linear_backward(
             hidden, weight, bias, tokens, normaliser, entropy, grads, needs, options, fold
         )

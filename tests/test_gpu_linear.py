@@ -39,6 +39,21 @@ def test_every_gpu_route_against_float64(monkeypatch, forward, backward, dtype):
     check_policy_loss(dtype, (3, 97, 200, 40009), "triton")
 
 
+@pytest.mark.parametrize("forward", ["tiles", "blas-triton-fold"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounded_dlogits_route_within_its_bound(monkeypatch, forward, dtype):
+    """The opt-in route with ``dlogits`` rounded to bfloat16 (outside the spec's tolerance),
+    within its own rounding bound, at a vocabulary spanning several cuBLAS tiles."""
+    from test_linear_routes import assert_rounded_gradients
+
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_FORWARD", forward)
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_BACKWARD", "blas-bf16-dlogits")
+    hidden, weight, bias, tokens = (t.to(dtype) if t.is_floating_point() else t
+                                    for t in _head(dtype, 3, 97, 200, 40009))  # fmt: skip
+    tokens[1, 2] = -100
+    assert_rounded_gradients(hidden, weight, bias, tokens, "triton")
+
+
 def check_policy_loss(dtype, shape, backend):
     hidden, weight, bias, tokens = _head(dtype, *shape)
     generator = torch.Generator(device="cuda").manual_seed(1)

@@ -210,3 +210,53 @@ def test_float16_splits_exactly_into_bfloat16_parts():
     assert torch.equal(high.double() + low.double(), values.double())
     same, none = torch_linear.bfloat16_parts(values.bfloat16())
     assert none is None and torch.equal(same, values.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rounded_dlogits_route_stays_within_its_rounding_bound(monkeypatch, dtype):
+    """The opt-in route "blas-bf16-dlogits" (outside the spec's tolerance) rounds ``dlogits``
+    to bfloat16, the high part alone, and multiplies that exactly: each gradient element is
+    within ``2^-8`` (bfloat16's unit roundoff) of ``|dlogits| @ |operand|`` of the float64
+    truth, plus the rounding of the gradient itself to the input dtype. A dropped tile, a wrong
+    sign or a wrong scale breaks the bound by orders of magnitude."""
+    backward = torch_linear.torch_linear_backward
+    monkeypatch.setattr(linear_scoring, "torch_linear_backward",
+                        lambda *a: backward(*a, fold="triton-rounded"))  # fmt: skip
+    monkeypatch.setattr(torch_linear, "matmul_rows", lambda block: block)
+    parts = []
+    split = torch_linear.scoring_backward_split
+    monkeypatch.setattr(torch_linear, "scoring_backward_split",
+                        lambda *a: parts.append(a[-1].shape[0]) or split(*a))  # fmt: skip
+    hidden, weight, head_bias, tokens = make_head(2, 5, 37, 203, dtype=dtype)
+    tokens[1, 2] = -100
+    assert_rounded_gradients(hidden, weight, head_bias, tokens, "torch")
+    assert parts and set(parts) == {1}  # 2 row blocks x 4 tiles, each one bfloat16 part
+
+
+def assert_rounded_gradients(hidden, weight, head_bias, tokens, backend):
+    """Gradients of ``linear_logprobs_and_entropy`` within the rounded route's bound (see
+    :func:`test_rounded_dlogits_route_stays_within_its_rounding_bound`)."""
+    ours = leaves((hidden, weight, head_bias))
+    logp, entropy = ek.linear_logprobs_and_entropy(
+        *ours[:2], tokens, bias=ours[2], temperature=0.7, backend=backend
+    )
+    generator = torch.Generator(device=hidden.device).manual_seed(4)
+    grad_logp, grad_entropy = torch.randn(
+        2, *tokens.shape, generator=generator, device=hidden.device
+    )
+    ((logp * grad_logp).sum() + (entropy * grad_entropy).sum()).backward()
+    rows, head, bias64 = (t.detach().double() for t in (hidden, weight, head_bias))
+    logits = (rows @ head.T + bias64).requires_grad_()
+    ref_logp, ref_entropy = reference.logprobs_and_entropy(logits, tokens, temperature=0.7)
+    loss = (ref_logp * grad_logp).sum() + (ref_entropy * grad_entropy).sum()
+    (dlogits,) = torch.autograd.grad(loss, logits)
+    size, vocab = weight.shape[1], weight.shape[0]
+    dlogits, rows = dlogits.reshape(-1, vocab), rows.reshape(-1, size)
+    unit = 2.0**-8 if hidden.dtype == torch.bfloat16 else 2.0**-11  # the gradient's own rounding
+    for mine, truth, spread in (
+        (ours[0].grad.reshape(-1, size), dlogits @ head, dlogits.abs() @ head.abs()),
+        (ours[1].grad, dlogits.T @ rows, dlogits.T.abs() @ rows.abs()),
+        (ours[2].grad, dlogits.sum(0), dlogits.abs().sum(0)),
+    ):
+        bound = unit * truth.abs() + (1 + unit) * (2.0**-8 + 1e-5) * spread
+        assert ((mine.double() - truth).abs() <= bound).all()

@@ -28,12 +28,12 @@ import torch
 
 from .. import kernel_config
 from ..ops.linear_lse import finish_rows, merge_states
-from ..ops.rows import as_rows, hidden_rows, row_chunks, row_layouts
+from ..ops.rows import as_rows, hidden_rows, row_chunks
 from ..ops.scoring import (
     ScoringOptions,
     scoring_backward_out,
     scoring_backward_split,
-    triton_forward,
+    tile_forward_launcher,
 )
 from .torch_scoring import (
     _groups,
@@ -117,21 +117,22 @@ def bfloat16_parts(operand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
 def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first) -> None:
     """Add one tile's gradients from bfloat16 matmuls to ``accumulators`` ``(dhidden rows,
     dweight tile, dbias tile)`` (the weight tile overwritten when ``first``): ``dlogits`` as
-    ``parts`` ``[2, rows, width]`` (high, low), the weight tile and the rows as
-    :func:`bfloat16_parts`, the rows' high part stacked twice (``rows_parts[0]`` is ``[2 rows,
-    H]``). ``dhidden`` takes two matmuls (three for float16 operands), ``dweight`` one over both
-    parts of ``dlogits`` stacked (two for float16), ``dbias`` one sum. The product of the two
-    low parts (2^-17 of the result) is left out."""
+    ``parts`` ``[2, rows, width]`` (high, low; or ``[1, rows, width]``, the rounding alone), the
+    weight tile and the rows as :func:`bfloat16_parts`, the rows' high part stacked once per
+    part (``rows_parts[0]`` is ``[2 rows, H]`` for two). ``dhidden`` takes a matmul per part
+    (one more for float16 operands), ``dweight`` one over the parts of ``dlogits`` stacked (two
+    for float16), ``dbias`` one sum. The product of the two low parts (2^-17 of the result) is
+    left out."""
     grad_rows, grad_weight, grad_bias = accumulators
-    (weight_high, weight_low), (rows_twice, rows_low) = weight_parts, rows_parts
+    (weight_high, weight_low), (rows_stacked, rows_low) = weight_parts, rows_parts
     stacked = parts.view(-1, parts.shape[-1])
     if grad_rows is not None:
-        add_matmul_(grad_rows, parts[0], weight_high)
-        add_matmul_(grad_rows, parts[1], weight_high)
+        for part in parts:
+            add_matmul_(grad_rows, part, weight_high)
         if weight_low is not None:
             add_matmul_(grad_rows, parts[0], weight_low)
     if grad_weight is not None:
-        add_matmul_(grad_weight, stacked.T, rows_twice, first)
+        add_matmul_(grad_weight, stacked.T, rows_stacked, first)
         if rows_low is not None:
             add_matmul_(grad_weight, parts[0].T, rows_low)
     if grad_bias is not None:
@@ -204,14 +205,16 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     tile_of_token = (tokens // tile_vocab).clamp(0, len(starts) - 1).long()
     local = (tokens - tile_of_token * tile_vocab).clamp(0, tile_vocab - 1).long()
     scoring = ScoringOptions(options.temperature, -1)
+    launchers = {}  # by tile width: the last tile may be narrower
     for tile, start in enumerate(starts):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop,
                              out=_tile_of(buffer, n_rows, stop - start))  # fmt: skip
         tile_tokens = local if stop - start == tile_vocab else local.clamp_max(stop - start - 1)
-        source, tile_tokens, *layouts = row_layouts(logits, tile_tokens)
-        outputs = (logprobs, entropy[tile], normaliser[tile])
-        triton_forward(source, tile_tokens, layouts, outputs, scoring)
+        launch = launchers.get(stop - start)
+        if launch is None:
+            launch = launchers[stop - start] = tile_forward_launcher(logits, tile_tokens, scoring)
+        launch(logits, tile_tokens, (logprobs, entropy[tile], normaliser[tile]))
         torch.gather(logits, 1, tile_tokens.unsqueeze(-1), out=token_logit[tile].unsqueeze(-1))
     shift, log_norm = normaliser.unbind(1)
     sum_exp = log_norm.exp()
@@ -304,27 +307,28 @@ def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
     return logprobs.view(tokens.shape), entropy.view(tokens.shape), normaliser.view(2, -1)
 
 
-def _block_operands(rows, tokens, weight_size, grad_weight_wanted, split, tile_vocab, ignore):
+def _block_operands(rows, tokens, weight_size, grad_weight_wanted, parts, tile_vocab, ignore):
     """One row block's operands for every vocabulary tile: ``(rows, rows_parts, local)``.
 
     ``rows``: the matmul operand, ignored rows zeroed when the weight gradient is wanted
     (ignored rows take no part in it, even non-finite ones; masked unconditionally, since asking
-    whether any row is ignored would wait for the device); ``rows_parts``: for the split fold,
-    the rows' bfloat16 high part stacked twice and low part (:func:`bfloat16_parts`);
+    whether any row is ignored would wait for the device); ``rows_parts``: for a fold writing
+    ``parts`` bfloat16 parts of ``dlogits`` (0: float32 ``dlogits``), the rows' bfloat16 high
+    part stacked ``parts`` times and their low part (:func:`bfloat16_parts`);
     ``local``: ``[tiles, rows]`` tile-local tokens, -1 for ignored rows and the tile's width for
     a token outside the tile."""
     ignored = tokens == ignore
     if grad_weight_wanted:
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
     rows_parts = (None, None)
-    if split and grad_weight_wanted:
+    if parts and grad_weight_wanted:
         rows_high, rows_low = bfloat16_parts(rows)
-        rows_parts = (torch.cat([rows_high, rows_high]), rows_low)
+        rows_parts = (torch.cat([rows_high] * parts) if parts > 1 else rows_high, rows_low)
     starts = torch.arange(0, weight_size, tile_vocab, device=rows.device).unsqueeze(-1)
     widths = (weight_size - starts).clamp_max(tile_vocab)
     local = tokens - starts
     local = torch.where((local >= 0) & (local < widths), local, widths).masked_fill_(ignored, -1)
-    return rows, rows_parts, local
+    return rows, rows_parts, local, parts
 
 
 def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring, first):
@@ -332,16 +336,17 @@ def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring
     rows, dweight tile, dbias tile)``, float32 (``first``: the weight tile's first block, which
     overwrites it).
 
-    The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 high and low parts
-    (:func:`scoring_backward_split`), which bfloat16 matmuls take as they are (float16 weights
-    and rows split exactly into bfloat16 parts too); the torch fold leaves float32 ``dlogits``
-    that :func:`add_grad_matmul` splits (bfloat16) or multiplies in float32 (float16)."""
-    (rows, rows_parts, local), tile, saved, grads = block
+    The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 parts (high and low,
+    or the high part alone in the rounded mode; :func:`scoring_backward_split`), which bfloat16
+    matmuls take as they are (float16 weights and rows split exactly into bfloat16 parts too);
+    the torch fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits (bfloat16) or
+    multiplies in float32 (float16)."""
+    (rows, rows_parts, local, n_parts), tile, saved, grads = block
     grad_rows, grad_weight, grad_bias = accumulators
     tile_tokens = local[tile]
     grad = logit_block(rows, weight_tile, bias, start, stop)
-    if scoring.backend == "triton" and rows.dtype in HALF:
-        parts = grad.new_empty((2, *grad.shape), dtype=torch.bfloat16)
+    if n_parts:
+        parts = grad.new_empty((n_parts, *grad.shape), dtype=torch.bfloat16)
         scoring_backward_split(grad, tile_tokens, saved, grads, scoring.temperature, -1, parts)
         weight_parts = bfloat16_parts(weight_tile)
         add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first)
@@ -365,14 +370,17 @@ def torch_linear_backward(
     """``(dhidden in hidden's dtype, dweight in weight's dtype, dbias float32)``, None where not
     needed.
 
-    ``fold``: what turns a logits tile into ``dlogits``: ``"torch"`` (the torch twin) or
-    ``"triton"`` (the scoring backward kernel, in place on the tile).
+    ``fold``: what turns a logits tile into ``dlogits``: ``"torch"`` (the torch twin),
+    ``"triton"`` (the scoring backward kernel: in place on a float32 tile, as bfloat16 high +
+    low parts for half-precision rows) or ``"triton-rounded"`` (half-precision rows: ``dlogits``
+    rounded to bfloat16, the high part alone, as the peers do: outside the spec's gradient
+    tolerance, for ``kernel_config.LINEAR_GPU_BACKWARD = "blas-bf16-dlogits"`` only).
 
     The vocabulary tiles are the outer loop: each weight tile's gradient is accumulated over all
     row blocks in a float32 tile and rounded once into the weight's dtype, so no float32
     ``[V, H]`` accumulator exists (1.2 GiB at V = 151,936, H = 2,048). The hidden gradient is
     accumulated in float32 ``[N, H]`` across the tiles instead (rows, not vocabulary)."""
-    scoring = ScoringOptions(options.temperature, -1, fold)
+    scoring = ScoringOptions(options.temperature, -1, "torch" if fold == "torch" else "triton")
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
     size, vocab_size = hidden.shape[-1], weight.shape[0]
     rows = as_rows(hidden, layout, size)
@@ -392,12 +400,12 @@ def torch_linear_backward(
         return None if vector is None else vector.reshape(shape)[outer, inner].reshape(-1)
 
     operand_dtype = matmul_rows(hidden[:0]).dtype
-    split = fold == "triton" and operand_dtype in HALF
+    n_parts = {"triton": 2, "triton-rounded": 1}.get(fold, 0) if operand_dtype in HALF else 0
     blocks = []
     for outer, inner in row_chunks(layout, tile_rows):
         operand = matmul_rows(rows[outer, inner].reshape(-1, size))
         block_tokens = token_rows[outer, inner].reshape(-1)
-        operands = _block_operands(operand, block_tokens, vocab_size, needs[1], split,
+        operands = _block_operands(operand, block_tokens, vocab_size, needs[1], n_parts,
                                    tile_vocab, options.ignore_index)  # fmt: skip
         saved = (
             normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),

@@ -94,6 +94,31 @@ def triton_backward(
     )
 
 
+def tile_forward_launcher(tile, tokens, options: ScoringOptions):
+    """``launch(tile, tokens, outputs)``: :func:`triton_forward` for a series of tiles laid out
+    like ``tile`` (and tokens like ``tokens``), the layouts and the launch configuration worked
+    out once: the fused linear forward launches it once per cuBLAS tile, where working them out
+    each time would leave the device waiting on the host."""
+    from ..kernels.scoring_fwd import scoring_fwd_kernel
+
+    _, _, logits_layout, tokens_layout = row_layouts(tile, tokens)
+    vocab_size = tile.shape[-1]
+    config = launch_config("scoring_fwd", vocab_size, tile.device)
+    constants = (*launch_rows(vocab_size, logits_layout, tokens_layout), 1.0 / options.temperature,
+                 options.ignore_index)  # fmt: skip
+    launch_options = config.launch_options()
+    grid = (logits_layout.n_rows,)
+
+    def launch(logits, tokens, outputs):
+        if not grid[0]:
+            return
+        logprobs, entropy, normaliser = outputs
+        scoring_fwd_kernel[grid](logits, tokens, logprobs, entropy, normaliser[0], normaliser[1],
+                                 *constants, BLOCK_V=config.block_v, **launch_options)  # fmt: skip
+
+    return launch
+
+
 _FORWARD = {"triton": triton_forward, "torch": torch_forward}
 _BACKWARD = {"triton": triton_backward, "torch": torch_backward}
 
@@ -170,9 +195,10 @@ def _(logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, *options
 
 
 def scoring_backward_split(logits, tokens, saved, grads, temperature, ignore_index, parts):
-    """``dlogits`` of a contiguous float32 ``[rows, V]`` tile as two bfloat16 parts (Triton):
-    ``parts[0]`` its bfloat16 rounding, ``parts[1]`` the rounding of the rest; ``parts``:
-    contiguous ``[2, rows, V]``. ``saved``: ``(normaliser, entropy)``; ``grads``: the float32
+    """``dlogits`` of a contiguous float32 ``[rows, V]`` tile as bfloat16 parts (Triton):
+    ``parts[0]`` its bfloat16 rounding, ``parts[1]`` (if any) the rounding of the rest;
+    ``parts``: contiguous ``[2, rows, V]``, or ``[1, rows, V]`` for the rounding alone.
+    ``saved``: ``(normaliser, entropy)``; ``grads``: the float32
     ``(grad_logprobs, grad_entropy)`` (None for an unused one).
 
     A plain launcher, not a custom op: it runs once per cuBLAS tile inside the fused linear
@@ -183,7 +209,8 @@ def scoring_backward_split(logits, tokens, saved, grads, temperature, ignore_ind
     grad_layout = RowLayout(n_outer, n_inner, n_inner * vocab_size, vocab_size)
     layouts = (logits_layout, grad_layout, tokens_layout)
     options = ScoringOptions(temperature, ignore_index)
-    triton_backward(parts[0], source, tokens, layouts, *saved, *grads, options, parts[1])
+    low = parts[1] if len(parts) > 1 else None
+    triton_backward(parts[0], source, tokens, layouts, *saved, *grads, options, low)
 
 
 def gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
