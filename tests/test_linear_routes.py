@@ -39,12 +39,7 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
         folds.append(0)
         return torch_linear_forward(*args, fold="triton")
 
-    def counted_split(*args):
-        splits.append(args[-1].shape)
-        return scoring_backward_split(*args)
-
-    scoring_backward_split = torch_linear.scoring_backward_split
-    monkeypatch.setattr(torch_linear, "scoring_backward_split", counted_split)
+    count_split_launches(monkeypatch, splits)
     if half_rows:
         monkeypatch.setattr(torch_linear, "matmul_rows", lambda block: block)
     monkeypatch.setattr(linear_scoring, "torch_linear_backward", with_triton_fold)
@@ -87,6 +82,17 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     assert torch.isnan(logp[1, :2]).all() and torch.isfinite(logp[1, 3])
     assert torch.isnan(logp[0, 1]) and torch.isnan(entropy[0, 1]) and torch.isfinite(logp[0, 0])
     assert folds == [0, 1, 0]
+
+
+def count_split_launches(monkeypatch, shapes):
+    """Record the parts' shape of each launch of the split fold in ``shapes``."""
+    make_launcher = torch_linear.split_backward_launcher
+
+    def counted_launcher(*args):
+        launch = make_launcher(*args)
+        return lambda *a: shapes.append(a[-1].shape) or launch(*a)
+
+    monkeypatch.setattr(torch_linear, "split_backward_launcher", counted_launcher)
 
 
 def test_split_fold_parts():
@@ -223,14 +229,12 @@ def test_rounded_dlogits_route_stays_within_its_rounding_bound(monkeypatch, dtyp
     monkeypatch.setattr(linear_scoring, "torch_linear_backward",
                         lambda *a: backward(*a, fold="triton-rounded"))  # fmt: skip
     monkeypatch.setattr(torch_linear, "matmul_rows", lambda block: block)
-    parts = []
-    split = torch_linear.scoring_backward_split
-    monkeypatch.setattr(torch_linear, "scoring_backward_split",
-                        lambda *a: parts.append(a[-1].shape[0]) or split(*a))  # fmt: skip
+    shapes = []
+    count_split_launches(monkeypatch, shapes)
     hidden, weight, head_bias, tokens = make_head(2, 5, 37, 203, dtype=dtype)
     tokens[1, 2] = -100
     assert_rounded_gradients(hidden, weight, head_bias, tokens, "torch")
-    assert parts and set(parts) == {1}  # 2 row blocks x 4 tiles, each one bfloat16 part
+    assert len(shapes) == 8 and {shape[0] for shape in shapes} == {1}  # 2 row blocks x 4 tiles
 
 
 def assert_rounded_gradients(hidden, weight, head_bias, tokens, backend):

@@ -32,7 +32,7 @@ from ..ops.rows import as_rows, hidden_rows, row_chunks
 from ..ops.scoring import (
     ScoringOptions,
     scoring_backward_out,
-    scoring_backward_split,
+    split_backward_launcher,
     tile_forward_launcher,
 )
 from .torch_scoring import (
@@ -184,12 +184,11 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
 def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     """:func:`_rows_forward` with the scoring forward kernel reducing each tile in one pass.
 
-    Per tile: one matmul, one kernel writing the tile's ``(logprob, entropy, shift,
-    log-normaliser)`` into row ``t`` of ``[tiles, rows]`` buffers, and the token's logit
-    gathered; the tiles' states (``s = exp(log_norm)``, ``w = s (log_norm - entropy)``) merge
-    once at the end. Few launches per tile, so the host keeps ahead of the device. The per-tile
-    states are 16 bytes per row and tile (1.2 MiB at 4,096 rows and V = 151,936 in tiles of
-    8,192), beside the one logits tile.
+    Per tile: one matmul and one kernel writing the tile's ``(token logit, entropy, shift,
+    log-normaliser)`` into row ``t`` of ``[tiles, rows]`` buffers; the tiles' states (``s =
+    exp(log_norm)``, ``w = s (log_norm - entropy)``) merge once at the end. Few launches per
+    tile, so the host keeps ahead of the device. The per-tile states are 16 bytes per row and
+    tile (1.2 MiB at 4,096 rows and V = 151,936 in tiles of 8,192), beside the one logits tile.
     """
     vocab_size, n_rows = weight.shape[0], rows.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
@@ -197,7 +196,6 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     starts = range(0, vocab_size, tile_vocab)
     entropy, token_logit = torch.empty((2, len(starts), n_rows), device=rows.device)
     normaliser = torch.empty((len(starts), 2, n_rows), device=rows.device)
-    logprobs = torch.empty(n_rows, device=rows.device)  # not used: the merge recomputes it
     # Each token's column in its own tile, used as a placeholder index in every other tile (the
     # merge reads the token's logit from its own tile only); clamped, so that no index is out
     # of bounds, whatever the token. Ignore index -1 never matches: ignored rows are zeroed by
@@ -205,17 +203,16 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     tile_of_token = (tokens // tile_vocab).clamp(0, len(starts) - 1).long()
     local = (tokens - tile_of_token * tile_vocab).clamp(0, tile_vocab - 1).long()
     scoring = ScoringOptions(options.temperature, -1)
-    launchers = {}  # by tile width: the last tile may be narrower
+    launchers = {}  # by tile shape: the last tile may be narrower
     for tile, start in enumerate(starts):
         stop = min(start + tile_vocab, vocab_size)
         logits = logit_block(rows, weight[start:stop], bias, start, stop,
                              out=_tile_of(buffer, n_rows, stop - start))  # fmt: skip
         tile_tokens = local if stop - start == tile_vocab else local.clamp_max(stop - start - 1)
-        launch = launchers.get(stop - start)
+        launch = launchers.get(logits.shape)
         if launch is None:
-            launch = launchers[stop - start] = tile_forward_launcher(logits, tile_tokens, scoring)
-        launch(logits, tile_tokens, (logprobs, entropy[tile], normaliser[tile]))
-        torch.gather(logits, 1, tile_tokens.unsqueeze(-1), out=token_logit[tile].unsqueeze(-1))
+            launch = launchers[logits.shape] = tile_forward_launcher(logits, tile_tokens, scoring)
+        launch(logits, tile_tokens, (token_logit[tile], entropy[tile], normaliser[tile]))
     shift, log_norm = normaliser.unbind(1)
     sum_exp = log_norm.exp()
     # A tile of -inf logits only: s = 0 and w = 0, its maximum -inf (the merge ignores it).
@@ -331,13 +328,13 @@ def _block_operands(rows, tokens, weight_size, grad_weight_wanted, parts, tile_v
     return rows, rows_parts, local, parts
 
 
-def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring, first):
+def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring, first, launchers):
     """Add one row block's gradients over one vocabulary tile to ``accumulators`` ``(dhidden
     rows, dweight tile, dbias tile)``, float32 (``first``: the weight tile's first block, which
-    overwrites it).
+    overwrites it); ``launchers``: the split fold's launchers by tile shape, filled on first use.
 
     The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 parts (high and low,
-    or the high part alone in the rounded mode; :func:`scoring_backward_split`), which bfloat16
+    or the high part alone in the rounded mode; :func:`split_backward_launcher`), which bfloat16
     matmuls take as they are (float16 weights and rows split exactly into bfloat16 parts too);
     the torch fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits (bfloat16) or
     multiplies in float32 (float16)."""
@@ -347,7 +344,11 @@ def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring
     grad = logit_block(rows, weight_tile, bias, start, stop)
     if n_parts:
         parts = grad.new_empty((n_parts, *grad.shape), dtype=torch.bfloat16)
-        scoring_backward_split(grad, tile_tokens, saved, grads, scoring.temperature, -1, parts)
+        launch = launchers.get(grad.shape)
+        if launch is None:
+            launch = split_backward_launcher(grad, tile_tokens, n_parts, scoring)
+            launchers[grad.shape] = launch
+        launch(grad, tile_tokens, saved, grads, parts)
         weight_parts = bfloat16_parts(weight_tile)
         add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first)
         return
@@ -401,7 +402,7 @@ def torch_linear_backward(
 
     operand_dtype = matmul_rows(hidden[:0]).dtype
     n_parts = {"triton": 2, "triton-rounded": 1}.get(fold, 0) if operand_dtype in HALF else 0
-    blocks = []
+    blocks, launchers = [], {}
     for outer, inner in row_chunks(layout, tile_rows):
         operand = matmul_rows(rows[outer, inner].reshape(-1, size))
         block_tokens = token_rows[outer, inner].reshape(-1)
@@ -428,7 +429,7 @@ def torch_linear_backward(
         for index, (operands, saved, block_grads, block_grad_rows) in enumerate(blocks):
             accumulators = (block_grad_rows, tile_grad_weight, tile_grad_bias)
             _tile_gradients((operands, tile, saved, block_grads), weight_tile, bias, start, stop,
-                            accumulators, scoring, index == 0)  # fmt: skip
+                            accumulators, scoring, index == 0, launchers)  # fmt: skip
         if weight_acc is not None and blocks:
             grad_weight[start:stop] = tile_grad_weight  # rounded once
     if grad_weight is not None and not blocks:

@@ -122,7 +122,10 @@ def scoring_fwd_kernel(
     inv_temperature,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    TOKEN_LOGIT: tl.constexpr = False,
 ):
+    """``TOKEN_LOGIT``: write the token's raw logit where the log-prob goes (the fused linear
+    forward merges vocabulary tiles, and its tokens are always inside the tile)."""
     row, outer, inner = row_coordinates(n_inner)
     row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
     token = load_token(tokens_ptr, outer, inner, tokens_stride_outer, tokens_stride_inner)
@@ -130,6 +133,8 @@ def scoring_fwd_kernel(
         row_ptr, token, vocab_size, ignore_index, inv_temperature, BLOCK_V
     )
     is_ignored = token == ignore_index
+    if TOKEN_LOGIT:
+        logprob = tl.load(row_ptr + token).to(tl.float32)
     tl.store(logprobs_ptr + row, logprob)
     tl.store(entropy_ptr + row, entropy)
     tl.store(row_max_ptr + row, tl.where(is_ignored, 0.0, row_max))

@@ -96,9 +96,10 @@ def triton_backward(
 
 def tile_forward_launcher(tile, tokens, options: ScoringOptions):
     """``launch(tile, tokens, outputs)``: :func:`triton_forward` for a series of tiles laid out
-    like ``tile`` (and tokens like ``tokens``), the layouts and the launch configuration worked
-    out once: the fused linear forward launches it once per cuBLAS tile, where working them out
-    each time would leave the device waiting on the host."""
+    like ``tile`` (and tokens like ``tokens``, each inside the tile), except that the token's
+    raw logit takes the log-prob's place in ``outputs``; the layouts and the launch
+    configuration are worked out once: the fused linear forward launches it once per cuBLAS
+    tile, where working them out each time would leave the device waiting on the host."""
     from ..kernels.scoring_fwd import scoring_fwd_kernel
 
     _, _, logits_layout, tokens_layout = row_layouts(tile, tokens)
@@ -114,7 +115,8 @@ def tile_forward_launcher(tile, tokens, options: ScoringOptions):
             return
         logprobs, entropy, normaliser = outputs
         scoring_fwd_kernel[grid](logits, tokens, logprobs, entropy, normaliser[0], normaliser[1],
-                                 *constants, BLOCK_V=config.block_v, **launch_options)  # fmt: skip
+                                 *constants, BLOCK_V=config.block_v, TOKEN_LOGIT=True,
+                                 **launch_options)  # fmt: skip
 
     return launch
 
@@ -194,23 +196,33 @@ def _(logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, *options
     return None
 
 
-def scoring_backward_split(logits, tokens, saved, grads, temperature, ignore_index, parts):
-    """``dlogits`` of a contiguous float32 ``[rows, V]`` tile as bfloat16 parts (Triton):
-    ``parts[0]`` its bfloat16 rounding, ``parts[1]`` (if any) the rounding of the rest;
-    ``parts``: contiguous ``[2, rows, V]``, or ``[1, rows, V]`` for the rounding alone.
-    ``saved``: ``(normaliser, entropy)``; ``grads``: the float32
-    ``(grad_logprobs, grad_entropy)`` (None for an unused one).
+def split_backward_launcher(logits, tokens, n_parts: int, options: ScoringOptions):
+    """``launch(logits, tokens, saved, grads, parts)``: ``dlogits`` of a contiguous float32
+    ``[rows, V]`` tile laid out like ``logits`` as bfloat16 parts (Triton): ``parts[0]`` its
+    bfloat16 rounding, ``parts[1]`` (for ``n_parts = 2``) the rounding of the rest; ``parts``:
+    contiguous ``[n_parts, rows, V]``. ``saved``: ``(normaliser, entropy)``; ``grads``: the
+    float32 ``(grad_logprobs, grad_entropy)`` (None for an unused one). Layouts worked out once.
 
     A plain launcher, not a custom op: it runs once per cuBLAS tile inside the fused linear
     backward (itself opaque to torch.compile), where a custom op's dispatch (about 0.2 ms of
     host time per call in the H200 profile) would leave the device waiting."""
-    source, tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    _, _, logits_layout, tokens_layout = row_layouts(logits, tokens)
     n_outer, n_inner, vocab_size = logits_layout.n_outer, logits_layout.n_inner, logits.shape[-1]
     grad_layout = RowLayout(n_outer, n_inner, n_inner * vocab_size, vocab_size)
     layouts = (logits_layout, grad_layout, tokens_layout)
+
+    def launch(logits, tokens, saved, grads, parts):
+        low = parts[1] if n_parts > 1 else None
+        triton_backward(parts[0], logits, tokens, layouts, *saved, *grads, options, low)
+
+    return launch
+
+
+def scoring_backward_split(logits, tokens, saved, grads, temperature, ignore_index, parts):
+    """:func:`split_backward_launcher`'s launch, for one tile."""
     options = ScoringOptions(temperature, ignore_index)
-    low = parts[1] if len(parts) > 1 else None
-    triton_backward(parts[0], source, tokens, layouts, *saved, *grads, options, low)
+    launch = split_backward_launcher(logits, tokens, len(parts), options)
+    launch(logits, tokens, saved, grads, parts)
 
 
 def gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
