@@ -118,28 +118,31 @@ LINEAR_GPU_DEFAULTS = {
 # tiles with the scoring backward kernel as the fold, one pass over each tile where the torch
 # fold makes about six, writing bfloat16 dlogits as high and low parts that the gradient
 # matmuls take as they are. Forward + backward on an H200 (bfloat16, N = 4096, H = 2048,
-# V = 151936, tl.dot forward; benchmarks/results/nvidia-h200-2026-11-26-linear-routes-final.json):
-# 27.4 ms by "blas-triton-fold", 50.4 ms by "blas", 92.4 ms by "tiles".
+# V = 151936, tl.dot forward; benchmarks/results/nvidia-h200-2026-11-26-s5-94b166a-routes.json):
+# 27.2 ms by "blas-triton-fold", 53.9 ms by "blas", 91.9 ms by "tiles".
 # "blas-bf16-dlogits" is opt-in and outside the spec's gradient tolerance: the same tiles with
 # dlogits rounded to bfloat16 (the high part alone), one matmul per gradient instead of two, as
-# TRL, Liger, verl and Cut Cross-Entropy do (each dlogit off by up to 2^-9 of itself).
+# TRL, Liger, verl and Cut Cross-Entropy do (each dlogit off by up to 2^-8 of itself): 18.8 ms
+# after the cuBLAS forward, 20.1 ms after the tl.dot one (same file).
 # The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
 LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas-triton-fold")
 # How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
 # kernel, entropy_kernels.kernels.linear_fwd), "blas-triton-fold" (cuBLAS tiles with float32
 # output, each reduced by the scoring forward kernel) or "auto" (the default): the cuBLAS fold
 # for a forward without gradients (scoring old / reference log-probs), the tl.dot kernel for a
-# training forward. Measured on an H200 in one run (bfloat16, N = 4096, H = 2048, V = 151936;
-# benchmarks/results/nvidia-h200-2026-11-26-linear-routes-final.json): forward alone 5.45 ms by
-# the cuBLAS fold, 6.18 ms by tl.dot; forward + backward (with the default gradients) 27.4 ms
-# after the tl.dot forward, 30.8 ms after the cuBLAS fold.
+# training forward. Measured on an H200 (bfloat16, N = 4096, H = 2048, V = 151936;
+# benchmarks/results/nvidia-h200-2026-11-26-s5-*-routes.json, three calls): forward alone 5.18 to
+# 5.80 ms by the cuBLAS fold, 6.21 to 6.25 ms by tl.dot; forward + backward (with the default
+# gradients) 27.6 / 26.8 / 27.2 ms after the tl.dot forward, 30.0 / 26.3 / 29.9 ms after the
+# cuBLAS fold, whose tiles are issued one by one while the host barely keeps ahead.
 # ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
 LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "auto")
 # The cuBLAS tiles of those routes, rows x vocabulary entries (128 MiB per float32 tile): the
 # fastest of five shapes on an H200, with the least memory (tied with 1024 x 32768): forward +
 # backward 27.1 ms, 1799 MiB; 2048 x 16384: 27.3 ms, 1831 MiB; 4096 x 16384: 30.7 ms, 2052 MiB
-# (bfloat16, N = 4096, H = 2048, V = 151936; the session's second call, tree 80b143c,
-# benchmarks/results/nvidia-h200-2026-11-26-linear-blas-tiles.json).
+# (bfloat16, N = 4096, H = 2048, V = 151936; the fourth session's second call, tree 80b143c,
+# benchmarks/results/nvidia-h200-2026-11-26-linear-blas-tiles.json, before the backward lost
+# its float32 [V, H] accumulator: 994 MiB now at this tile).
 # ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE ("RxV") overrides it.
 _BLAS_TILE = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BLAS_TILE", "4096x8192")
 LINEAR_GPU_BLAS_TILE = tuple(int(n) for n in _BLAS_TILE.split("x") if n.isdigit())

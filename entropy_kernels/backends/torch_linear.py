@@ -18,7 +18,7 @@ CUDA, half-precision inputs are multiplied by cuBLAS in their own dtype with flo
 accumulation and output (``out_dtype``): the same exact products, never a bfloat16-rounded
 logit. The gradient matmuls take float32 ``dlogits``; for bfloat16 inputs on CUDA they are split
 into bfloat16 high + low parts (two matmuls, relative error about 2^-16, where rounding
-``dlogits`` to bfloat16 as eager autograd does would be 2^-9), written as such by the Triton
+``dlogits`` to bfloat16 as eager autograd does would be up to 2^-8), written as such by the Triton
 fold and split by :func:`add_grad_matmul` after the torch fold.
 """
 

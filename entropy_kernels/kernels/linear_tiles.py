@@ -86,7 +86,7 @@ def grad_dot(grad, operand, acc, DOT: tl.constexpr, CAST_F32: tl.constexpr):
     """``acc + grad @ operand`` with float32 ``grad`` and ``operand`` in the inputs' dtype.
 
     ``DOT_BF16X2``: ``grad = hi + lo`` with both parts bfloat16 (relative error about 2^-16,
-    where rounding ``grad`` to bfloat16 as eager autograd does would give 2^-9), two
+    where rounding ``grad`` to bfloat16 as eager autograd does would give up to 2^-8), two
     tensor-core dots with float32 accumulation; under the interpreter the parts are formed the
     same way and multiplied in float32.
     """

@@ -9,7 +9,7 @@ the logits' dtype into ``grad_logits`` (which may be the logits' own storage: ea
 read before it is overwritten, by the same program). With ``grad_low`` (the fused linear
 gradients of bfloat16 heads), ``grad_logits`` gets the bfloat16 rounding of the float32
 ``dlogits`` and ``grad_low`` the bfloat16 rounding of the rest: two bfloat16 matmuls then carry
-``dlogits`` to a relative 2^-16 where one would carry it to 2^-9.
+``dlogits`` to a relative 2^-16 where one would carry it to 2^-8.
 """
 
 import triton
