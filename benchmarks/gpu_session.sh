@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 nvidia-smi -L
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 echo "tree: $(cat .tree-commit 2>/dev/null || git rev-parse HEAD)"
-timeout "${TEST_S:-150}" python -m pytest tests/test_gpu_linear.py tests/test_gpu.py -q \
+timeout "${TEST_S:-150}" python -m pytest ${TESTS:-tests/test_gpu_linear.py tests/test_gpu.py} -q \
     -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/test_gpu.txt"
 cd benchmarks
 # ROUTES_S: time the fused linear GPU routes (forward and forward + backward) first; the fastest

@@ -264,3 +264,69 @@ def assert_rounded_gradients(hidden, weight, head_bias, tokens, backend):
     ):
         bound = unit * truth.abs() + (1 + unit) * (2.0**-8 + 1e-5) * spread
         assert ((mine.double() - truth).abs() <= bound).all()
+
+
+@given(
+    n_ranges=st.integers(1, 5),
+    n_rows=st.integers(1, 40),
+    per_range_logits=st.booleans(),
+    temperature=st.sampled_from([1.0, 0.6, 1.7]),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_kernel_matches_its_torch_twin(n_ranges, n_rows, per_range_logits, temperature, seed):
+    """The Triton merge of the fused linear forward's range states (one launch) gives what the
+    torch epilogue gives (``merge_states`` + ``finish_rows``), bit for bit up to float32
+    rounding: empty ranges (``m = -inf``, ``s = w = 0``), rows empty everywhere, ignored rows,
+    tokens outside the vocabulary (NaN), the token's logit read from its own range."""
+    from entropy_kernels.ops.linear_lse import finish_rows, merge_rows, merge_states
+
+    generator = torch.Generator().manual_seed(seed)
+    width, ignore = 7, -100
+    vocab = n_ranges * width - 3  # the last range is narrower
+    part_max = torch.randn(n_ranges, n_rows, generator=generator) * 3
+    part_sum = torch.rand(n_ranges, n_rows, generator=generator) * 5 + 0.5
+    part_sum_z = -torch.rand(n_ranges, n_rows, generator=generator) * part_sum
+    empty = torch.rand(n_ranges, n_rows, generator=generator) < 0.3
+    part_max[empty], part_sum[empty], part_sum_z[empty] = float("-inf"), 0.0, 0.0
+    state = torch.stack([part_max, part_sum, part_sum_z], 1).contiguous()
+    tokens = torch.randint(-3, vocab + 3, (n_rows,), generator=generator)
+    tokens[torch.rand(n_rows, generator=generator) < 0.2] = ignore
+    logits_shape = (n_ranges, n_rows) if per_range_logits else (n_rows,)
+    token_logit = torch.randn(logits_shape, generator=generator)
+    inv_temperature = 1.0 / temperature
+    got = merge_rows(state, token_logit, tokens, vocab, width, inv_temperature, ignore)
+    own = token_logit
+    if per_range_logits:
+        own = token_logit.gather(0, (tokens // width).clamp(0, n_ranges - 1).unsqueeze(0))[0]
+    own = own.masked_fill((tokens < 0) | (tokens >= vocab), float("nan"))
+    want = finish_rows(*merge_states(state, inv_temperature), own, tokens == ignore,
+                       inv_temperature)  # fmt: skip
+    for mine, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=2e-6, atol=2e-6, equal_nan=True)
+
+
+def test_backward_holds_one_row_blocks_operands_at_a_time(monkeypatch):
+    """The backward's per-block operands (rows in the matmul dtype, masked, and their bfloat16
+    parts: up to four times the block's hidden states) exist for one row block at a time, so
+    that they do not grow with N: each is built when its block is reached, and the previous
+    block's are gone by then (4 row blocks of at most 8 here, 4 vocabulary tiles)."""
+    import gc
+    import weakref
+
+    built, alive_at_build = [], []
+    make_operands = torch_linear._block_operands
+
+    def tracked(*args):
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        operands = make_operands(*args)
+        built.append(weakref.ref(operands[1][0]))  # the stacked bfloat16 high parts
+        return operands
+
+    monkeypatch.setattr(torch_linear, "_block_operands", tracked)
+    triton_folds(monkeypatch, half_rows=True)
+    hidden, weight, head_bias, tokens = make_head(2, 11, 37, 203, dtype=torch.bfloat16)
+    inputs = leaves((hidden, weight, head_bias))
+    logp, entropy = ek.linear_logprobs_and_entropy(*inputs[:2], tokens, bias=inputs[2])
+    (logp.sum() + entropy.sum()).backward()
+    assert len(built) == 4 * 4 and max(alive_at_build) <= 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernel_config
-from ..ops.linear_lse import finish_rows, merge_states
+from ..ops.linear_lse import finish_rows, merge_rows, merge_states
 from ..ops.rows import as_rows, hidden_rows, row_chunks
 from ..ops.scoring import (
     ScoringOptions,
@@ -184,24 +184,23 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
 def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     """:func:`_rows_forward` with the scoring forward kernel reducing each tile in one pass.
 
-    Per tile: one matmul and one kernel writing the tile's ``(token logit, entropy, shift,
-    log-normaliser)`` into row ``t`` of ``[tiles, rows]`` buffers; the tiles' states (``s =
-    exp(log_norm)``, ``w = s (log_norm - entropy)``) merge once at the end. Few launches per
-    tile, so the host keeps ahead of the device. The per-tile states are 16 bytes per row and
-    tile (1.2 MiB at 4,096 rows and V = 151,936 in tiles of 8,192), beside the one logits tile.
+    Per tile: one matmul and one kernel writing the tile's online state ``(m, s, w)`` and the
+    rows' token logits into row ``t`` of ``[tiles, ...]`` buffers; one kernel merges the tiles'
+    states at the end (:func:`merge_rows`). Few launches per tile, so the host keeps ahead of
+    the device. The per-tile states are 16 bytes per row and tile (1.2 MiB at 4,096 rows and
+    V = 151,936 in tiles of 8,192), beside the one logits tile.
     """
     vocab_size, n_rows = weight.shape[0], rows.shape[0]
     tile_vocab = tile_shape(rows.device)[1]
-    inv_temperature = 1.0 / options.temperature
     starts = range(0, vocab_size, tile_vocab)
-    entropy, token_logit = torch.empty((2, len(starts), n_rows), device=rows.device)
-    normaliser = torch.empty((len(starts), 2, n_rows), device=rows.device)
+    state = torch.empty((len(starts), 3, n_rows), device=rows.device)
+    token_logit = torch.empty((len(starts), n_rows), device=rows.device)
     # Each token's column in its own tile, used as a placeholder index in every other tile (the
     # merge reads the token's logit from its own tile only); clamped, so that no index is out
-    # of bounds, whatever the token. Ignore index -1 never matches: ignored rows are zeroed by
-    # finish_rows.
-    tile_of_token = (tokens // tile_vocab).clamp(0, len(starts) - 1).long()
-    local = (tokens - tile_of_token * tile_vocab).clamp(0, tile_vocab - 1).long()
+    # of bounds, whatever the token.
+    local = (tokens - (tokens // tile_vocab).clamp(0, len(starts) - 1) * tile_vocab).clamp(
+        0, tile_vocab - 1
+    )
     scoring = ScoringOptions(options.temperature, -1)
     launchers = {}  # by tile shape: the last tile may be narrower
     for tile, start in enumerate(starts):
@@ -212,19 +211,9 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
         launch = launchers.get(logits.shape)
         if launch is None:
             launch = launchers[logits.shape] = tile_forward_launcher(logits, tile_tokens, scoring)
-        launch(logits, tile_tokens, (token_logit[tile], entropy[tile], normaliser[tile]))
-    shift, log_norm = normaliser.unbind(1)
-    sum_exp = log_norm.exp()
-    # A tile of -inf logits only: s = 0 and w = 0, its maximum -inf (the merge ignores it).
-    empty = sum_exp == 0
-    sum_exp_z = (sum_exp * (log_norm - entropy)).masked_fill_(empty, 0.0)
-    part_max = shift.masked_fill(empty, float("-inf"))
-    merged = merge_states(torch.stack([part_max, sum_exp, sum_exp_z], 1), inv_temperature)
-    token = token_logit.gather(0, tile_of_token.unsqueeze(0)).squeeze(0)
-    # A token outside the vocabulary (unvalidated) gets NaN, as in the torch fold.
-    token = token.masked_fill_((tokens < 0) | (tokens >= vocab_size), float("nan"))
-    ignored = tokens == options.ignore_index
-    return finish_rows(*merged, token, ignored, inv_temperature)
+        launch(logits, tile_tokens, token_logit[tile], state[tile])
+    return merge_rows(state, token_logit, tokens, vocab_size, tile_vocab,
+                      1.0 / options.temperature, options.ignore_index)  # fmt: skip
 
 
 def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, buffers):
@@ -305,15 +294,16 @@ def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
 
 
 def _block_operands(rows, tokens, weight_size, grad_weight_wanted, parts, tile_vocab, ignore):
-    """One row block's operands for every vocabulary tile: ``(rows, rows_parts, local)``.
+    """One row block's operands for every vocabulary tile: ``(rows, rows_parts, local, parts)``.
 
-    ``rows``: the matmul operand, ignored rows zeroed when the weight gradient is wanted
-    (ignored rows take no part in it, even non-finite ones; masked unconditionally, since asking
-    whether any row is ignored would wait for the device); ``rows_parts``: for a fold writing
-    ``parts`` bfloat16 parts of ``dlogits`` (0: float32 ``dlogits``), the rows' bfloat16 high
-    part stacked ``parts`` times and their low part (:func:`bfloat16_parts`);
-    ``local``: ``[tiles, rows]`` tile-local tokens, -1 for ignored rows and the tile's width for
-    a token outside the tile."""
+    ``rows``: the matmul operand (:func:`matmul_rows`), ignored rows zeroed when the weight
+    gradient is wanted (ignored rows take no part in it, even non-finite ones; masked
+    unconditionally, since asking whether any row is ignored would wait for the device);
+    ``rows_parts``: for a fold writing ``parts`` bfloat16 parts of ``dlogits`` (0: float32
+    ``dlogits``), the rows' bfloat16 high part stacked ``parts`` times and their low part
+    (:func:`bfloat16_parts`); ``local``: ``[tiles, rows]`` tile-local tokens, -1 for ignored
+    rows and the tile's width for a token outside the tile; and ``parts``."""
+    rows = matmul_rows(rows)
     ignored = tokens == ignore
     if grad_weight_wanted:
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
@@ -380,7 +370,9 @@ def torch_linear_backward(
     The vocabulary tiles are the outer loop: each weight tile's gradient is accumulated over all
     row blocks in a float32 tile and rounded once into the weight's dtype, so no float32
     ``[V, H]`` accumulator exists (1.2 GiB at V = 151,936, H = 2,048). The hidden gradient is
-    accumulated in float32 ``[N, H]`` across the tiles instead (rows, not vocabulary)."""
+    accumulated in float32 ``[N, H]`` across the tiles instead (rows, not vocabulary): with
+    the rows' operands of one block at a time, the memory that grows with N (twice a half-
+    precision hidden gradient)."""
     scoring = ScoringOptions(options.temperature, -1, "torch" if fold == "torch" else "triton")
     hidden, tokens, layout, tokens_layout = hidden_rows(hidden, tokens)
     size, vocab_size = hidden.shape[-1], weight.shape[0]
@@ -404,17 +396,24 @@ def torch_linear_backward(
     n_parts = {"triton": 2, "triton-rounded": 1}.get(fold, 0) if operand_dtype in HALF else 0
     blocks, launchers = [], {}
     for outer, inner in row_chunks(layout, tile_rows):
-        operand = matmul_rows(rows[outer, inner].reshape(-1, size))
+        block_rows = rows[outer, inner].reshape(-1, size)
         block_tokens = token_rows[outer, inner].reshape(-1)
-        operands = _block_operands(operand, block_tokens, vocab_size, needs[1], n_parts,
-                                   tile_vocab, options.ignore_index)  # fmt: skip
         saved = (
             normaliser.view(2, *shape)[:, outer, inner].reshape(2, -1),
             rows_of(entropy, outer, inner),
         )
         block_grads = tuple(rows_of(grad, outer, inner) for grad in grads)
         block_grad_rows = None if grad_rows is None else grad_rows[outer, inner].view(-1, size)
-        blocks.append((operands, saved, block_grads, block_grad_rows))
+        blocks.append(((block_rows, block_tokens), saved, block_grads, block_grad_rows))
+
+    def operands_of(block_rows, block_tokens):
+        return _block_operands(block_rows, block_tokens, vocab_size, needs[1], n_parts,
+                               tile_vocab, options.ignore_index)  # fmt: skip
+
+    # One block's operands (its rows in the matmul dtype, masked, and their bfloat16 parts) at a
+    # time, so that they never grow with N: kept across the tiles when there is one block, built
+    # again for each tile otherwise.
+    kept = operands_of(*blocks[0][0]) if len(blocks) == 1 else None
     for tile, start in enumerate(range(0, vocab_size, tile_vocab)):
         stop = min(start + tile_vocab, vocab_size)
         weight_tile = weight[start:stop]
@@ -426,7 +425,8 @@ def torch_linear_backward(
                 grad_weight[start:stop] if weight_acc is None else weight_acc[: stop - start]
             )
         tile_grad_bias = None if grad_bias is None else grad_bias[start:stop]
-        for index, (operands, saved, block_grads, block_grad_rows) in enumerate(blocks):
+        for index, (block, saved, block_grads, block_grad_rows) in enumerate(blocks):
+            operands = kept if kept is not None else operands_of(*block)
             accumulators = (block_grad_rows, tile_grad_weight, tile_grad_bias)
             _tile_gradients((operands, tile, saved, block_grads), weight_tile, bias, start, stop,
                             accumulators, scoring, index == 0, launchers)  # fmt: skip

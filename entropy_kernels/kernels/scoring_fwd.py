@@ -122,20 +122,29 @@ def scoring_fwd_kernel(
     inv_temperature,
     ignore_index,
     BLOCK_V: tl.constexpr,
-    TOKEN_LOGIT: tl.constexpr = False,
+    STATE: tl.constexpr = False,
 ):
-    """``TOKEN_LOGIT``: write the token's raw logit where the log-prob goes (the fused linear
-    forward merges vocabulary tiles, and its tokens are always inside the tile)."""
+    """``STATE`` (the fused linear forward, which merges vocabulary tiles: its tokens are always
+    inside the tile): write the tile's online state instead, ``m`` (``-inf`` for a tile of
+    ``-inf`` logits only), ``s = sum exp(z)`` and ``w = sum exp(z) z`` where the row maximum,
+    the log-normaliser and the entropy go, and the token's raw logit where the log-prob goes
+    (see :mod:`entropy_kernels.kernels.linear_merge`)."""
     row, outer, inner = row_coordinates(n_inner)
     row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
     token = load_token(tokens_ptr, outer, inner, tokens_stride_outer, tokens_stride_inner)
     _, row_max, log_norm, entropy, logprob = score_row(
         row_ptr, token, vocab_size, ignore_index, inv_temperature, BLOCK_V
     )
-    is_ignored = token == ignore_index
-    if TOKEN_LOGIT:
-        logprob = tl.load(row_ptr + token).to(tl.float32)
-    tl.store(logprobs_ptr + row, logprob)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(row_max_ptr + row, tl.where(is_ignored, 0.0, row_max))
-    tl.store(log_norm_ptr + row, tl.where(is_ignored, 0.0, log_norm))
+    if STATE:
+        sum_exp = tl.exp(log_norm)
+        empty = sum_exp == 0.0
+        tl.store(logprobs_ptr + row, tl.load(row_ptr + token).to(tl.float32))
+        tl.store(entropy_ptr + row, tl.where(empty, 0.0, sum_exp * (log_norm - entropy)))
+        tl.store(row_max_ptr + row, tl.where(empty, float("-inf"), row_max))
+        tl.store(log_norm_ptr + row, sum_exp)
+    else:
+        is_ignored = token == ignore_index
+        tl.store(logprobs_ptr + row, logprob)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(row_max_ptr + row, tl.where(is_ignored, 0.0, row_max))
+        tl.store(log_norm_ptr + row, tl.where(is_ignored, 0.0, log_norm))

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from ..kernel_config import TileConfig, is_overridden, tile_config
-from .linear_lse import finish_rows, merge_states
+from .linear_lse import merge_rows
 
 # Programs per SM a launch aims for when it splits the vocabulary between programs.
 PROGRAMS_PER_SM = 2
@@ -156,8 +156,9 @@ def linear_forward(hidden, weight, bias, tokens, layouts, constants):
         return state, token_logit
 
     state, token_logit = _launch_fitting("linear_fwd", hidden, launch)
-    ignored = tokens.reshape(-1) == ignore_index
-    return finish_rows(*merge_states(state, inv_temperature), token_logit, ignored, inv_temperature)
+    vocab_size = weight.shape[0]
+    return merge_rows(state, token_logit, tokens.reshape(-1), vocab_size, vocab_size,
+                      inv_temperature, ignore_index)  # fmt: skip
 
 
 def linear_grad_hidden(hidden, weight, bias, tokens, layouts, saved, grads, constants):

@@ -1,6 +1,7 @@
-"""The epilogue of the fused linear forward, shared by the torch backend and the Triton
-launcher: online log-sum-exp states of several vocabulary ranges merged into one, then the
-log-prob of the token, the entropy and the log-normaliser of each row.
+"""The epilogue of the fused linear forward: online log-sum-exp states of several vocabulary
+ranges merged into one, then the log-prob of the token, the entropy and the log-normaliser of
+each row. The torch backend runs the torch functions; the Triton routes launch their twin,
+:mod:`entropy_kernels.kernels.linear_merge`, through :func:`merge_rows`.
 
 A state is ``(m, s, w)`` per row: the largest logit seen, ``s = sum exp(z)`` and
 ``w = sum exp(z) z`` with ``z = (x - m) / T``.
@@ -11,6 +12,9 @@ from __future__ import annotations
 import torch
 
 NEG_INF = float("-inf")
+# Rows per program of the merge kernel on a GPU (under the interpreter: 16, so that test shapes
+# take several programs).
+MERGE_BLOCK_ROWS = 256
 
 
 def merge_states(state: torch.Tensor, inv_temperature: float):
@@ -37,3 +41,25 @@ def finish_rows(row_max, sum_exp, sum_exp_z, token_logit, ignored, inv_temperatu
         entropy.masked_fill_(ignored, 0.0),
         torch.stack([shift, log_norm]).masked_fill_(ignored, 0.0),
     )
+
+
+def merge_rows(state, token_logit, tokens, vocab_size, range_width, inv_temperature, ignore_index):
+    """:func:`merge_states` + :func:`finish_rows` in one Triton launch: ``(logprobs, entropy,
+    normaliser [2, rows])`` from ``state [ranges, 3, rows]`` (contiguous float32) and
+    ``token_logit``, ``[rows]`` (each row's token logit) or ``[ranges, rows]`` (read from range
+    ``token // range_width``), ``tokens [rows]``."""
+    from ..kernels.linear_merge import linear_merge_kernel
+
+    n_ranges, _, n_rows = state.shape
+    logprobs = torch.empty(n_rows, device=state.device)
+    entropy = torch.empty(n_rows, device=state.device)
+    normaliser = torch.empty((2, n_rows), device=state.device)
+    if n_rows:
+        block = MERGE_BLOCK_ROWS if state.is_cuda else 16
+        stride = token_logit.stride(0) if token_logit.dim() == 2 else 0
+        linear_merge_kernel[(-(-n_rows // block),)](
+            state, token_logit, tokens.contiguous(), logprobs, entropy, normaliser, n_rows,
+            n_ranges, vocab_size, range_width, stride, inv_temperature, ignore_index,
+            BLOCK_R=block,
+        )  # fmt: skip
+    return logprobs, entropy, normaliser

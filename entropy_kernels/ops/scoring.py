@@ -95,11 +95,12 @@ def triton_backward(
 
 
 def tile_forward_launcher(tile, tokens, options: ScoringOptions):
-    """``launch(tile, tokens, outputs)``: :func:`triton_forward` for a series of tiles laid out
-    like ``tile`` (and tokens like ``tokens``, each inside the tile), except that the token's
-    raw logit takes the log-prob's place in ``outputs``; the layouts and the launch
-    configuration are worked out once: the fused linear forward launches it once per cuBLAS
-    tile, where working them out each time would leave the device waiting on the host."""
+    """``launch(tile, tokens, token_logit, state)``: the scoring forward kernel over a series of
+    tiles laid out like ``tile`` (and tokens like ``tokens``, each inside the tile), writing
+    each row's raw token logit and the tile's online state ``(m, s, w)`` into ``state [3,
+    rows]`` (the kernel's ``STATE`` form); the layouts and the launch configuration are worked
+    out once: the fused linear forward launches it once per cuBLAS tile, where working them out
+    each time would leave the device waiting on the host."""
     from ..kernels.scoring_fwd import scoring_fwd_kernel
 
     _, _, logits_layout, tokens_layout = row_layouts(tile, tokens)
@@ -110,12 +111,11 @@ def tile_forward_launcher(tile, tokens, options: ScoringOptions):
     launch_options = config.launch_options()
     grid = (logits_layout.n_rows,)
 
-    def launch(logits, tokens, outputs):
+    def launch(logits, tokens, token_logit, state):
         if not grid[0]:
             return
-        logprobs, entropy, normaliser = outputs
-        scoring_fwd_kernel[grid](logits, tokens, logprobs, entropy, normaliser[0], normaliser[1],
-                                 *constants, BLOCK_V=config.block_v, TOKEN_LOGIT=True,
+        scoring_fwd_kernel[grid](logits, tokens, token_logit, state[2], state[0], state[1],
+                                 *constants, BLOCK_V=config.block_v, STATE=True,
                                  **launch_options)  # fmt: skip
 
     return launch
