@@ -51,9 +51,10 @@ def make_step(shape: str, dtype: torch.dtype):
 
 
 def device_activity(prof, top: int = 6) -> tuple[float, float, list[str]]:
-    """``(busy ms, idle ms, widest gaps)`` of the device: its kernels' summed time, the time
-    between the first kernel's start and the last one's end that no kernel covers, and the
-    ``top`` widest uncovered gaps with the kernels on either side."""
+    """``(busy ms, idle ms, widest gaps)`` of the device: its kernels' and copies' summed time
+    (overlapping ones counted twice), the time between the first kernel's start and the last
+    one's end that no kernel covers, and the ``top`` widest uncovered gaps with the kernels on
+    either side."""
     spans = sorted(
         (event.time_range.start, event.time_range.end, event.name)
         for event in prof.events()
@@ -78,6 +79,11 @@ def device_activity(prof, top: int = 6) -> tuple[float, float, list[str]]:
 
 
 def profile_routes(forward: str, backward: str, shape: str, dtype, rows: int) -> str:
+    for name, route in (("LINEAR_GPU_FORWARD", forward), ("LINEAR_GPU_BACKWARD", backward)):
+        if route not in kernel_config.LINEAR_GPU_ROUTES[name]:
+            raise ValueError(
+                f"--routes: {route!r} is not one of {kernel_config.LINEAR_GPU_ROUTES[name]}"
+            )
     kernel_config.LINEAR_GPU_FORWARD, kernel_config.LINEAR_GPU_BACKWARD = forward, backward
     step, clocks = make_step(shape, dtype)
     for _ in range(3):
@@ -97,7 +103,7 @@ def profile_routes(forward: str, backward: str, shape: str, dtype, rows: int) ->
     return (
         f"linear_policy_loss {dtype} N x H x V = {shape}; routes: forward {forward}, backward "
         f"{backward}\nwall {wall:.2f} ms (median of 10), host issuing forward {host_forward:.2f} "
-        f"ms + backward {host_backward:.2f} ms; profiled step: device busy {busy:.2f} ms, idle "
+        f"ms + backward {host_backward:.2f} ms; profiled step: kernel time {busy:.2f} ms, idle "
         f"{idle:.2f} ms between its first and last kernel; the widest gaps:\n"
         + "\n".join(gaps)
         + f"\n{kernels}\n{host}\n"

@@ -122,8 +122,8 @@ LINEAR_GPU_DEFAULTS = {
 # 27.2 ms by "blas-triton-fold", 53.9 ms by "blas", 91.9 ms by "tiles".
 # "blas-bf16-dlogits" is opt-in and outside the spec's gradient tolerance: the same tiles with
 # dlogits rounded to bfloat16 (the high part alone), one matmul per gradient instead of two, as
-# TRL, Liger, verl and Cut Cross-Entropy do (each dlogit off by up to 2^-8 of itself): 18.8 ms
-# after the cuBLAS forward, 20.1 ms after the tl.dot one (same file).
+# TRL, Liger, verl and Cut Cross-Entropy do (each dlogit off by up to 2^-8 of itself): 18.5 ms
+# after the cuBLAS forward, 19.5 ms after the tl.dot one (...-s5-ec3a078-routes.json).
 # The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.
 LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "blas-triton-fold")
 # How the "triton" backend computes the fused linear forward on a GPU: "tiles" (the tl.dot
@@ -131,10 +131,10 @@ LINEAR_GPU_BACKWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_BACKWARD", "bla
 # output, each reduced by the scoring forward kernel) or "auto" (the default): the cuBLAS fold
 # for a forward without gradients (scoring old / reference log-probs), the tl.dot kernel for a
 # training forward. Measured on an H200 (bfloat16, N = 4096, H = 2048, V = 151936;
-# benchmarks/results/nvidia-h200-2026-11-26-s5-*-routes.json, three calls): forward alone 5.18 to
-# 5.80 ms by the cuBLAS fold, 6.21 to 6.25 ms by tl.dot; forward + backward (with the default
-# gradients) 27.6 / 26.8 / 27.2 ms after the tl.dot forward, 30.0 / 26.3 / 29.9 ms after the
-# cuBLAS fold, whose tiles are issued one by one while the host barely keeps ahead.
+# benchmarks/results/nvidia-h200-2026-11-26-s5-*-routes.json, four calls): forward alone 4.98 to
+# 5.80 ms by the cuBLAS fold, 6.17 to 6.25 ms by tl.dot; forward + backward (with the default
+# gradients) 27.6 / 26.8 / 27.2 / 26.8 ms after the tl.dot forward, 30.0 / 26.3 / 29.9 / 28.0 ms
+# after the cuBLAS fold, whose tiles are issued one by one while the host barely keeps ahead.
 # ENTROPY_KERNELS_LINEAR_GPU_FORWARD overrides it.
 LINEAR_GPU_FORWARD = os.environ.get("ENTROPY_KERNELS_LINEAR_GPU_FORWARD", "auto")
 # The cuBLAS tiles of those routes, rows x vocabulary entries (128 MiB per float32 tile): the

@@ -94,6 +94,15 @@ def triton_backward(
     )
 
 
+def _reusable_layouts(logits, tokens):
+    """The row layouts of ``logits`` and ``tokens`` as they are: a launcher prepared once reads
+    later tensors through them, so a layout that needed a copy would be wrong for those."""
+    source, same_tokens, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    if source is not logits or same_tokens is not tokens:
+        raise ValueError("a prepared launcher needs logits and tokens read in place (2-D tiles)")
+    return logits_layout, tokens_layout
+
+
 def tile_forward_launcher(tile, tokens, options: ScoringOptions):
     """``launch(tile, tokens, token_logit, state)``: the scoring forward kernel over a series of
     tiles laid out like ``tile`` (and tokens like ``tokens``, each inside the tile), writing
@@ -103,7 +112,7 @@ def tile_forward_launcher(tile, tokens, options: ScoringOptions):
     each time would leave the device waiting on the host."""
     from ..kernels.scoring_fwd import scoring_fwd_kernel
 
-    _, _, logits_layout, tokens_layout = row_layouts(tile, tokens)
+    logits_layout, tokens_layout = _reusable_layouts(tile, tokens)
     vocab_size = tile.shape[-1]
     config = launch_config("scoring_fwd", vocab_size, tile.device)
     constants = (*launch_rows(vocab_size, logits_layout, tokens_layout), 1.0 / options.temperature,
@@ -206,7 +215,7 @@ def split_backward_launcher(logits, tokens, n_parts: int, options: ScoringOption
     A plain launcher, not a custom op: it runs once per cuBLAS tile inside the fused linear
     backward (itself opaque to torch.compile), where a custom op's dispatch (about 0.2 ms of
     host time per call in the H200 profile) would leave the device waiting."""
-    _, _, logits_layout, tokens_layout = row_layouts(logits, tokens)
+    logits_layout, tokens_layout = _reusable_layouts(logits, tokens)
     n_outer, n_inner, vocab_size = logits_layout.n_outer, logits_layout.n_inner, logits.shape[-1]
     grad_layout = RowLayout(n_outer, n_inner, n_inner * vocab_size, vocab_size)
     layouts = (logits_layout, grad_layout, tokens_layout)
