@@ -167,14 +167,16 @@ def triton_folds(mp, half_rows):
     bias=st.sampled_from(["none", "plain", "masked"]),
     temperature=st.sampled_from([1.0, 0.6, 1.7]),
     ignored=st.booleans(),
+    wanted=st.sampled_from(["all", "hidden", "weight", "bias"]),
     seed=st.integers(0, 2**16),
 )
 def test_triton_folds_agree_with_the_torch_fold(
-    shape, dtype, half_rows, bias, temperature, ignored, seed
+    shape, dtype, half_rows, bias, temperature, ignored, wanted, seed
 ):
     """Values and gradients of both Triton folds (forward and backward) equal the torch fold's,
     over shapes that cut the 8 x 64 test tiles anywhere (a vocabulary of one entry, one row),
-    masked vocabulary entries (tokens on them too: log-prob -inf), ignored rows."""
+    masked vocabulary entries (tokens on them too: log-prob -inf), ignored rows, and gradients
+    wanted for every input or for one of them only."""
     batch, seq, size, vocab = shape
     hidden, weight, head_bias, tokens = make_head(
         batch, seq, size, vocab, dtype=dtype, bias=bias != "none", seed=seed
@@ -192,9 +194,15 @@ def test_triton_folds_agree_with_the_torch_fold(
             mp.setattr(torch_linear, "TILE_ROWS", 8)
             mp.setattr(torch_linear, "TILE_VOCAB", 64)
             inputs = leaves((hidden, weight, head_bias))
+            for name, tensor in zip(("hidden", "weight", "bias"), inputs, strict=True):
+                if tensor is not None and wanted not in ("all", name):
+                    tensor.requires_grad_(False)
             logp, entropy = ek.linear_logprobs_and_entropy(
                 *inputs[:2], tokens, bias=inputs[2], temperature=temperature, backend="torch"
             )
+            if not logp.requires_grad:  # the one wanted input is a missing bias
+                results.append((logp, entropy, inputs))
+                continue
             finite = torch.isfinite(logp)  # -inf where the token is masked out
             loss = (torch.where(finite, logp, 0.0) * grads[0]).sum() + (entropy * grads[1]).sum()
             loss.backward()
