@@ -9,14 +9,15 @@ The logits exist only as tiles of a fixed size (``backends.torch_linear.tile_sha
   ``dlogits = (g_logp (onehot - p) - g_H p (log p + H)) / T``, then
   ``dhidden += dlogits @ W``, ``dweight += dlogits^T @ h`` and ``dbias += sum(dlogits)``.
 
-Two backends do this with the same tiling: ``"torch"`` (BLAS matmuls with float32 output, one
-pass over the tiles per row block) and ``"triton"`` (``tl.dot`` tiles, deterministic: one
-kernel per row block for the hidden gradient, one per vocabulary block for the weight and bias
-gradients, no atomics; see :mod:`entropy_kernels.kernels.linear_fwd`). Logits are accumulated
-in float32 whatever the input dtype and never rounded to it; gradients of half-precision inputs
-are accumulated in float32 and rounded once. (The torch backend's weight gradient of half
-inputs is a float32 ``[V, H]`` accumulator; the Triton kernels accumulate in float32 buffers of
-the gradients' shapes.)
+Two backends do this with the same tiling: ``"torch"`` (BLAS matmuls with float32 output;
+the backward takes the vocabulary tiles outside and the row blocks inside) and ``"triton"``
+(``tl.dot`` tiles, deterministic: one kernel per row block for the hidden gradient, one per
+vocabulary block for the weight and bias gradients, no atomics; see
+:mod:`entropy_kernels.kernels.linear_fwd`). Logits are accumulated in float32 whatever the input
+dtype and never rounded to it; gradients of half-precision inputs are accumulated in float32 and
+rounded once. (The torch backend accumulates each weight tile's
+gradient in a float32 tile and the hidden gradient in float32 ``[N, H]``; the tl.dot kernels
+accumulate in float32 buffers of the gradients' shapes.)
 
 A variant that forms the loss gradient in the forward pass from ``[rows, V]`` blocks (three
 ``N H V`` matmuls instead of four) was measured slower on CPU (1 thread: 6.9 s against 6.1 s

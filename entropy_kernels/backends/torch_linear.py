@@ -4,9 +4,10 @@ fold, never an ``[N, V]`` tensor.
 Forward: per block of rows, each vocabulary tile's log-sum-exp state (maximum, sum of
 exponentials, sum of ``exp(z) z``) merged into the running one by
 :func:`entropy_kernels.ops.linear_lse.merge_states`, finished by ``finish_rows``: the split
-merge and epilogue of the Triton launcher. Backward: each tile is recomputed and turned into
-``dlogits`` by the scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight +=
-dlogits^T @ h`` and ``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The GPU
+merge and epilogue (the Triton routes launch their twin, :func:`merge_rows`). Backward, vocabulary
+tiles outside and row blocks inside: each tile is recomputed and turned into ``dlogits`` by the
+scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight += dlogits^T @ h`` and
+``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The GPU
 routes of the Triton backend (``kernel_config.LINEAR_GPU_FORWARD`` / ``_BACKWARD``) run the same
 tiles with the scoring kernels as the fold (``fold="triton"``). The loss
 of :mod:`entropy_kernels.linear_fused_loss` forms ``dlogits`` in the forward (:func:`fused_rows`).
