@@ -104,7 +104,8 @@ def fused_linear_policy_loss(
 
     needs = tuple(t is not None and t.requires_grad for t in (source, weight, bias))
     grad_hidden = torch.empty((*shape, size), dtype=hidden.dtype) if needs[0] else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs[1] else None
+    # Overwritten by the first block's matmul (no zero fill of [V, H]), added to by the others.
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32) if needs[1] else None
     grad_bias = torch.zeros(vocab_size, dtype=torch.float32) if needs[2] else None
     logprobs = torch.empty(shape)
     entropy = torch.empty(shape)
@@ -114,6 +115,7 @@ def fused_linear_policy_loss(
     # One tile for every block: a fresh one per block would be page-faulted in each time.
     tile = torch.empty((min(block_rows, shape[0] * shape[1]), vocab_size))
 
+    blocks = 0
     for outer, inner in row_chunks(layout, block_rows):
 
         def block(values, outer=outer, inner=inner):
@@ -136,7 +138,7 @@ def fused_linear_policy_loss(
             return tuple(None if g is None else (g * block(scale)).reshape(-1) for g in grads)
 
         piece = rows[outer, inner]
-        grad_rows = torch.zeros(piece.shape[:-1].numel(), size) if needs[0] else None
+        grad_rows = torch.empty(piece.shape[:-1].numel(), size) if needs[0] else None
         with torch.no_grad():
             block_logprobs, block_entropy = fused_rows(
                 matmul_rows(piece.detach().reshape(-1, size)),
@@ -146,12 +148,16 @@ def fused_linear_policy_loss(
                 linear,
                 coefficients,
                 (tile, grad_rows, grad_weight, grad_bias),
+                blocks == 0,
             )
+        blocks += 1
         logprobs[outer, inner] = block_logprobs.view(piece.shape[:-1])
         entropy[outer, inner] = block_entropy.view(piece.shape[:-1])
         if grad_hidden is not None:
             grad_hidden[outer, inner] = grad_rows.view(piece.shape)
 
+    if grad_weight is not None and blocks == 0:
+        grad_weight.zero_()
     with torch.no_grad():
         out = loss_from_logprobs(
             logprobs.view(tokens.shape),

@@ -217,14 +217,15 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
                       1.0 / options.temperature, options.ignore_index)  # fmt: skip
 
 
-def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, buffers):
+def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, buffers, first):
     """Scores and gradients of one row block whose float32 logits ``[rows, V]`` are formed once:
     the log-sum-exp, then ``coefficients(logprobs, entropy)`` gives ``(d loss / d logprobs,
     d loss / d entropy)`` of those rows (None for an unused term), then ``dlogits`` and the two
     gradient matmuls. Three matmul passes over the vocabulary where the forward + recomputing
     backward takes four. ``buffers``: ``(tile, grad_rows, grad_weight, grad_bias)``, float32, the
-    tile (at least ``[rows, V]``) overwritten, the gradients (None where not wanted) added to.
-    Returns ``(logprobs, entropy)``.
+    tile (at least ``[rows, V]``) and ``grad_rows`` overwritten, the weight and bias gradients
+    (None where not wanted) added to, or overwritten for the ``first`` block (the weight's need
+    no zero fill). Returns ``(logprobs, entropy)``.
 
     The tile holds the logits, then ``z``, then ``dlogits``; the element-wise passes run over
     cache-sized row groups (``exp(z)`` is recomputed per group rather than held as a second tile).
@@ -255,11 +256,11 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
             softmax_grad_(z[group].mul_(exp_z), exp_z, scale[group], offset[group])
     grad = add_token_grad_(z, grad_logp, tokens, ignored)
     if grad_rows is not None:
-        add_grad_matmul(grad_rows, grad, weight_operand)
+        add_grad_matmul(grad_rows, grad, weight_operand, first=True)
     if grad_weight is not None:
         if bool(ignored.any()):  # ignored rows reach no weight gradient, even non-finite ones
             rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
-        add_grad_matmul(grad_weight, grad.T, rows)
+        add_grad_matmul(grad_weight, grad.T, rows, first)
     if grad_bias is not None:
         grad_bias += grad.sum(0)
     return logprobs, entropy
