@@ -2,6 +2,8 @@
 Triton scoring kernels under the interpreter (``fold="triton"`` of the torch backend's tiles),
 the bfloat16 split of ``dlogits``, and the choice of the forward route."""
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given
@@ -173,10 +175,12 @@ def triton_folds(mp, half_rows):
 def test_triton_folds_agree_with_the_torch_fold(
     shape, dtype, half_rows, bias, temperature, ignored, wanted, seed
 ):
-    """Values and gradients of both Triton folds (forward and backward) equal the torch fold's,
-    over shapes that cut the 8 x 64 test tiles anywhere (a vocabulary of one entry, one row),
-    masked vocabulary entries (tokens on them too: log-prob -inf), ignored rows, and gradients
-    wanted for every input or for one of them only."""
+    """Values of both Triton folds (forward and backward) equal the torch fold's, and the
+    gradients of both folds hold the spec's tolerance against the float64 reference (two
+    half-precision gradients, each rounded once, may sit one unit apart, so they are not
+    compared with each other), over shapes that cut the 8 x 64 test tiles anywhere (a
+    vocabulary of one entry, one row), masked vocabulary entries (tokens on them too: log-prob
+    -inf), ignored rows, and gradients wanted for every input or for one of them only."""
     batch, seq, size, vocab = shape
     hidden, weight, head_bias, tokens = make_head(
         batch, seq, size, vocab, dtype=dtype, bias=bias != "none", seed=seed
@@ -187,30 +191,35 @@ def test_triton_folds_agree_with_the_torch_fold(
         tokens[0, 0] = -100
     grads = torch.randn(2, batch, seq, generator=torch.Generator().manual_seed(seed))
     results = []
-    for fold in ("torch", "triton"):
+    for fold in ("torch", "triton", "float64"):
         with pytest.MonkeyPatch.context() as mp:
             if fold == "triton":
                 triton_folds(mp, half_rows)
             mp.setattr(torch_linear, "TILE_ROWS", 8)
             mp.setattr(torch_linear, "TILE_VOCAB", 64)
-            inputs = leaves((hidden, weight, head_bias))
+            inputs = leaves(
+                (hidden, weight, head_bias), torch.float64 if fold == "float64" else None
+            )
             for name, tensor in zip(("hidden", "weight", "bias"), inputs, strict=True):
                 if tensor is not None and wanted not in ("all", name):
                     tensor.requires_grad_(False)
-            logp, entropy = ek.linear_logprobs_and_entropy(
-                *inputs[:2], tokens, bias=inputs[2], temperature=temperature, backend="torch"
+            score = (
+                reference.linear_logprobs_and_entropy
+                if fold == "float64"
+                else partial(ek.linear_logprobs_and_entropy, backend="torch")
             )
+            logp, entropy = score(*inputs[:2], tokens, bias=inputs[2], temperature=temperature)
+            results.append((logp, entropy, inputs))
             if not logp.requires_grad:  # the one wanted input is a missing bias
-                results.append((logp, entropy, inputs))
                 continue
             finite = torch.isfinite(logp)  # -inf where the token is masked out
             loss = (torch.where(finite, logp, 0.0) * grads[0]).sum() + (entropy * grads[1]).sum()
             loss.backward()
-            results.append((logp, entropy, inputs))
-    (want_logp, want_entropy, want), (logp, entropy, got) = results
+    (want_logp, want_entropy, want), (logp, entropy, got), (*_, truth) = results
     torch.testing.assert_close(logp, want_logp, **VALUE_TOL)
     torch.testing.assert_close(entropy, want_entropy, **VALUE_TOL)
-    assert_grads(got, want)
+    assert_grads(want, truth)
+    assert_grads(got, truth)
 
 
 def test_float16_splits_exactly_into_bfloat16_parts():

@@ -223,9 +223,9 @@ def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, 
     d loss / d entropy)`` of those rows (None for an unused term), then ``dlogits`` and the two
     gradient matmuls. Three matmul passes over the vocabulary where the forward + recomputing
     backward takes four. ``buffers``: ``(tile, grad_rows, grad_weight, grad_bias)``, float32, the
-    tile (at least ``[rows, V]``) and ``grad_rows`` overwritten, the weight and bias gradients
-    (None where not wanted) added to, or overwritten for the ``first`` block (the weight's need
-    no zero fill). Returns ``(logprobs, entropy)``.
+    tile (at least ``[rows, V]``) and ``grad_rows`` overwritten, the weight gradient added to,
+    or overwritten for the ``first`` block (no zero fill of ``[V, H]``), the bias gradient added
+    to (None where not wanted). Returns ``(logprobs, entropy)``.
 
     The tile holds the logits, then ``z``, then ``dlogits``; the element-wise passes run over
     cache-sized row groups (``exp(z)`` is recomputed per group rather than held as a second tile).

@@ -50,6 +50,8 @@ def merge_rows(state, token_logit, tokens, vocab_size, range_width, inv_temperat
     ``token // range_width``), ``tokens [rows]``."""
     from ..kernels.linear_merge import linear_merge_kernel
 
+    if not state.is_contiguous() or token_logit.stride(-1) != 1:
+        raise ValueError("merge_rows needs a contiguous state and token logits along the rows")
     n_ranges, _, n_rows = state.shape
     logprobs = torch.empty(n_rows, device=state.device)
     entropy = torch.empty(n_rows, device=state.device)
