@@ -24,7 +24,8 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backends.torch_linear import fused_rows, matmul_rows
+from .backends.torch_linear import matmul_rows
+from .backends.torch_linear_fused import fused_rows
 from .linear_scoring import gradients_wanted
 from .ops.rows import as_rows, hidden_rows, row_chunks
 from .surrogate import PolicyLossOutput, aggregation_weights, loss_from_logprobs

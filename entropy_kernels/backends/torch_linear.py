@@ -10,7 +10,8 @@ scoring backward's torch fold, then ``dhidden += dlogits @ W``, ``dweight += dlo
 ``dbias += sum(dlogits)``, accumulated in float32 and rounded once. The GPU
 routes of the Triton backend (``kernel_config.LINEAR_GPU_FORWARD`` / ``_BACKWARD``) run the same
 tiles with the scoring kernels as the fold (``fold="triton"``). The loss
-of :mod:`entropy_kernels.linear_fused_loss` forms ``dlogits`` in the forward (:func:`fused_rows`).
+of :mod:`entropy_kernels.linear_fused_loss` forms ``dlogits`` in the forward
+(:mod:`entropy_kernels.backends.torch_linear_fused`).
 On CPU the element-wise passes over a tile run in cache-sized row groups
 (``torch_scoring.GROUP_BYTES``).
 
@@ -37,12 +38,8 @@ from ..ops.scoring import (
     tile_forward_launcher,
 )
 from .torch_scoring import (
-    _groups,
     _tile_state,
     _torch_chunk_backward,
-    add_token_grad_,
-    row_coefficients,
-    softmax_grad_,
 )
 
 # CPU tile: 1024 rows x 2048 vocabulary entries, 8 MiB of float32 logits, whatever N and V are
@@ -182,6 +179,13 @@ def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
     return finish_rows(*state, ignored, inv_temperature)
 
 
+def _launcher(cache: dict, make, tile, *args):
+    """``make(tile, *args)``, a launcher prepared once per tile shape and kept in ``cache``."""
+    if tile.shape not in cache:
+        cache[tile.shape] = make(tile, *args)
+    return cache[tile.shape]
+
+
 def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
     """:func:`_rows_forward` with the scoring forward kernel reducing each tile in one pass.
 
@@ -209,61 +213,10 @@ def _rows_forward_triton(rows, tokens, weight, bias, options, buffer):
         logits = logit_block(rows, weight[start:stop], bias, start, stop,
                              out=_tile_of(buffer, n_rows, stop - start))  # fmt: skip
         tile_tokens = local if stop - start == tile_vocab else local.clamp_max(stop - start - 1)
-        launch = launchers.get(logits.shape)
-        if launch is None:
-            launch = launchers[logits.shape] = tile_forward_launcher(logits, tile_tokens, scoring)
+        launch = _launcher(launchers, tile_forward_launcher, logits, tile_tokens, scoring)
         launch(logits, tile_tokens, token_logit[tile], state[tile])
     return merge_rows(state, token_logit, tokens, vocab_size, tile_vocab,
                       1.0 / options.temperature, options.ignore_index)  # fmt: skip
-
-
-def fused_rows(rows, tokens, weight, bias, masked: bool, options, coefficients, buffers, first):
-    """Scores and gradients of one row block whose float32 logits ``[rows, V]`` are formed once:
-    the log-sum-exp, then ``coefficients(logprobs, entropy)`` gives ``(d loss / d logprobs,
-    d loss / d entropy)`` of those rows (None for an unused term), then ``dlogits`` and the two
-    gradient matmuls. Three matmul passes over the vocabulary where the forward + recomputing
-    backward takes four. ``buffers``: ``(tile, grad_rows, grad_weight, grad_bias)``, float32, the
-    tile (at least ``[rows, V]``) and ``grad_rows`` overwritten, the weight gradient added to,
-    or overwritten for the ``first`` block (no zero fill of ``[V, H]``), the bias gradient added
-    to (None where not wanted). Returns ``(logprobs, entropy)``.
-
-    The tile holds the logits, then ``z``, then ``dlogits``; the element-wise passes run over
-    cache-sized row groups (``exp(z)`` is recomputed per group rather than held as a second tile).
-    """
-    inv_temperature = 1.0 / options.temperature
-    weight_operand = weight.float() if rows.dtype == torch.float32 else weight
-    tile, grad_rows, grad_weight, grad_bias = buffers
-    z = logit_block(rows, weight_operand, bias, 0, weight.shape[0], out=tile[: rows.shape[0]])
-    state = _tile_state(z, tokens, 0, masked, inv_temperature)
-    ignored = tokens == options.ignore_index
-    logprobs, entropy, _ = finish_rows(*state, ignored, inv_temperature)
-    grad_logp, grad_h = row_coefficients(
-        ignored, entropy, *coefficients(logprobs, entropy), inv_temperature
-    )
-    # -p (g_logp + g_H (log p + H)) with p = exp(z) / S and log p + H = z - W / S
-    # (W = sum exp(z) z): (-g_H / S) exp(z) z + ((g_H W / S - g_logp) / S) exp(z).
-    sum_exp, sum_exp_z = state[1:3]
-    if grad_h is None:
-        scale, offset = None, -grad_logp / sum_exp
-    else:
-        scale = -grad_h / sum_exp
-        offset = (grad_h * sum_exp_z / sum_exp - grad_logp) / sum_exp
-    for group in _groups(z):
-        exp_z = z[group].exp()
-        if scale is None:
-            softmax_grad_(z[group], exp_z, None, offset[group])
-        else:
-            softmax_grad_(z[group].mul_(exp_z), exp_z, scale[group], offset[group])
-    grad = add_token_grad_(z, grad_logp, tokens, ignored)
-    if grad_rows is not None:
-        add_grad_matmul(grad_rows, grad, weight_operand, first=True)
-    if grad_weight is not None:
-        if bool(ignored.any()):  # ignored rows reach no weight gradient, even non-finite ones
-            rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
-        add_grad_matmul(grad_weight, grad.T, rows, first)
-    if grad_bias is not None:
-        grad_bias += grad.sum(0)
-    return logprobs, entropy
 
 
 def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
@@ -320,10 +273,12 @@ def _block_operands(rows, tokens, weight_size, grad_weight_wanted, parts, tile_v
     return rows, rows_parts, local, parts
 
 
-def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring, first, launchers):
+def _tile_gradients(block, weights, bias, start, stop, accumulators, scoring, first, launchers):
     """Add one row block's gradients over one vocabulary tile to ``accumulators`` ``(dhidden
     rows, dweight tile, dbias tile)``, float32 (``first``: the weight tile's first block, which
-    overwrites it); ``launchers``: the split fold's launchers by tile shape, filled on first use.
+    overwrites it). ``weights``: the weight tile and, for a split fold, its
+    :func:`bfloat16_parts` (formed once per tile); ``launchers``: the split fold's launchers by
+    tile shape, filled on first use.
 
     The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 parts (high and low,
     or the high part alone in the rounded mode; :func:`split_backward_launcher`), which bfloat16
@@ -331,17 +286,14 @@ def _tile_gradients(block, weight_tile, bias, start, stop, accumulators, scoring
     the torch fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits (bfloat16) or
     multiplies in float32 (float16)."""
     (rows, rows_parts, local, n_parts), tile, saved, grads = block
+    weight_tile, weight_parts = weights
     grad_rows, grad_weight, grad_bias = accumulators
     tile_tokens = local[tile]
     grad = logit_block(rows, weight_tile, bias, start, stop)
     if n_parts:
         parts = grad.new_empty((n_parts, *grad.shape), dtype=torch.bfloat16)
-        launch = launchers.get(grad.shape)
-        if launch is None:
-            launch = split_backward_launcher(grad, tile_tokens, n_parts, scoring)
-            launchers[grad.shape] = launch
+        launch = _launcher(launchers, split_backward_launcher, grad, tile_tokens, n_parts, scoring)
         launch(grad, tile_tokens, saved, grads, parts)
-        weight_parts = bfloat16_parts(weight_tile)
         add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first)
         return
     if scoring.backend == "triton":  # the scoring backward kernel, in place on the tile
@@ -421,6 +373,7 @@ def torch_linear_backward(
         weight_tile = weight[start:stop]
         if operand_dtype == torch.float32:
             weight_tile = weight_tile.float()
+        weights = (weight_tile, bfloat16_parts(weight_tile) if n_parts else None)
         tile_grad_weight = None
         if needs[1]:
             tile_grad_weight = (
@@ -430,7 +383,7 @@ def torch_linear_backward(
         for index, (block, saved, block_grads, block_grad_rows) in enumerate(blocks):
             operands = kept if kept is not None else operands_of(*block)
             accumulators = (block_grad_rows, tile_grad_weight, tile_grad_bias)
-            _tile_gradients((operands, tile, saved, block_grads), weight_tile, bias, start, stop,
+            _tile_gradients((operands, tile, saved, block_grads), weights, bias, start, stop,
                             accumulators, scoring, index == 0, launchers)  # fmt: skip
         if weight_acc is not None and blocks:
             grad_weight[start:stop] = tile_grad_weight  # rounded once
