@@ -36,6 +36,13 @@ CPU_BUDGET_S = 1.0
 GPU_ROUNDS = 5
 
 
+def set_cpu_rounds(rounds: int) -> None:
+    """At least ``rounds`` interleaved rounds per CPU cell, whatever the time budget."""
+    global CPU_MIN_REPEATS, CPU_MAX_REPEATS
+    CPU_MIN_REPEATS = rounds
+    CPU_MAX_REPEATS = max(CPU_MAX_REPEATS, rounds)
+
+
 def timer_description(device: torch.device) -> str:
     order = (
         "implementations of a cell interleaved: each round times every implementation once, "

@@ -134,6 +134,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="CPU: at least this many interleaved rounds per cell "
+        f"(default {measure.CPU_MIN_REPEATS}; more rank a noisy machine's cells)",
+    )
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -333,6 +339,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.matrix == "quick":
         measure.CPU_BUDGET_S = QUICK_CPU_BUDGET_S
+    if args.rounds:
+        measure.set_cpu_rounds(args.rounds)
     notes = []
     if device.type == "cpu":
         notes.append(

@@ -215,6 +215,20 @@ def test_interleaved_rounds_and_injected_outlier(harness, monkeypatch):
     assert any("times vary" in text for text in summary["ours"]["noise"])
 
 
+def test_rounds_option_sets_a_minimum_of_interleaved_rounds(harness, monkeypatch, tmp_path):
+    """``--rounds`` (``measure.set_cpu_rounds``): that many rounds even with no time budget left,
+    beyond the default maximum too."""
+    measure, _, _, run = harness
+    monkeypatch.setattr(measure, "CPU_MIN_REPEATS", measure.CPU_MIN_REPEATS)
+    monkeypatch.setattr(measure, "CPU_MAX_REPEATS", measure.CPU_MAX_REPEATS)
+    monkeypatch.setattr(measure, "CPU_BUDGET_S", 0.0)
+    assert run.parse_args(["--rounds", "21", "--out-dir", str(tmp_path)]).rounds == 21
+    rounds = measure.CPU_MAX_REPEATS + 2
+    measure.set_cpu_rounds(rounds)
+    samples, _ = measure.interleaved_samples({"ours": lambda: None}, torch.device("cpu"))
+    assert len(samples["ours"]) == rounds
+
+
 def test_results_go_to_a_temp_dir_unless_saved(harness):
     _, _, _, run = harness
     default = run.parse_args(["--quick", "--device", "cpu"]).out_dir

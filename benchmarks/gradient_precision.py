@@ -1,0 +1,157 @@
+"""How precise each way of feeding ``dlogits`` to the gradient matmuls is, in the spec's metric.
+
+The fused linear backward multiplies a float32 ``dlogits [N, V]`` by the bf16 weight (hidden
+gradient) and the bf16 hidden states (weight gradient). Tensor cores take half-precision
+operands, so ``dlogits`` must be rounded, and how decides both the cost (matmul units) and the
+error. This measures, on the benchmarks' inputs (``linear_peers.make_inputs``: logits of spread
+about 2), the norm-relative error (``api.md``: ``2e-4`` for the ``linear_`` functions' gradients)
+of each representation against a float64 truth:
+
+- ``split``: ``bf16(d) + bf16(d - bf16(d))``, two bf16 matmuls per gradient (the default);
+- ``bf16``: ``bf16(d)``, one matmul (the opt-in ``blas-bf16-dlogits`` route; TRL, Liger, verl
+  and CCE do this);
+- ``fp16``: ``fp16(d * s) / s`` per row (``s`` a power of two), the other operand converted to
+  fp16, one matmul;
+- ``bf16 + fp8 low``: the split's low part and the other operand in e4m3 with power-of-two
+  scales per row of ``d`` and per column of the operand (the row-wise scaling of
+  ``torch._scaled_mm``): one bf16 and one FP8 matmul (FP8 runs at twice the bf16 rate);
+- ``tf32``: ``d`` rounded to TF32 (10 mantissa bits), the operand exact; TF32 runs at half the
+  bf16 rate, so it costs two units like ``split``.
+
+Every product of two half-precision values is exact in float32, so float32 matmuls of the
+rounded operands stand in for the tensor cores (accumulation order aside). Numerics only: it
+runs on CPU, and its figures are as valid there as on a GPU.
+
+    python benchmarks/gradient_precision.py --shapes 512x1024x32000,128x2048x151936
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import linear_peers
+import torch
+
+import entropy_kernels.reference as ref
+
+SPEC_RTOL = 2e-4
+E4M3_MAX = 448.0
+
+
+def _power_of_two_scale(amax: torch.Tensor, limit: float) -> torch.Tensor:
+    """``2^k`` with ``amax * 2^k`` at most ``limit`` (1 where ``amax`` is 0)."""
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.exp2(torch.floor(torch.log2(limit / safe)))
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+def _scaled(x: torch.Tensor, dtype: torch.dtype, limit: float, dim: int) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` under a power-of-two scale per slice along ``dim`` (``-1``: per
+    row, ``0``: per column)."""
+    amax = x.abs().amax(dim, keepdim=True)
+    scale = _power_of_two_scale(amax, limit)
+    return (x * scale).to(dtype).float() / scale
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even on the 10 mantissa bits TF32 keeps."""
+    bits = x.view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def representations(dlogits: torch.Tensor):
+    """``name -> (units, fn(operand) -> [(dlogits part, operand part), ...])``."""
+    high = _bf16(dlogits)
+    low = dlogits - high
+    fp16_rows = _scaled(dlogits, torch.float16, 2.0**15, -1)
+    low_fp8 = _scaled(low, torch.float8_e4m3fn, E4M3_MAX, -1)
+    tf32 = _tf32(dlogits)
+    return {
+        "split (default)": (2, lambda op: [(high, op), (_bf16(low), op)]),
+        "bf16 (opt-in route, peers)": (1, lambda op: [(high, op)]),
+        "fp16, row-scaled": (1, lambda op: [(fp16_rows, op.half().float())]),
+        "bf16 + fp8 low": (
+            1.5,
+            lambda op: [(high, op), (low_fp8, _scaled(op, torch.float8_e4m3fn, E4M3_MAX, 0))],
+        ),
+        "tf32": (2, lambda op: [(tf32, op)]),
+    }
+
+
+def measure(tokens: int, hidden_size: int, vocab: int, seed: int) -> list[dict]:
+    inputs = linear_peers.make_inputs(
+        "linear_policy_loss", tokens, hidden_size, vocab, torch.bfloat16, torch.device("cpu"), seed
+    )
+    hidden = inputs.hidden.detach().reshape(-1, hidden_size).float()
+    weight = inputs.weight.detach().float()
+    options = {
+        "old_logprobs": inputs.old_logprobs,
+        "clip_low": linear_peers.peers.CLIP_LOW,
+        "clip_high": linear_peers.peers.CLIP_HIGH,
+    }
+
+    def dlogits_of(dtype):
+        logits = (hidden.to(dtype) @ weight.to(dtype).T).view(*inputs.tokens.shape, vocab)
+        logits.requires_grad_()
+        loss = ref.policy_loss(logits, inputs.tokens, inputs.advantages, inputs.mask, **options)
+        (grad,) = torch.autograd.grad(loss.loss, logits)
+        return grad.reshape(-1, vocab)
+
+    truth = dlogits_of(torch.float64)
+    exact = {"hidden": truth @ weight.double(), "weight": truth.T @ hidden.double()}
+    dlogits = dlogits_of(torch.float32)
+    del truth
+    rows = []
+    for name, (units, parts_of) in representations(dlogits).items():
+        row = {"representation": name, "units": units, "N": tokens, "H": hidden_size, "V": vocab}
+        for grad, operand, transpose in (("hidden", weight, False), ("weight", hidden, True)):
+            total = sum((d.T if transpose else d) @ op for d, op in parts_of(operand))
+            error = torch.linalg.vector_norm(total.double() - exact[grad])
+            row[grad] = float(error / torch.linalg.vector_norm(exact[grad]))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        f"Command: `{command}`. Norm-relative error of each gradient against float64 (the "
+        f"spec's `linear_` gradient tolerance is {SPEC_RTOL:g}); units: bf16 N H V matmuls "
+        "per gradient.",
+        "",
+        "| N | H | V | dlogits as | units | hidden grad | weight grad | within 2e-4 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ok = "yes" if max(r["hidden"], r["weight"]) <= SPEC_RTOL else "no"
+        lines.append(
+            f"| {r['N']} | {r['H']} | {r['V']} | {r['representation']} | {r['units']:g} | "
+            f"{r['hidden']:.2e} | {r['weight']:.2e} | {ok} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="512x1024x32000", help="NxHxV, comma-separated")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    rows = []
+    for shape in args.shapes.split(","):
+        tokens, hidden_size, vocab = (int(x) for x in shape.split("x"))
+        rows += measure(tokens, hidden_size, vocab, args.seed)
+    table = markdown(rows, "python benchmarks/gradient_precision.py " + " ".join(sys.argv[1:]))
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
