@@ -116,12 +116,13 @@ LINEAR_GPU_DEFAULTS = {
 # with float32 output and the torch fold, entropy_kernels.backends.torch_linear), "tiles" (the
 # tl.dot kernels of entropy_kernels.ops.linear) or "blas-triton-fold" (the default): the cuBLAS
 # tiles with the scoring backward kernel as the fold, one pass over each tile where the torch
-# fold makes about six, writing bfloat16 dlogits as high and low parts that the gradient
-# matmuls take as they are. Forward + backward on an H200 (bfloat16, N = 4096, H = 2048,
-# V = 151936, tl.dot forward; benchmarks/results/nvidia-h200-2026-11-26-s5-94b166a-routes.json):
-# 27.2 ms by "blas-triton-fold", 53.9 ms by "blas", 91.9 ms by "tiles".
+# fold makes about six, writing bfloat16 dlogits as parts that the gradient matmuls take as they
+# are (three since the sixth session, backends/split_matmuls.DLOGITS_PARTS). Forward + backward
+# on an H200 with two parts (bfloat16, N = 4096, H = 2048, V = 151936, tl.dot forward;
+# benchmarks/results/nvidia-h200-2026-11-26-s5-94b166a-routes.json): 27.2 ms by
+# "blas-triton-fold", 53.9 ms by "blas", 91.9 ms by "tiles"; three parts not yet timed.
 # "blas-bf16-dlogits" is opt-in and outside the spec's gradient tolerance: the same tiles with
-# dlogits rounded to bfloat16 (the high part alone), one matmul per gradient instead of two, as
+# dlogits rounded to bfloat16 (the first part alone), one matmul per gradient instead of three, as
 # TRL, Liger, verl and Cut Cross-Entropy do (each dlogit off by up to 2^-8 of itself): 18.5 ms
 # after the cuBLAS forward, 19.5 ms after the tl.dot one (...-s5-ec3a078-routes.json).
 # The environment variable ENTROPY_KERNELS_LINEAR_GPU_BACKWARD overrides it.

@@ -5,6 +5,7 @@ interpreter cannot run (bfloat16 ``tl.dot``, the bfloat16 split and TF32x3 gradi
 import pytest
 import torch
 from test_linear import VALUE_TOL, assert_grads, leaves, make_head
+from test_linear_rounding import failures
 
 import entropy_kernels as ek
 from entropy_kernels import kernel_config, reference
@@ -97,3 +98,13 @@ def test_linear_gradients_are_deterministic(backend):
         runs.append([t.grad for t in leaf])
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backward", ["blas-triton-fold", "tiles", "blas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 5, 37), (64, 96, 3001)], ids=str)
+def test_rounded_gradients_meet_the_spec_on_the_gpu(monkeypatch, backward, dtype, shape):
+    """The spec's own comparison of half-precision gradients (see test_linear_rounding) on each
+    GPU backward, whose tensor-core matmuls take ``dlogits`` in three bf16 parts."""
+    monkeypatch.setattr(kernel_config, "LINEAR_GPU_BACKWARD", backward)
+    assert not failures(dtype, "triton", "cuda", shape)

@@ -12,7 +12,7 @@ from test_linear import VALUE_TOL, assert_grads, leaves, make_head, small_tiles 
 
 import entropy_kernels as ek
 from entropy_kernels import linear_scoring, reference
-from entropy_kernels.backends import torch_linear
+from entropy_kernels.backends import split_matmuls, torch_linear
 
 
 @pytest.mark.parametrize(
@@ -70,6 +70,7 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     assert folds == [0, 1]
     # Rows of 8, a 203-wide vocabulary in tiles of 64: 2 row blocks x 4 tiles.
     assert len(splits) == (8 if half_rows and dtype != torch.float32 else 0)
+    assert all(shape[0] == split_matmuls.DLOGITS_PARTS for shape in splits)
     assert_grads(ours, refs)
     # Unvalidated tokens outside the vocabulary give NaN, not a neighbour's log-prob, and a
     # non-finite row of a scored token gives NaN.
@@ -97,9 +98,11 @@ def count_split_launches(monkeypatch, shapes):
     monkeypatch.setattr(torch_linear, "split_backward_launcher", counted_launcher)
 
 
-def test_split_fold_parts():
-    """The split fold's parts: the high part is the bfloat16 rounding (to nearest even) of the
-    float32 ``dlogits``, the low part that of the rest, so high + low is within 2^-16 of it."""
+@pytest.mark.parametrize("n_parts", [2, 3])
+def test_split_fold_parts(n_parts):
+    """The split fold's parts: the first is the bfloat16 rounding (to nearest even) of the
+    float32 ``dlogits``, each next one that of what the previous ones leave, so k parts sum to
+    within 2^-8k of it, as the torch split (``bfloat16_parts``) gives them."""
     from entropy_kernels.ops.scoring import scoring_backward_out, scoring_backward_split
 
     generator = torch.Generator().manual_seed(3)
@@ -114,14 +117,16 @@ def test_split_fold_parts():
     saved = (normaliser, entropy.reshape(-1))
     dlogits = torch.empty_like(logits)
     scoring_backward_out(logits, tokens, *saved, *grads, 0.7, -1, "triton", dlogits)
-    parts = torch.empty((2, rows, width), dtype=torch.bfloat16)
+    parts = torch.empty((n_parts, rows, width), dtype=torch.bfloat16)
     scoring_backward_split(logits, tokens, saved, grads, 0.7, -1, parts)
     assert torch.equal(parts[0], dlogits.bfloat16())
     assert torch.equal(parts[1], (dlogits - parts[0].float()).bfloat16())
-    assert torch.equal(parts[:, 2], torch.zeros(2, width, dtype=torch.bfloat16))
-    error = (parts.float().sum(0) - dlogits).abs()
-    assert (error <= dlogits.abs() * 2.0**-16).all()
-    assert parts[1].abs().max() > 0  # the low part carries something
+    for index, part in enumerate(split_matmuls.bfloat16_parts(dlogits, n_parts)):
+        assert torch.equal(parts[index], part), index
+    assert torch.equal(parts[:, 2], torch.zeros(n_parts, width, dtype=torch.bfloat16))
+    error = (parts.double().sum(0) - dlogits.double()).abs()
+    assert (error <= dlogits.abs().double() * 2.0 ** (-8 * n_parts)).all()
+    assert parts[-1].abs().max() > 0  # the last part carries something
 
 
 def test_gpu_forward_route_follows_the_need_for_gradients(monkeypatch):
@@ -228,10 +233,10 @@ def test_float16_splits_exactly_into_bfloat16_parts():
     bits = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16)
     values = bits.view(torch.float16)
     values = values[torch.isfinite(values)]
-    high, low = torch_linear.bfloat16_parts(values)
+    high, low = split_matmuls.operand_parts(values)
     assert high.dtype == low.dtype == torch.bfloat16
     assert torch.equal(high.double() + low.double(), values.double())
-    same, none = torch_linear.bfloat16_parts(values.bfloat16())
+    same, none = split_matmuls.operand_parts(values.bfloat16())
     assert none is None and torch.equal(same, values.bfloat16())
 
 

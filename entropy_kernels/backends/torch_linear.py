@@ -18,10 +18,9 @@ On CPU the element-wise passes over a tile run in cache-sized row groups
 Matmul precision: off the GPU (and for float32 inputs) the tiles are multiplied in float32. On
 CUDA, half-precision inputs are multiplied by cuBLAS in their own dtype with float32
 accumulation and output (``out_dtype``): the same exact products, never a bfloat16-rounded
-logit. The gradient matmuls take float32 ``dlogits``; for bfloat16 inputs on CUDA they are split
-into bfloat16 high + low parts (two matmuls, relative error about 2^-16, where rounding
-``dlogits`` to bfloat16 as eager autograd does would be up to 2^-8), written as such by the Triton
-fold and split by :func:`add_grad_matmul` after the torch fold.
+logit. The gradient matmuls take float32 ``dlogits``; for half-precision inputs on CUDA they are
+split into bfloat16 parts (:data:`DLOGITS_PARTS`), written as such by the Triton fold and split
+by :func:`add_grad_matmul` after the torch fold.
 """
 
 from __future__ import annotations
@@ -37,6 +36,14 @@ from ..ops.scoring import (
     split_backward_launcher,
     tile_forward_launcher,
 )
+from .split_matmuls import (
+    DLOGITS_PARTS,
+    HALF,
+    add_grad_matmul,
+    add_split_grad_matmuls,
+    operand_parts,
+    stacked_rows_parts,
+)
 from .torch_scoring import (
     _tile_state,
     _torch_chunk_backward,
@@ -49,7 +56,6 @@ from .torch_scoring import (
 # 8192 took 1.21x and 0.95x (and 256 x 4096 1.09x in two earlier runs).
 TILE_ROWS = 1024
 TILE_VOCAB = 2048
-HALF = (torch.float16, torch.bfloat16)
 # torch.mm / addmm(..., out_dtype=torch.float32) from half-precision operands (torch >= 2.8, CUDA).
 HAS_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
@@ -77,64 +83,6 @@ def logit_block(rows, weight_tile, bias, start, stop, out=None):
     return torch.addmm(
         bias[start:stop].float(), rows, weight_tile.T, out_dtype=torch.float32, out=out
     )
-
-
-def add_matmul_(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first=False) -> None:
-    """``acc += left @ right`` (``acc = left @ right`` when ``first``: whatever ``acc`` held,
-    NaN included, is ignored) with float32 products and accumulation: cuBLAS's float32 output
-    for half-precision operands on CUDA, float32 operands otherwise."""
-    beta = 0.0 if first else 1.0
-    if left.is_cuda and left.dtype in HALF and right.dtype == left.dtype:
-        torch.addmm(acc, left, right, out_dtype=torch.float32, beta=beta, out=acc)
-    else:
-        acc.addmm_(left.float(), right.float(), beta=beta)
-
-
-def add_grad_matmul(acc, grad: torch.Tensor, operand: torch.Tensor, first=False) -> None:
-    """``acc += grad @ operand`` (``=`` when ``first``): float32 ``acc`` and ``grad``,
-    ``operand`` in the matmul dtype."""
-    if operand.dtype == torch.bfloat16:
-        high, low = bfloat16_parts(grad)
-        add_matmul_(acc, high, operand, first)
-        add_matmul_(acc, low, operand)
-    else:  # float32, or float16 (whose range cannot hold the low part): float32 products
-        add_matmul_(acc, grad, operand.float(), first)
-
-
-def bfloat16_parts(operand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``operand`` as bfloat16 ``(high, low)``: a bfloat16 operand is its own high part (low
-    None); a float16 one is exactly ``high + low`` (11 significant bits, of which the bfloat16
-    rounding keeps 8 and the rest, at most 3 bits within bfloat16's range, is exact too); a
-    float32 one (``dlogits``) is within 2^-16 of it."""
-    if operand.dtype == torch.bfloat16:
-        return operand, None
-    high = operand.to(torch.bfloat16)
-    return high, operand.to(torch.float32, copy=True).sub_(high.float()).to(torch.bfloat16)
-
-
-def add_split_grad_matmuls(accumulators, parts, weight_parts, rows_parts, first) -> None:
-    """Add one tile's gradients from bfloat16 matmuls to ``accumulators`` ``(dhidden rows,
-    dweight tile, dbias tile)`` (the weight tile overwritten when ``first``): ``dlogits`` as
-    ``parts`` ``[2, rows, width]`` (high, low; or ``[1, rows, width]``, the rounding alone), the
-    weight tile and the rows as :func:`bfloat16_parts`, the rows' high part stacked once per
-    part (``rows_parts[0]`` is ``[2 rows, H]`` for two). ``dhidden`` takes a matmul per part
-    (one more for float16 operands), ``dweight`` one over the parts of ``dlogits`` stacked (two
-    for float16), ``dbias`` one sum. The product of the two low parts (2^-17 of the result) is
-    left out."""
-    grad_rows, grad_weight, grad_bias = accumulators
-    (weight_high, weight_low), (rows_stacked, rows_low) = weight_parts, rows_parts
-    stacked = parts.view(-1, parts.shape[-1])
-    if grad_rows is not None:
-        for part in parts:
-            add_matmul_(grad_rows, part, weight_high)
-        if weight_low is not None:
-            add_matmul_(grad_rows, parts[0], weight_low)
-    if grad_weight is not None:
-        add_matmul_(grad_weight, stacked.T, rows_stacked, first)
-        if rows_low is not None:
-            add_matmul_(grad_weight, parts[0].T, rows_low)
-    if grad_bias is not None:
-        grad_bias += stacked.sum(0, dtype=torch.float32)
 
 
 def _fold(state, logits, tokens, start: int, masked: bool, inv_temperature: float):
@@ -255,17 +203,15 @@ def _block_operands(rows, tokens, weight_size, grad_weight_wanted, parts, tile_v
     gradient is wanted (ignored rows take no part in it, even non-finite ones; masked
     unconditionally, since asking whether any row is ignored would wait for the device);
     ``rows_parts``: for a fold writing ``parts`` bfloat16 parts of ``dlogits`` (0: float32
-    ``dlogits``), the rows' bfloat16 high part stacked ``parts`` times and their low part
-    (:func:`bfloat16_parts`); ``local``: ``[tiles, rows]`` tile-local tokens, -1 for ignored
-    rows and the tile's width for a token outside the tile; and ``parts``."""
+    ``dlogits``), :func:`stacked_rows_parts`; ``local``: ``[tiles, rows]`` tile-local tokens,
+    -1 for ignored rows and the tile's width for a token outside the tile; and ``parts``."""
     rows = matmul_rows(rows)
     ignored = tokens == ignore
     if grad_weight_wanted:
         rows = rows.masked_fill(ignored.unsqueeze(-1), 0.0)
     rows_parts = (None, None)
     if parts and grad_weight_wanted:
-        rows_high, rows_low = bfloat16_parts(rows)
-        rows_parts = (torch.cat([rows_high] * parts) if parts > 1 else rows_high, rows_low)
+        rows_parts = stacked_rows_parts(rows, parts)
     starts = torch.arange(0, weight_size, tile_vocab, device=rows.device).unsqueeze(-1)
     widths = (weight_size - starts).clamp_max(tile_vocab)
     local = tokens - starts
@@ -277,7 +223,7 @@ def _tile_gradients(block, weights, bias, start, stop, accumulators, scoring, fi
     """Add one row block's gradients over one vocabulary tile to ``accumulators`` ``(dhidden
     rows, dweight tile, dbias tile)``, float32 (``first``: the weight tile's first block, which
     overwrites it). ``weights``: the weight tile and, for a split fold, its
-    :func:`bfloat16_parts` (formed once per tile); ``launchers``: the split fold's launchers by
+    :func:`operand_parts` (formed once per tile); ``launchers``: the split fold's launchers by
     tile shape, filled on first use.
 
     The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 parts (high and low,
@@ -347,7 +293,9 @@ def torch_linear_backward(
         return None if vector is None else vector.reshape(shape)[outer, inner].reshape(-1)
 
     operand_dtype = matmul_rows(hidden[:0]).dtype
-    n_parts = {"triton": 2, "triton-rounded": 1}.get(fold, 0) if operand_dtype in HALF else 0
+    n_parts = 0
+    if operand_dtype in HALF:
+        n_parts = {"triton": DLOGITS_PARTS, "triton-rounded": 1}.get(fold, 0)
     blocks, launchers = [], {}
     for outer, inner in row_chunks(layout, tile_rows):
         block_rows = rows[outer, inner].reshape(-1, size)
@@ -373,7 +321,7 @@ def torch_linear_backward(
         weight_tile = weight[start:stop]
         if operand_dtype == torch.float32:
             weight_tile = weight_tile.float()
-        weights = (weight_tile, bfloat16_parts(weight_tile) if n_parts else None)
+        weights = (weight_tile, operand_parts(weight_tile) if n_parts else None)
         tile_grad_weight = None
         if needs[1]:
             tile_grad_weight = (

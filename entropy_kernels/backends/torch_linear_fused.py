@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..ops.linear_lse import finish_rows
-from .torch_linear import add_grad_matmul, logit_block
+from .split_matmuls import add_grad_matmul
+from .torch_linear import logit_block
 from .torch_scoring import _groups, _tile_state, add_token_grad_, row_coefficients, softmax_grad_
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 
 # How the gradient matmuls multiply a float32 dlogits tile by a hidden / weight tile.
 DOT_IEEE = 0  # float32 operands, IEEE products (the interpreter; float32 inputs off the GPU)
-DOT_BF16X2 = 1  # bfloat16 inputs: dlogits split into bfloat16 high + low parts, two dots
+DOT_BF16X3 = 1  # bfloat16 inputs: dlogits split into three bfloat16 parts, three dots
 DOT_TF32X3 = 2  # float16 / float32 inputs on the GPU: Triton's three-pass TF32 split
 
 
@@ -85,19 +85,27 @@ def dlogit_tile(x, cols, tokens, ignored, row_max, log_norm, entropy, grad_logp,
 def grad_dot(grad, operand, acc, DOT: tl.constexpr, CAST_F32: tl.constexpr):
     """``acc + grad @ operand`` with float32 ``grad`` and ``operand`` in the inputs' dtype.
 
-    ``DOT_BF16X2``: ``grad = hi + lo`` with both parts bfloat16 (relative error about 2^-16,
-    where rounding ``grad`` to bfloat16 as eager autograd does would give up to 2^-8), two
-    tensor-core dots with float32 accumulation; under the interpreter the parts are formed the
-    same way and multiplied in float32.
+    ``DOT_BF16X3``: ``grad = hi + mid + lo`` with the three parts bfloat16 (relative error
+    at most 2^-24, where rounding ``grad`` to bfloat16 as eager autograd does gives up to 2^-8),
+    three tensor-core dots with float32 accumulation; under the interpreter the parts are
+    formed the same way and multiplied in float32. Two parts (2^-16) are not enough once the
+    gradient is rounded to bfloat16: an element whose float32 value sits within the error of a
+    rounding boundary lands a unit away from the rounded reference, and on small or cancelling
+    gradients those units break the spec's 2e-4 (``benchmarks/gradient_precision.py``).
     """
     if DOT == 1:
         hi = grad.to(tl.bfloat16)
-        lo = (grad - hi.to(tl.float32)).to(tl.bfloat16)
+        rest = grad - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
         if CAST_F32:
-            acc = tl.dot(hi.to(tl.float32), operand.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(lo.to(tl.float32), operand.to(tl.float32), acc, input_precision="ieee")
+            right = operand.to(tl.float32)
+            acc = tl.dot(hi.to(tl.float32), right, acc, input_precision="ieee")
+            acc = tl.dot(mid.to(tl.float32), right, acc, input_precision="ieee")
+            acc = tl.dot(lo.to(tl.float32), right, acc, input_precision="ieee")
         else:
             acc = tl.dot(hi, operand, acc)
+            acc = tl.dot(mid, operand, acc)
             acc = tl.dot(lo, operand, acc)
     elif DOT == 2:
         acc = tl.dot(grad, operand.to(tl.float32), acc, input_precision="tf32x3")

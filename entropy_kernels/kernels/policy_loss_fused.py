@@ -202,6 +202,7 @@ def policy_loss_fused_kernel(
     write_row_gradient(
         grad_row_ptr,
         grad_row_ptr,
+        0,
         row_ptr,
         n_cols,
         vocab_size,
@@ -214,5 +215,5 @@ def policy_loss_fused_kernel(
         inv_temperature,
         BLOCK_V,
         ROUND_BF16_BY_HAND,
-        False,
+        1,
     )

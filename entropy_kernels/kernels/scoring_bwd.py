@@ -7,9 +7,10 @@ With ``z = logits / temperature``, ``p = softmax(z)`` and ``H = -sum p log p``:
 so ``dlogits_j = (g_logp (onehot_j - p_j) - g_H p_j (log p_j + H)) / temperature``, written in
 the logits' dtype into ``grad_logits`` (which may be the logits' own storage: each element is
 read before it is overwritten, by the same program). With ``grad_low`` (the fused linear
-gradients of bfloat16 heads), ``grad_logits`` gets the bfloat16 rounding of the float32
-``dlogits`` and ``grad_low`` the bfloat16 rounding of the rest: two bfloat16 matmuls then carry
-``dlogits`` to a relative 2^-16 where one would carry it to 2^-8.
+gradients of half-precision heads), ``grad_logits`` gets the bfloat16 rounding of the float32
+``dlogits`` and ``grad_low`` the bfloat16 rounding of the rest, and with ``PARTS = 3``
+``grad_low + part_stride`` the rounding of what is left after both: two bfloat16 matmuls carry
+``dlogits`` to a relative 2^-16, three to 2^-24, where one would carry it to 2^-8.
 """
 
 import triton
@@ -43,6 +44,7 @@ def to_bfloat16(x, ROUND_BF16_BY_HAND: tl.constexpr):
 def write_row_gradient(
     grad_row_ptr,
     low_row_ptr,
+    part_stride,
     row_ptr,
     n_cols_read,
     vocab_size,
@@ -55,13 +57,15 @@ def write_row_gradient(
     inv_temperature,
     BLOCK_V: tl.constexpr,
     ROUND_BF16_BY_HAND: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
     """Write ``dlogits`` of one row; columns past ``n_cols_read`` are not read (gradient 0).
 
     ``grad_logprob`` / ``grad_entropy`` are already divided by the temperature.
     ``ROUND_BF16_BY_HAND``: bfloat16 gradient under the interpreter (see ``to_bfloat16_rtne``).
-    ``SPLIT``: bfloat16 high part at ``grad_row_ptr``, low part at ``low_row_ptr`` (else unused).
+    ``PARTS``: 1, ``dlogits`` at ``grad_row_ptr`` in its dtype; 2 or 3, as that many bfloat16
+    parts, the high one at ``grad_row_ptr``, the next at ``low_row_ptr`` and the third
+    ``part_stride`` elements after it (``low_row_ptr`` and ``part_stride`` unused for 1).
 
     The sweep runs from the last block to the first. Right after a forward pass over the same
     row (the fused policy loss), the blocks read last are then re-read first, while they are
@@ -80,10 +84,14 @@ def write_row_gradient(
         grad = tl.where(offs == token, grad_logprob, 0.0) - grad_logprob * p
         grad -= grad_entropy * entropy_term
         grad = tl.where(offs < n_cols_read, grad, 0.0)
-        if SPLIT:
+        if PARTS > 1:
             high = to_bfloat16(grad, ROUND_BF16_BY_HAND)
-            low = to_bfloat16(grad - high.to(tl.float32), ROUND_BF16_BY_HAND)
+            rest = grad - high.to(tl.float32)
+            low = to_bfloat16(rest, ROUND_BF16_BY_HAND)
             tl.store(low_row_ptr + offs, low, mask=offs < vocab_size)
+            if PARTS > 2:
+                third = to_bfloat16(rest - low.to(tl.float32), ROUND_BF16_BY_HAND)
+                tl.store(low_row_ptr + part_stride + offs, third, mask=offs < vocab_size)
             grad = high
         elif ROUND_BF16_BY_HAND:
             grad = to_bfloat16_rtne(grad)
@@ -98,12 +106,17 @@ def write_row_gradient(
     {
         "HAS_GRAD_LOGPROBS": lambda args: args["grad_logprobs_ptr"] is not None,
         "HAS_GRAD_ENTROPY": lambda args: args["grad_entropy_ptr"] is not None,
-        "SPLIT": lambda args: args["grad_low_ptr"] is not None,
     }
 )
 # Shapes that follow B and T are not specialised, so new batch shapes never recompile.
 @triton.jit(
-    do_not_specialize=["n_inner", "ignore_index", "tokens_stride_outer", "tokens_stride_inner"],
+    do_not_specialize=[
+        "n_inner",
+        "ignore_index",
+        "tokens_stride_outer",
+        "tokens_stride_inner",
+        "part_stride",
+    ],
     # Per-row pointers are read or written one element per program, so their alignment buys
     # nothing: token views such as input_ids[:, 1:] start mid-vector, and the row max and
     # log-normaliser are the two rows of one [2, N] buffer (the second 16-byte aligned only
@@ -122,6 +135,7 @@ def scoring_bwd_kernel(
     # pointers
     grad_logits_ptr,
     grad_low_ptr,
+    part_stride,
     logits_ptr,
     tokens_ptr,
     row_max_ptr,
@@ -146,14 +160,14 @@ def scoring_bwd_kernel(
     HAS_GRAD_LOGPROBS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     ROUND_BF16_BY_HAND: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
     row, outer, inner = row_coordinates(n_inner)
     row_ptr = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
     grad_offset = outer * grad_stride_outer + inner * grad_stride_inner
     grad_row_ptr = grad_logits_ptr + grad_offset
     low_row_ptr = grad_row_ptr
-    if SPLIT:  # the low part has the gradient's layout
+    if PARTS > 1:  # the other parts have the gradient's layout
         low_row_ptr = grad_low_ptr + grad_offset
     token = load_token(tokens_ptr, outer, inner, tokens_stride_outer, tokens_stride_inner)
     is_ignored = token == ignore_index
@@ -168,6 +182,7 @@ def scoring_bwd_kernel(
     write_row_gradient(
         grad_row_ptr,
         low_row_ptr,
+        part_stride,
         row_ptr,
         tl.where(is_ignored, 0, vocab_size),
         vocab_size,
@@ -180,5 +195,5 @@ def scoring_bwd_kernel(
         inv_temperature,
         BLOCK_V,
         ROUND_BF16_BY_HAND,
-        SPLIT,
+        PARTS,
     )

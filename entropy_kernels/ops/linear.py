@@ -47,10 +47,10 @@ def vocab_splits(
 
 
 def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
-    from ..kernels.linear_tiles import DOT_BF16X2, DOT_IEEE, DOT_TF32X3
+    from ..kernels.linear_tiles import DOT_BF16X3, DOT_IEEE, DOT_TF32X3
 
     if dtype == torch.bfloat16:
-        return DOT_BF16X2
+        return DOT_BF16X3
     return DOT_TF32X3 if device.type == "cuda" else DOT_IEEE
 
 

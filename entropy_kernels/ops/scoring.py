@@ -65,19 +65,22 @@ def triton_backward(
     grad_logprobs,
     grad_entropy,
     options,
-    grad_low=None,
+    parts=None,
 ):
     """Write ``dlogits`` into ``grad_logits``; ``layouts``: logits, gradient, tokens.
-    ``grad_low``: bfloat16 like ``grad_logits`` and laid out like it, for the split form."""
+    ``parts``: for the split form, contiguous bfloat16 ``[2 or 3, ...]`` whose first part is
+    ``grad_logits`` (see ``write_row_gradient``)."""
     if layouts[0].n_rows == 0:
         return
     from ..kernels.scoring_bwd import scoring_bwd_kernel
 
     vocab_size = logits.shape[-1]
     config = launch_config("scoring_bwd", vocab_size, logits.device)
+    n_parts = 1 if parts is None else parts.shape[0]
     scoring_bwd_kernel[(layouts[0].n_rows,)](
         grad_logits,
-        grad_low,
+        None if n_parts == 1 else parts[1],
+        0 if n_parts == 1 else parts.stride(0),
         logits,
         tokens,
         normaliser[0],
@@ -90,6 +93,7 @@ def triton_backward(
         options.ignore_index,
         BLOCK_V=config.block_v,
         ROUND_BF16_BY_HAND=round_bf16_by_hand(grad_logits),
+        PARTS=n_parts,
         **config.launch_options(),
     )
 
@@ -208,8 +212,9 @@ def _(logits, tokens, normaliser, entropy, grad_logprobs, grad_entropy, *options
 def split_backward_launcher(logits, tokens, n_parts: int, options: ScoringOptions):
     """``launch(logits, tokens, saved, grads, parts)``: ``dlogits`` of a contiguous float32
     ``[rows, V]`` tile laid out like ``logits`` as bfloat16 parts (Triton): ``parts[0]`` its
-    bfloat16 rounding, ``parts[1]`` (for ``n_parts = 2``) the rounding of the rest; ``parts``:
-    contiguous ``[n_parts, rows, V]``. ``saved``: ``(normaliser, entropy)``; ``grads``: the
+    bfloat16 rounding, ``parts[1]`` (for ``n_parts >= 2``) the rounding of the rest,
+    ``parts[2]`` (for 3) the rounding of what both leave; ``parts``: contiguous
+    ``[n_parts, rows, V]``. ``saved``: ``(normaliser, entropy)``; ``grads``: the
     float32 ``(grad_logprobs, grad_entropy)`` (None for an unused one). Layouts worked out once.
 
     A plain launcher, not a custom op: it runs once per cuBLAS tile inside the fused linear
@@ -221,8 +226,8 @@ def split_backward_launcher(logits, tokens, n_parts: int, options: ScoringOption
     layouts = (logits_layout, grad_layout, tokens_layout)
 
     def launch(logits, tokens, saved, grads, parts):
-        low = parts[1] if n_parts > 1 else None
-        triton_backward(parts[0], logits, tokens, layouts, *saved, *grads, options, low)
+        split = parts if n_parts > 1 else None
+        triton_backward(parts[0], logits, tokens, layouts, *saved, *grads, options, split)
 
     return launch
 
