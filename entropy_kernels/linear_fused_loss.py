@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backends.torch_linear import matmul_rows
+from .backends.torch_linear import matmul_rows, may_mask
 from .backends.torch_linear_fused import fused_rows
 from .linear_scoring import gradients_wanted
 from .ops.rows import as_rows, hidden_rows, row_chunks
@@ -110,7 +110,7 @@ def fused_linear_policy_loss(
     grad_bias = torch.zeros(vocab_size, dtype=torch.float32) if needs[2] else None
     logprobs = torch.empty(shape)
     entropy = torch.empty(shape)
-    masked = bias is not None and bool(torch.isneginf(bias).any())
+    masked = may_mask(weight, bias)
     detached = tuple(None if t is None else t.detach() for t in (weight, bias))
     block_rows = rows_per_block(size, vocab_size)
     # One tile for every block: a fresh one per block would be page-faulted in each time.

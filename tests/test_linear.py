@@ -168,6 +168,29 @@ def test_masked_vocabulary_and_ignored_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_infinity_in_the_weight_masks_like_the_bias(backend):
+    """A -inf weight entry times positive hidden values gives -inf logits: masked vocabulary
+    entries, as the logits functions read them (a review found the torch fold returning NaN
+    entropy here, checking only the bias for -inf)."""
+    hidden, weight, _, tokens = make_head(2, 4, 16, 50)
+    hidden = hidden.abs() + 0.1
+    weight[7, 0] = weight[20, 3] = float("-inf")
+    tokens = torch.where((tokens == 7) | (tokens == 20), tokens + 1, tokens)
+    advantages = torch.randn(2)
+    out = ek.linear_policy_loss(hidden, weight, tokens, advantages, entropy_coef=0.1,
+                                backend=backend)  # fmt: skip
+    ref = reference.linear_policy_loss(
+        hidden.double(), weight.double(), tokens, advantages, entropy_coef=0.1
+    )
+    assert torch.isfinite(ref.entropy).all()
+    assert_output(out, ref)
+    with torch.no_grad():
+        logp, entropy = ek.linear_logprobs_and_entropy(hidden, weight, tokens, backend=backend)
+    torch.testing.assert_close(entropy.double(), ref.entropy, **VALUE_TOL)
+    torch.testing.assert_close(logp.double(), ref.logprobs, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_inputs_propagate(backend):
     hidden, weight, bias, tokens = make_head(2, 4, 16, 50)
     hidden = hidden.clone()

