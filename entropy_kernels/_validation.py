@@ -6,6 +6,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import math
+import numbers
 import os
 
 import torch
@@ -79,10 +80,22 @@ def _triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
+def check_real(name: str, value) -> None:
+    """A real number option (``clip_low``, ``kl_coef``, ...): an int or float, not a bool or a
+    string (whose comparisons would raise TypeError, or pass as 0 / 1), or a one-element real
+    tensor (a scheduled coefficient)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+            return
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy floats too
+        return
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+
+
 def check_positive_float(name: str, value: float) -> None:
     # Plain comparisons (False for NaN): torch.compile with dynamic shapes may trace a float
     # as a symbolic one, which math.isfinite cannot take.
-    if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

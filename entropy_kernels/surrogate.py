@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._validation import check_positive_float
+from ._validation import check_positive_float, check_real
 from .objectives import LOG_RATIO_LIMIT, Objective, as_objective, objective_loss
 
 AGGREGATIONS = (
@@ -56,6 +56,10 @@ class LossOptions:
         if self.dual_clip is not None and chosen.name != "clip":
             raise ValueError(f"dual_clip applies to objective 'clip' only, not {chosen.name!r}")
         object.__setattr__(self, "objective", None if chosen.is_plain_clip else chosen)
+        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef"):
+            check_real(name, getattr(self, name))
+        if self.dual_clip is not None:
+            check_real("dual_clip", self.dual_clip)
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"clip_low must lie in [0, 1), got {self.clip_low!r}")
         if not self.clip_high >= 0.0:

@@ -239,3 +239,27 @@ def test_ignore_index_in_the_int64_range(backend):
     for value in (2**70, True, 1.0):
         with pytest.raises(ValueError, match="ignore_index"):
             ek.logprobs_and_entropy(inputs["logits"], tokens, ignore_index=value, backend=backend)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize(
+    "option, value",
+    [("clip_low", "0.2"), ("clip_high", None), ("kl_coef", True), ("entropy_coef", [0.1]),
+     ("dual_clip", "3"), ("temperature", True)],
+)  # fmt: skip
+def test_non_numeric_options_raise_value_errors_naming_them(name, option, value):
+    """A string, bool or list where a number belongs is bad input like an out-of-range number:
+    a ValueError naming the option, not a TypeError from a comparison (or True read as 1)."""
+    options = {option: value}
+    if option == "kl_coef":
+        options["ref_logprobs"] = make_inputs()["ref_logprobs"]
+    with pytest.raises(ValueError, match=option):
+        call_public(name, make_inputs(), "torch", **options)
+
+
+def test_one_element_tensor_coefficients_are_accepted():
+    """A scheduled coefficient may arrive as a 0-dim tensor."""
+    inputs = make_inputs()
+    plain = call_public("policy_loss", inputs, "torch", entropy_coef=0.01)
+    tensor = call_public("policy_loss", inputs, "torch", entropy_coef=torch.tensor(0.01))
+    torch.testing.assert_close(tensor.loss, plain.loss)
