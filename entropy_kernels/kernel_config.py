@@ -110,7 +110,10 @@ class TileConfig:
 LINEAR_GPU_DEFAULTS = {
     "linear_fwd": TileConfig(128, 256, 64, 8, 3),
     "linear_bwd_hidden": TileConfig(128, 128, 64, 8, 4),
-    "linear_bwd_weight": TileConfig(256, 128, 64, 16, 2),
+    # Swept as (256, 128, 64, 16, 2) with two dlogits parts; the third part's tl.dot needs
+    # 256 KiB of shared memory there (compiled for sm_90, more than the 227 KiB an H100/H200
+    # has), so the tile is its first fitting shrink (TileConfig.smaller) until swept again.
+    "linear_bwd_weight": TileConfig(128, 128, 64, 16, 2),
 }
 # How the "triton" backend computes the fused linear gradients on a GPU: "blas" (cuBLAS tiles
 # with float32 output and the torch fold, entropy_kernels.backends.torch_linear), "tiles" (the

@@ -169,13 +169,15 @@ def test_masked_vocabulary_and_ignored_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_minus_infinity_in_the_weight_masks_like_the_bias(backend):
-    """A -inf weight entry times positive hidden values gives -inf logits: masked vocabulary
-    entries, as the logits functions read them (a review found the torch fold returning NaN
-    entropy here, checking only the bias for -inf)."""
+    """A -inf weight entry times positive hidden values, or +inf times negative ones, gives -inf
+    logits: masked vocabulary entries, as the logits functions read them (reviews found the
+    torch fold returning NaN entropy here, checking only the bias, then only for -inf)."""
     hidden, weight, _, tokens = make_head(2, 4, 16, 50)
     hidden = hidden.abs() + 0.1
+    hidden[..., 5] = -hidden[..., 5]
     weight[7, 0] = weight[20, 3] = float("-inf")
-    tokens = torch.where((tokens == 7) | (tokens == 20), tokens + 1, tokens)
+    weight[33, 5] = float("inf")
+    tokens = torch.where((tokens == 7) | (tokens == 20) | (tokens == 33), tokens + 1, tokens)
     advantages = torch.randn(2)
     out = ek.linear_policy_loss(hidden, weight, tokens, advantages, entropy_coef=0.1,
                                 backend=backend)  # fmt: skip

@@ -27,8 +27,8 @@ def test_tiled_gradients_with_the_triton_fold(monkeypatch, dtype, half_rows):
     tile's tokens are tile-local, outside the tile for most rows, -1 for ignored ones.
 
     ``half_rows``: the rows stay in their half dtype, as on CUDA (here the products are formed
-    from exact float32 copies): bfloat16 tiles then take the split fold (bfloat16 high and low
-    parts of ``dlogits``) and the matmuls over both parts."""
+    from exact float32 copies): bfloat16 tiles then take the split fold (three bfloat16 parts
+    of ``dlogits``) and the matmuls over the parts."""
     from entropy_kernels.backends.torch_linear import torch_linear_backward, torch_linear_forward
 
     folds, splits = [], []

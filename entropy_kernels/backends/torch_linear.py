@@ -66,12 +66,15 @@ def tile_shape(device: torch.device) -> tuple[int, int]:
 
 def may_mask(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a logit may be ``-inf`` (a masked vocabulary entry), which the torch fold must
-    clamp: a ``-inf`` in the bias, or in the weight (times a positive hidden value). The
-    weight's minimum is one reduction (about 13 ms at V = 32,000, H = 896 on one CPU thread,
-    under a tenth of the cost of ``isneginf(...).any()``)."""
+    clamp: a ``-inf`` in the bias, or an infinity in the weight (``-inf`` times a positive
+    hidden value, ``+inf`` times a negative one). The weight's extremes are one reduction
+    (about 13 ms at V = 32,000, H = 896 on one CPU thread, a fifth of ``isinf(...).any()``)."""
     if bias is not None and bool(torch.isneginf(bias).any()):
         return True
-    return bool(torch.amin(weight) == float("-inf")) if weight.numel() else False
+    if not weight.numel():
+        return False
+    low, high = torch.aminmax(weight)
+    return bool((low == float("-inf")) | (high == float("inf")))
 
 
 def matmul_rows(block: torch.Tensor) -> torch.Tensor:
@@ -236,8 +239,8 @@ def _tile_gradients(block, weights, bias, start, stop, accumulators, scoring, fi
     :func:`operand_parts` (formed once per tile); ``launchers``: the split fold's launchers by
     tile shape, filled on first use.
 
-    The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 parts (high and low,
-    or the high part alone in the rounded mode; :func:`split_backward_launcher`), which bfloat16
+    The Triton fold of half-precision rows writes ``dlogits`` as bfloat16 parts (three, or the
+    first alone in the rounded mode; :func:`split_backward_launcher`), which bfloat16
     matmuls take as they are (float16 weights and rows split exactly into bfloat16 parts too);
     the torch fold leaves float32 ``dlogits`` that :func:`add_grad_matmul` splits (bfloat16) or
     multiplies in float32 (float16)."""

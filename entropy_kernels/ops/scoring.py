@@ -77,6 +77,8 @@ def triton_backward(
     vocab_size = logits.shape[-1]
     config = launch_config("scoring_bwd", vocab_size, logits.device)
     n_parts = 1 if parts is None else parts.shape[0]
+    if not 1 <= n_parts <= 3:  # write_row_gradient writes at most three
+        raise ValueError(f"parts: 2 or 3 bfloat16 parts of dlogits, got {n_parts}")
     scoring_bwd_kernel[(layouts[0].n_rows,)](
         grad_logits,
         None if n_parts == 1 else parts[1],
