@@ -40,6 +40,7 @@ import linear_peers
 import torch
 
 import entropy_kernels.reference as ref
+from entropy_kernels.backends.split_matmuls import bfloat16_parts
 
 SPEC_RTOL = 2e-4
 E4M3_MAX = 448.0
@@ -49,10 +50,6 @@ def _power_of_two_scale(amax: torch.Tensor, limit: float) -> torch.Tensor:
     """``2^k`` with ``amax * 2^k`` at most ``limit`` (1 where ``amax`` is 0)."""
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     return torch.exp2(torch.floor(torch.log2(limit / safe)))
-
-
-def _bf16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.bfloat16).float()
 
 
 def _scaled(x: torch.Tensor, dtype: torch.dtype, limit: float, dim: int) -> torch.Tensor:
@@ -72,14 +69,13 @@ def _tf32(x: torch.Tensor) -> torch.Tensor:
 
 def representations(dlogits: torch.Tensor):
     """``name -> (units, fn(operand) -> [(dlogits part, operand part), ...])``."""
-    high = _bf16(dlogits)
+    high, middle, last = (part.float() for part in bfloat16_parts(dlogits, 3))
     low = dlogits - high
-    middle = _bf16(low)
     fp16_rows = _scaled(dlogits, torch.float16, 2.0**15, -1)
     low_fp8 = _scaled(low, torch.float8_e4m3fn, E4M3_MAX, -1)
     tf32 = _tf32(dlogits)
     return {
-        "bf16 x3 (default)": (3, lambda op: [(high, op), (middle, op), (_bf16(low - middle), op)]),
+        "bf16 x3 (default)": (3, lambda op: [(high, op), (middle, op), (last, op)]),
         "bf16 x2": (2, lambda op: [(high, op), (middle, op)]),
         "bf16 (opt-in route, peers)": (1, lambda op: [(high, op)]),
         "fp16, row-scaled": (1, lambda op: [(fp16_rows, op.half().float())]),

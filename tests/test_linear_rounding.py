@@ -29,8 +29,8 @@ def rounded_errors(dtype, seed: int, backend: str, device="cpu", shape=(ROWS, SI
     rows, size, vocab = shape
     generator = torch.Generator().manual_seed(seed)
     tensors = [
-        torch.randn(shape, generator=generator).to(dtype).to(device)
-        for shape in ((rows, size), (vocab, size), (vocab,))
+        torch.randn(dims, generator=generator).to(dtype).to(device)
+        for dims in ((rows, size), (vocab, size), (vocab,))
     ]
     tokens = torch.randint(0, vocab, (rows,), generator=generator).to(device)
     tokens[rows // 2] = -100

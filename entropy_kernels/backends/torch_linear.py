@@ -124,7 +124,7 @@ def _tile_of(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
 def _rows_forward(rows, tokens, weight, bias, masked: bool, options, buffer):
     """Online log-sum-exp over vocabulary tiles: ``(logprobs, entropy, normaliser [2, rows])``.
 
-    ``masked``: the bias has ``-inf`` entries (masked vocabulary), whose ``z`` must be clamped;
+    ``masked``: some logit may be ``-inf`` (:func:`may_mask`), so ``z`` must be clamped;
     ``buffer``: from :func:`_tile_buffer`.
     """
     vocab_size = weight.shape[0]

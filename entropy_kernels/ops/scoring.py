@@ -77,8 +77,6 @@ def triton_backward(
     vocab_size = logits.shape[-1]
     config = launch_config("scoring_bwd", vocab_size, logits.device)
     n_parts = 1 if parts is None else parts.shape[0]
-    if not 1 <= n_parts <= 3:  # write_row_gradient writes at most three
-        raise ValueError(f"parts: 2 or 3 bfloat16 parts of dlogits, got {n_parts}")
     scoring_bwd_kernel[(layouts[0].n_rows,)](
         grad_logits,
         None if n_parts == 1 else parts[1],
@@ -222,6 +220,8 @@ def split_backward_launcher(logits, tokens, n_parts: int, options: ScoringOption
     A plain launcher, not a custom op: it runs once per cuBLAS tile inside the fused linear
     backward (itself opaque to torch.compile), where a custom op's dispatch (about 0.2 ms of
     host time per call in the H200 profile) would leave the device waiting."""
+    if not 1 <= n_parts <= 3:  # write_row_gradient writes at most three
+        raise ValueError(f"n_parts: 1 to 3 bfloat16 parts of dlogits, got {n_parts}")
     logits_layout, tokens_layout = _reusable_layouts(logits, tokens)
     n_outer, n_inner, vocab_size = logits_layout.n_outer, logits_layout.n_inner, logits.shape[-1]
     grad_layout = RowLayout(n_outer, n_inner, n_inner * vocab_size, vocab_size)
